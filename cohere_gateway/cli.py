@@ -1,0 +1,92 @@
+"""`cohere-gateway`: one console command, one subcommand per job.
+
+Every flag is also read from an environment variable (shown in `--help`); see settings.py.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from cohere_gateway import settings as s
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="cohere-gateway")
+def main() -> None:
+    """Self-hosted gateway for the Cohere API with an observability pipeline behind it.
+
+    \b
+    Data flow:  client -> proxy (mitmproxy addon) -> Kafka -> consume -> ClickHouse -> report/dashboard
+    Local dev:  `cohere-gateway kafka start`, `cohere-gateway emulator`, then the gateway and consumer.
+    """
+
+
+@main.command()
+@s.click_options(s.EmulatorSettings)
+def emulator(**kwargs: object) -> None:
+    """Run the Cohere API emulator: a local stand-in for api.cohere.ai for tests and demos.
+
+    Serves v1/v2 chat (JSON, NDJSON and SSE streams), generate, embed, rerank, classify, tokenize,
+    detokenize, models and the OpenAI-compatible /compatibility/v1/chat/completions, with Cohere's wire
+    formats and deterministic token counts. Point the SDK at it with base_url=http://HOST:PORT.
+    """
+    from cohere_gateway.emulator.server import serve
+
+    serve(s.from_kwargs(s.EmulatorSettings, kwargs))
+
+
+@main.group()
+def kafka() -> None:
+    """Manage a local single-node Apache Kafka broker (KRaft), resolved from Maven Central.
+
+    Needs Java 17+ and Maven (`apt-get install openjdk-17-jre-headless maven`). Jars are cached in
+    infra/kafka/lib after the first start.
+    """
+
+
+@kafka.command("start")
+@s.click_options(s.KafkaSettings)
+def kafka_start(**kwargs: object) -> None:
+    """Resolve the jars if needed, format storage on first use, start the broker and wait until it
+    accepts produce and consume. Prints the bootstrap address."""
+    from cohere_gateway import localkafka
+
+    cfg = s.from_kwargs(s.KafkaSettings, kwargs)
+    try:
+        broker = localkafka.start(cfg.data_dir, cfg.port, progress=_progress)
+    except localkafka.KafkaSetupError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"Kafka is up: bootstrap {broker.bootstrap} (pid {broker.pid}, data {cfg.data_dir})")
+
+
+@kafka.command("stop")
+@s.click_options(s.KafkaSettings)
+def kafka_stop(**kwargs: object) -> None:
+    """Stop the local broker started with the same --data-dir (SIGTERM, then SIGKILL after 30 s)."""
+    from cohere_gateway import localkafka
+
+    cfg = s.from_kwargs(s.KafkaSettings, kwargs)
+    stopped = localkafka.stop(cfg.data_dir)
+    click.echo("Kafka stopped." if stopped else f"No local Kafka running for {cfg.data_dir}.")
+
+
+@kafka.command("status")
+@s.click_options(s.KafkaSettings)
+def kafka_status(**kwargs: object) -> None:
+    """Say whether the local broker for --data-dir runs and answers; exit 1 if not."""
+    from cohere_gateway import localkafka
+
+    cfg = s.from_kwargs(s.KafkaSettings, kwargs)
+    st = localkafka.status(cfg.data_dir, cfg.port)
+    click.echo(st.describe())
+    sys.exit(0 if st.ready else 1)
+
+
+def _progress(message: str) -> None:
+    click.echo(message, err=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""The event contract: one event per request/response exchange through the gateway.
+
+Both sides import this module: the gateway addon builds `Event`s and encodes them, the consumers decode
+and validate them. It is documented field by field in docs/events.md; change both together.
+
+Versioning: `schema_version` is "MAJOR.MINOR". A minor bump only adds optional fields, so a consumer
+accepts any minor of its major (unknown fields are ignored); a major bump is a breaking change and is
+rejected with a clear error until the consumer is upgraded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+import msgspec
+
+SCHEMA_MAJOR = 1
+SCHEMA_MINOR = 0
+SCHEMA_VERSION = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
+
+DEFAULT_TOPIC = "cohere-gateway.events"
+
+# Longest error message kept in an event; Cohere's messages are short, upstream HTML error pages are not.
+MAX_ERROR_MESSAGE = 1024
+MAX_METADATA_ENTRIES = 5
+
+RouteMode = Literal["gateway", "transparent", "compat"]
+Outcome = Literal["ok", "upstream_error", "gateway_error", "client_aborted", "upstream_timeout"]
+OUTCOMES: tuple[str, ...] = ("ok", "upstream_error", "gateway_error", "client_aborted", "upstream_timeout")
+
+NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
+NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")]
+
+
+class EventError(ValueError):
+    """A message that is not a valid event; `str()` says which field and why."""
+
+
+class Usage(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=False):
+    """Token and unit counts as Cohere reports them.
+
+    `input_tokens`/`output_tokens` are Cohere's *billed* units (what cost is computed from, and what
+    OpenTelemetry's gen_ai.usage.* carry for Cohere); `raw_*` are `meta.tokens`/`usage.tokens`, which
+    include the system preamble and are kept beside them. None means "not reported", never zero.
+    """
+
+    input_tokens: NonNegInt | None = None
+    output_tokens: NonNegInt | None = None
+    raw_input_tokens: NonNegInt | None = None
+    raw_output_tokens: NonNegInt | None = None
+    cached_tokens: NonNegInt | None = None
+    search_units: NonNegInt | None = None
+    classifications: NonNegInt | None = None
+    embeddings: NonNegInt | None = None  # number of vectors returned by an embed call
+
+
+class Latency(msgspec.Struct, omit_defaults=True):
+    """Milliseconds. `upstream_ttfb_ms` is request-sent → first response byte from upstream;
+    `ttft_ms` (streams only) is request-received → first generated token reaching the gateway;
+    `gateway_overhead_ms` is time spent in the gateway itself (total minus time waiting on upstream)."""
+
+    total_ms: NonNegFloat
+    upstream_ttfb_ms: NonNegFloat | None = None
+    ttft_ms: NonNegFloat | None = None
+    gateway_overhead_ms: NonNegFloat | None = None
+
+
+class Event(msgspec.Struct, kw_only=True, omit_defaults=False, forbid_unknown_fields=False):
+    schema_version: str
+    event_id: str
+    start_time: datetime
+    end_time: datetime
+
+    account_id: Id
+    gateway_id: Id
+    route_mode: RouteMode
+    api_version: str  # "v1", "v2", "compat"
+    endpoint: str  # "chat", "generate", "embed", "rerank", ..., "chat.completions", or the path when unknown
+    method: str
+    path: str  # upstream path, without query string
+    model: str | None = None
+    stream: bool = False
+
+    status_code: Annotated[int, msgspec.Meta(ge=0, le=999)]  # 0: no response (connect failure, abort)
+    outcome: Outcome
+    error_type: str | None = None
+    error_message: str | None = None
+
+    usage: Usage = msgspec.field(default_factory=Usage)
+    finish_reason: str | None = None
+    latency: Latency
+
+    request_bytes: NonNegInt = 0
+    response_bytes: NonNegInt = 0
+    user_agent: str | None = None
+    api_key_fingerprint: str | None = None
+    response_id: str | None = None  # Cohere's `id` / `response_id`
+    generation_id: str | None = None
+    client_event_id: str | None = None  # cf-aig-event-id
+    metadata: dict[str, str] = msgspec.field(default_factory=dict)
+
+    cost_usd: NonNegFloat | None = None
+    cost_source: Literal["pricing", "custom", "unknown_model", "not_billable"] | None = None
+
+    request_body: str | None = None  # only when payload logging is on, truncated
+    response_body: str | None = None
+
+    def __post_init__(self) -> None:
+        major, _, minor = self.schema_version.partition(".")
+        if not (major.isdigit() and minor.isdigit()):
+            raise msgspec.ValidationError(
+                f"schema_version must be 'MAJOR.MINOR', got {self.schema_version!r} - at `$.schema_version`"
+            )
+        if int(major) != SCHEMA_MAJOR:
+            raise msgspec.ValidationError(
+                f"schema_version {self.schema_version} has major {major}; this build reads major "
+                f"{SCHEMA_MAJOR} only - upgrade cohere-gateway - at `$.schema_version`"
+            )
+        if self.end_time < self.start_time:
+            raise msgspec.ValidationError("end_time is before start_time - at `$.end_time`")
+        if len(self.metadata) > MAX_METADATA_ENTRIES:
+            raise msgspec.ValidationError(
+                f"metadata has {len(self.metadata)} entries, at most {MAX_METADATA_ENTRIES} - at `$.metadata`"
+            )
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(Event)
+
+
+def encode(event: Event) -> bytes:
+    return _encoder.encode(event)
+
+
+def decode(data: bytes | str) -> Event:
+    """Parse and validate one event. Raises EventError naming the field at fault."""
+    try:
+        return _decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        raise EventError(f"invalid event: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise EventError(f"not a JSON event: {exc}") from None
+
+
+def to_builtins(event: Event) -> dict:
+    return msgspec.to_builtins(event)
+
+
+def new_event_id(now_ns: int | None = None) -> str:
+    """A UUIDv7 (RFC 9562): 48-bit Unix milliseconds then randomness, so ids sort by creation time."""
+    ms = (now_ns if now_ns is not None else time.time_ns()) // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | (rand >> 68 & 0xFFF) << 64 | 0b10 << 62
+    value |= rand & ((1 << 62) - 1)
+    return str(uuid.UUID(int=value))
+
+
+def utc_from_timestamp(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+def api_key_fingerprint(key: str) -> str:
+    """Identifies a key across events without storing it: the first 16 hex digits of its SHA-256,
+    like the short fingerprints Cohere's dashboard shows. Keys are high-entropy, so this is not reversible."""
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def truncate(text: str | None, limit: int = MAX_ERROR_MESSAGE) -> str | None:
+    if text is None or len(text) <= limit:
+        return text
+    return text[: limit - 1] + "…"
