@@ -118,3 +118,25 @@ def test_truncate_bounds_error_messages() -> None:
     long = events.truncate("x" * 5000)
     assert long is not None and len(long) == events.MAX_ERROR_MESSAGE and long.endswith("…")
     assert events.truncate(None) is None
+
+
+DOC = __import__("pathlib").Path(__file__).resolve().parent.parent / "docs" / "events.md"
+
+
+def test_documented_example_is_a_valid_event() -> None:
+    text = DOC.read_text()
+    example = text.split("```json", 1)[1].split("```", 1)[0]
+    event = events.decode(example.encode())
+    assert event.usage.raw_input_tokens == 19
+
+
+def test_every_field_is_documented() -> None:
+    import msgspec
+
+    text = DOC.read_text()
+    for name in msgspec.structs.fields(Event):
+        if name.name not in ("usage", "latency", "request_body", "response_body"):
+            assert f"`{name.name}`" in text, f"docs/events.md does not document {name.name}"
+    for struct, prefix in ((Usage, "usage"), (Latency, "latency")):
+        for f in msgspec.structs.fields(struct):
+            assert f"`{prefix}.{f.name}`" in text, f"docs/events.md does not document {prefix}.{f.name}"
