@@ -1,0 +1,226 @@
+// The built-in dashboard: plain JavaScript over the consumer's JSON API (/api/..., docs/dashboard.md).
+// Chart.js is served from the package itself, so the page works on machines without internet.
+"use strict";
+
+const $ = (sel) => document.querySelector(sel);
+const charts = {};
+let breakdownBy = "model";
+let refreshTimer = null;
+
+const STEP_FOR_RANGE = { "15m": 60, "1h": 60, "6h": 300, "24h": 900, "7d": 3600, "30d": 21600 };
+const fmtInt = new Intl.NumberFormat("en-US");
+const fmtUsd = (v) => (v == null ? "–" : "$" + Number(v).toFixed(v >= 1 ? 2 : 6));
+const fmtMs = (v) => (v == null ? "–" : Number(v).toFixed(v >= 100 ? 0 : 1));
+const fmtPct = (v) => (v == null ? "–" : (100 * v).toFixed(1) + "%");
+
+function scope() {
+  const p = new URLSearchParams({ since: $("#range").value });
+  if ($("#account").value) p.set("account_id", $("#account").value);
+  if ($("#gateway").value) p.set("gateway_id", $("#gateway").value);
+  return p;
+}
+
+async function api(name, extra = {}) {
+  const p = scope();
+  for (const [k, v] of Object.entries(extra)) if (v !== "" && v != null) p.set(k, v);
+  const resp = await fetch(`/api/${name}?${p}`);
+  const body = await resp.json();
+  if (!resp.ok) throw new Error(body.error || `${name}: HTTP ${resp.status}`);
+  return body;
+}
+
+function setOptions(select, values) {
+  const current = select.value;
+  const first = select.options[0];
+  select.replaceChildren(first, ...values.filter((v) => v).map((v) => new Option(v, v)));
+  if (values.includes(current)) select.value = current;
+}
+
+function lineChart(id, datasets) {
+  const ctx = $(`#${id}`);
+  if (!charts[id]) {
+    charts[id] = new Chart(ctx, {
+      type: "line",
+      data: { labels: [], datasets: datasets.map((d) => ({ label: d.label, data: [], borderColor: d.color,
+        backgroundColor: d.color + "33", fill: d.fill ?? false, tension: 0.25, pointRadius: 0 })) },
+      options: { animation: false, maintainAspectRatio: false, interaction: { mode: "index", intersect: false },
+        scales: { y: { beginAtZero: true } }, plugins: { legend: { position: "bottom" } } },
+    });
+  }
+  return charts[id];
+}
+
+function label(bucket) {
+  const d = new Date(bucket.replace(" ", "T") + (bucket.endsWith("Z") ? "" : "Z"));
+  const range = $("#range").value;
+  return range === "7d" || range === "30d"
+    ? d.toISOString().slice(5, 13).replace("T", " ") + "h"
+    : d.toISOString().slice(11, 16);
+}
+
+function drawSeries(rows) {
+  const labels = rows.map((r) => label(r.bucket));
+  const set = (id, series) => {
+    const chart = charts[id];
+    chart.data.labels = labels;
+    series.forEach((pick, i) => (chart.data.datasets[i].data = rows.map(pick)));
+    chart.update();
+  };
+  lineChart("chart-requests", [{ label: "requests", color: "#39594d", fill: true }, { label: "errors", color: "#c0392b" }]);
+  lineChart("chart-tokens", [{ label: "input", color: "#2c6fbb" }, { label: "output", color: "#d4862a" }]);
+  lineChart("chart-cost", [{ label: "USD", color: "#7b4fa0", fill: true }]);
+  lineChart("chart-latency", [{ label: "p50", color: "#39594d" }, { label: "p95", color: "#c0392b" }]);
+  set("chart-requests", [(r) => r.requests, (r) => r.errors]);
+  set("chart-tokens", [(r) => r.input_tokens, (r) => r.output_tokens]);
+  set("chart-cost", [(r) => r.cost_usd]);
+  set("chart-latency", [(r) => r.latency_ms_p50, (r) => r.latency_ms_p95]);
+}
+
+function drawCards(total) {
+  const t = total || {};
+  $("#c-requests").textContent = fmtInt.format(t.requests || 0);
+  $("#c-tokens").textContent = `${fmtInt.format(t.input_tokens || 0)} / ${fmtInt.format(t.output_tokens || 0)}`;
+  $("#c-cost").textContent = fmtUsd(t.cost_usd ?? 0);
+  $("#c-errors").textContent = fmtPct(t.error_rate ?? 0);
+  $("#c-latency").textContent = `${fmtMs(t.latency_ms_p50)} / ${fmtMs(t.latency_ms_p95)} ms`;
+}
+
+function fillTable(table, columns, rows, onClick) {
+  table.querySelector("thead").replaceChildren(
+    Object.assign(document.createElement("tr"), {
+      innerHTML: columns.map((c) => `<th>${c.title}</th>`).join(""),
+    }),
+  );
+  const body = table.querySelector("tbody");
+  if (!rows.length) {
+    body.innerHTML = `<tr><td class="empty" colspan="${columns.length}">no requests in this range</td></tr>`;
+    return;
+  }
+  body.replaceChildren(
+    ...rows.map((row) => {
+      const tr = document.createElement("tr");
+      for (const c of columns) {
+        const td = document.createElement("td");
+        td.textContent = c.value(row);
+        if (c.cls) td.className = c.cls(row);
+        tr.appendChild(td);
+      }
+      if (onClick) tr.addEventListener("click", () => onClick(row));
+      return tr;
+    }),
+  );
+}
+
+const BREAKDOWN_COLUMNS = [
+  { title: "requests", value: (r) => fmtInt.format(r.requests) },
+  { title: "tokens in", value: (r) => fmtInt.format(r.input_tokens) },
+  { title: "tokens out", value: (r) => fmtInt.format(r.output_tokens) },
+  { title: "cost USD", value: (r) => fmtUsd(r.cost_usd) },
+  { title: "errors", value: (r) => fmtInt.format(r.errors) },
+];
+
+async function drawBreakdown() {
+  const table = $("#breakdown");
+  if (breakdownBy === "api_key") {
+    const rows = await api("top_api_keys", { limit: 20 });
+    fillTable(table, [{ title: "API key fingerprint", value: (r) => r.api_key_fingerprint || "(none)" },
+      ...BREAKDOWN_COLUMNS], rows);
+    return;
+  }
+  const rows = await api("totals", { by: breakdownBy });
+  fillTable(table, [
+    { title: breakdownBy.replace("_id", ""), value: (r) => r.key || "(none)" },
+    ...BREAKDOWN_COLUMNS,
+    { title: "error rate", value: (r) => fmtPct(r.error_rate) },
+    { title: "p50 / p95 ms", value: (r) => `${fmtMs(r.latency_ms_p50)} / ${fmtMs(r.latency_ms_p95)}` },
+  ], rows);
+}
+
+function recentFilters() {
+  const form = new FormData($("#filters"));
+  const out = {};
+  for (const [k, v] of form.entries()) {
+    if (k === "metadata") {
+      const [key, ...rest] = String(v).split("=");
+      if (key.trim()) { out.metadata_key = key.trim(); out.metadata_value = rest.join("=").trim(); }
+    } else out[k] = v;
+  }
+  return out;
+}
+
+async function drawRecent() {
+  const rows = await api("recent", { limit: 100, ...recentFilters() });
+  fillTable($("#recent"), [
+    { title: "time (UTC)", value: (r) => String(r.start_time).slice(0, 19).replace("T", " ") },
+    { title: "account / gateway", value: (r) => `${r.account_id} / ${r.gateway_id}` },
+    { title: "endpoint", value: (r) => `${r.api_version} ${r.endpoint}${r.stream ? " (stream)" : ""}` },
+    { title: "model", value: (r) => r.model || "" },
+    { title: "status", value: (r) => r.status_code },
+    { title: "outcome", value: (r) => r.outcome, cls: (r) => (r.outcome === "ok" ? "outcome-ok" : "outcome-bad") },
+    { title: "tokens in / out", value: (r) => `${r.usage_input_tokens ?? "–"} / ${r.usage_output_tokens ?? "–"}` },
+    { title: "latency ms", value: (r) => fmtMs(r.latency_total_ms) },
+    { title: "cost USD", value: (r) => fmtUsd(r.cost_usd) },
+  ], rows, showDetail);
+}
+
+async function showDetail(row) {
+  $("#detail-id").textContent = row.event_id;
+  $("#detail-body").textContent = "loading…";
+  $("#detail").showModal();
+  try {
+    const p = new URLSearchParams({ event_id: row.event_id });
+    const resp = await fetch(`/api/event?${p}`);
+    $("#detail-body").textContent = JSON.stringify(await resp.json(), null, 2);
+  } catch (err) {
+    $("#detail-body").textContent = String(err);
+  }
+}
+
+async function refreshOptions() {
+  const [accounts, gateways, models, endpoints] = await Promise.all(
+    ["account_id", "gateway_id", "model", "endpoint"].map((by) => api("totals", { by })),
+  );
+  setOptions($("#account"), accounts.map((r) => r.key));
+  setOptions($("#gateway"), gateways.map((r) => r.key));
+  setOptions($("#filters [name=model]"), models.map((r) => r.key));
+  setOptions($("#filters [name=endpoint]"), endpoints.map((r) => r.key));
+}
+
+async function refresh() {
+  const status = $("#status");
+  try {
+    const step = STEP_FOR_RANGE[$("#range").value] || 60;
+    const [summary, series] = await Promise.all([
+      api("summary", { by: "none" }),
+      api("timeseries", { by: "none", step_s: step }),
+    ]);
+    drawCards(summary.total);
+    drawSeries(series);
+    await Promise.all([drawBreakdown(), drawRecent(), refreshOptions()]);
+    status.textContent = `updated ${new Date().toLocaleTimeString()}`;
+    document.body.dataset.loaded = "true";
+  } catch (err) {
+    status.textContent = `error: ${err.message}`;
+  }
+}
+
+function schedule() {
+  clearInterval(refreshTimer);
+  if ($("#autorefresh").checked) refreshTimer = setInterval(refresh, 5000);
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  for (const id of ["#range", "#account", "#gateway"]) $(id).addEventListener("change", refresh);
+  $("#filters").addEventListener("change", drawRecent);
+  $("#filters").addEventListener("submit", (e) => { e.preventDefault(); drawRecent(); });
+  $("#autorefresh").addEventListener("change", schedule);
+  $("#breakdown-tabs").addEventListener("click", (e) => {
+    const by = e.target.dataset.by;
+    if (!by) return;
+    breakdownBy = by;
+    for (const b of $("#breakdown-tabs").children) b.classList.toggle("active", b === e.target);
+    drawBreakdown();
+  });
+  refresh();
+  schedule();
+});
