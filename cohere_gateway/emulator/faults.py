@@ -1,0 +1,111 @@
+"""Injected faults: what a request header or the random-fault knobs ask the emulator to do wrong.
+
+A test forces one outcome per request with the header `X-Emulator-Fault`, a comma- or
+semicolon-separated list of:
+  `status=NNN`        answer with that status (400..599) and Cohere's JSON error body;
+  `retry-after=S`     with status=429: the `retry-after` header value in seconds (default 1);
+  `drop-mid-stream`   send part of the response, then drop the connection;
+  `delay-ms=N`        wait N ms before answering.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, replace
+
+from cohere_gateway.emulator.errors import ApiError
+
+FAULT_HEADER = "X-Emulator-Fault"
+
+# Cohere's wording where it is known, a plain description otherwise; "(emulated fault)" tells a reader
+# of a test log that the emulator was asked for it.
+STATUS_MESSAGES = {
+    400: "invalid request (emulated fault)",
+    401: "invalid api token (emulated fault)",
+    403: "forbidden (emulated fault)",
+    404: "not found (emulated fault)",
+    408: "request timeout (emulated fault)",
+    422: "unprocessable entity (emulated fault)",
+    429: "You are past the rate limit for this API key; retry after the time in retry-after (emulated fault)",
+    498: "invalid token: the API key was revoked (emulated fault)",
+    499: "request cancelled by the client (emulated fault)",
+    500: "internal server error, this has been reported to our developers (emulated fault)",
+    501: "not implemented (emulated fault)",
+    502: "bad gateway (emulated fault)",
+    503: "service unavailable: the model is overloaded, try again later (emulated fault)",
+    504: "gateway timeout (emulated fault)",
+}
+
+
+@dataclass(frozen=True)
+class Fault:
+    status: int | None = None
+    retry_after_s: float = 1.0
+    drop_mid_stream: bool = False
+    delay_ms: float = 0.0
+
+    def error(self) -> ApiError | None:
+        if self.status is None:
+            return None
+        headers = {"retry-after": _number(self.retry_after_s)} if self.status == 429 else {}
+        message = STATUS_MESSAGES.get(self.status, f"error {self.status} (emulated fault)")
+        return ApiError(self.status, message, headers)
+
+
+NO_FAULT = Fault()
+
+
+def parse_fault(header: str | None) -> Fault:
+    """Parse the X-Emulator-Fault header; a malformed one is a 400 naming the bad item."""
+    fault = NO_FAULT
+    if not header:
+        return fault
+    for raw in header.replace(";", ",").split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        key, sep, value = (part.strip() for part in item.partition("="))
+        key = key.lower()
+        try:
+            if key == "drop-mid-stream" and not sep:
+                fault = replace(fault, drop_mid_stream=True)
+            elif key == "status" and sep:
+                status = int(value)
+                if not 400 <= status <= 599:
+                    raise ValueError("status must be 400..599")
+                fault = replace(fault, status=status)
+            elif key == "delay-ms" and sep:
+                fault = replace(fault, delay_ms=_non_negative(value))
+            elif key == "retry-after" and sep:
+                fault = replace(fault, retry_after_s=_non_negative(value))
+            else:
+                raise ValueError("unknown item")
+        except ValueError as exc:
+            raise ApiError(
+                400,
+                f"invalid request: {FAULT_HEADER} item {item!r}: {exc}; expected status=NNN, "
+                "retry-after=S, drop-mid-stream or delay-ms=N",
+            ) from None
+    return fault
+
+
+def with_random_faults(
+    fault: Fault, *, error_rate: float, drop_rate: float, streaming: bool, rng: random.Random
+) -> Fault:
+    """Add the settings' random faults (drops only hit streams) to what the request asked for."""
+    if fault.status is None and error_rate > 0 and rng.random() < error_rate:
+        fault = replace(fault, status=500)
+    if streaming and not fault.drop_mid_stream and drop_rate > 0 and rng.random() < drop_rate:
+        fault = replace(fault, drop_mid_stream=True)
+    return fault
+
+
+def _non_negative(value: str) -> float:
+    number = float(value)
+    if not number >= 0:
+        raise ValueError("must be a number >= 0")
+    return number
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if value == int(value) else str(value)
