@@ -84,9 +84,32 @@ def kafka_status(**kwargs: object) -> None:
     sys.exit(0 if st.ready else 1)
 
 
+@main.command()
+@s.click_options(s.UpSettings)
+def up(**kwargs: object) -> None:
+    """Run the whole pipeline here: local Kafka, gateway, consumer into embedded ClickHouse, dashboard.
+
+    Prints the gateway URL to use as the SDK's base URL and the dashboard URL. One Ctrl-C stops all
+    parts cleanly, in an order that loses no event. With --demo, also starts the Cohere emulator as
+    upstream and drives a realistic mix of SDK traffic through the gateway (no Cohere key needed).
+    With COHERE_API_KEY set in your app and network access, the same command proxies real Cohere.
+    """
+    from cohere_gateway.up import run
+
+    sys.exit(run(s.from_kwargs(s.UpSettings, kwargs), _progress))
+
 def _progress(message: str) -> None:
     click.echo(message, err=True)
 
+
+from consumers.cli import consume, report  # noqa: E402
+
+main.add_command(consume)
+main.add_command(report)
+
+from addons.cli import proxy  # noqa: E402
+
+main.add_command(proxy)
 
 if __name__ == "__main__":
     main()

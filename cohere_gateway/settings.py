@@ -55,6 +55,115 @@ class KafkaSettings:
     )
 
 
+@dataclass(frozen=True)
+class ConsumerSettings:
+    """`consume`: Kafka -> ClickHouse. Storage is the server at --clickhouse when given, else the embedded
+    engine (chdb) under <data-dir>/clickhouse."""
+
+    kafka_bootstrap: str = setting("127.0.0.1:9092", "Kafka bootstrap servers, HOST:PORT[,HOST:PORT].")
+    topic: str = setting(DEFAULT_TOPIC, "Topic the gateway writes events to.")
+    group_id: str = setting("cohere-gateway-consumer", "Kafka consumer group; run several to share partitions.")
+    dlq_topic: str = setting(
+        "", "Dead-letter topic for messages that are not valid events. Empty: <topic>.dlq."
+    )
+    clickhouse: str = setting(
+        "",
+        "ClickHouse server URL, e.g. https://user:pass@host:8443/db (http: plain, https: TLS). "
+        "Empty: the embedded engine under --data-dir.",
+    )
+    data_dir: Path = setting(DEFAULT_DATA_DIR, "Directory of the embedded engine (used when no --clickhouse).")
+    batch_size: int = setting(5000, "Insert when this many events are buffered.")
+    batch_wait_ms: int = setting(1000, "Insert buffered events at the latest this long after the first arrived.")
+    retention_days: int = setting(90, "Raw events older than this many days are dropped (TTL).")
+    aggregate_retention_days: int = setting(400, "Per-minute aggregates older than this are dropped (TTL).")
+    http_host: str = setting("127.0.0.1", "Interface of the read API (/readyz, /metrics, /api/...).")
+    http_port: int = setting(8091, "Port of the read API; 0 picks a free port, -1 disables it.")
+    log_level: str = setting("info", "Log level.", choices=("debug", "info", "warning", "error"))
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    """`report`: reads through a running consumer's API, else opens the storage itself."""
+
+    since: str = setting("1h", "Window to report on, ending now: 30m, 1h, 7d, ...")
+    by: str = setting(
+        "model",
+        "Group totals by this field.",
+        choices=("account_id", "gateway_id", "model", "endpoint", "outcome", "none"),
+    )
+    json: bool = setting(False, "Print JSON instead of a table.")
+    clickhouse: str = setting("", "ClickHouse server URL (as for consume). Empty: the embedded engine.")
+    data_dir: Path = setting(DEFAULT_DATA_DIR, "Data directory of the embedded engine.")
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    """`proxy`: the gateway (mitmproxy + addons/gateway.py). Every field but host/port/transparent_port/
+    data_dir is also a mitmproxy option of the addon with the same name (`mitmdump --set upstream=...`)."""
+
+    host: str = setting("127.0.0.1", "Interface the gateway listens on.")
+    port: int = setting(8080, "Port of the gateway route /v1/{account}/{gateway}/cohere/... and /compat/.")
+    transparent_port: int = setting(
+        0, "Port of the forward proxy for apps using HTTPS_PROXY (api.cohere.ai/.com only); 0: off."
+    )
+    upstream: str = setting(DEFAULT_UPSTREAM, "Cohere API base URL requests are forwarded to.")
+    kafka_bootstrap: str = setting(
+        "127.0.0.1:9092", "Kafka bootstrap servers, HOST:PORT[,HOST:PORT]. Empty: events are not published."
+    )
+    topic: str = setting(DEFAULT_TOPIC, "Kafka topic events are published to.")
+    data_dir: Path = setting(DEFAULT_DATA_DIR, "Gateway state directory (mitmproxy CA in <dir>/mitmproxy).")
+    default_account_id: str = setting("default", "Account id for forward-proxy requests without one.")
+    default_gateway_id: str = setting("default", "Gateway id for forward-proxy requests without one.")
+    gateway_token: str = setting(
+        "", "If set, requests must send `cf-aig-authorization: Bearer <token>` (401 otherwise)."
+    )
+    max_request_bytes: int = setting(10_485_760, "Largest request body accepted; larger ones get 413.")
+    log_payloads: bool = setting(False, "Store request and response bodies in events (truncated).")
+    payload_max_bytes: int = setting(16_384, "Bodies stored in events are truncated to this many characters.")
+    spool_dir: str = setting(
+        "", "Where events Kafka did not acknowledge in time are kept until replayed. Empty: <data-dir>/spool."
+    )
+    spool_max_bytes: int = setting(
+        1_073_741_824, "Size cap of the spool; once reached new events are dropped (and counted)."
+    )
+    spool_fsync: str = setting(
+        "interval",
+        "When spooled events are fsynced: every event, every --spool-fsync-interval-ms, or never "
+        "(left to the OS). Bounds what a power loss can lose; see docs/durability.md.",
+        choices=("always", "interval", "never"),
+    )
+    spool_fsync_interval_ms: int = setting(
+        100, "Flush/fsync period of the spool for --spool-fsync interval/never."
+    )
+    delivery_timeout_ms: int = setting(
+        5000, "An event Kafka has not acknowledged after this long goes to the spool (and so do later ones)."
+    )
+    max_pending_events: int = setting(
+        10_000, "Most events held in memory awaiting Kafka; beyond it events go to the spool."
+    )
+    shutdown_grace_s: float = setting(
+        10.0, "On SIGTERM/SIGINT, how long to keep delivering to Kafka before spooling the rest."
+    )
+    log_level: str = setting("info", "Log level.", choices=("debug", "info", "warning", "error"))
+
+
+@dataclass(frozen=True)
+class UpSettings:
+    """`up`: Kafka, gateway, consumer and dashboard on one machine (and with --demo, emulator and traffic)."""
+
+    demo: bool = setting(False, "Also run the Cohere emulator as upstream and drive demo traffic through it.")
+    demo_rate: float = setting(5.0, "Demo calls per second (with --demo).")
+    host: str = setting("127.0.0.1", "Interface the gateway and the dashboard listen on.")
+    port: int = setting(8080, "Port of the gateway.")
+    dashboard_port: int = setting(8091, "Port of the dashboard and its JSON API (served by the consumer).")
+    upstream: str = setting(DEFAULT_UPSTREAM, "Cohere API base URL (ignored with --demo: the emulator).")
+    emulator_port: int = setting(0, "Port of the emulator with --demo; 0 picks a free one.")
+    kafka: str = setting("", "Bootstrap servers of an existing Kafka. Empty: start the local broker.")
+    kafka_port: int = setting(9092, "Port of the local broker when --kafka is empty (controller: port+1).")
+    topic: str = setting(DEFAULT_TOPIC, "Kafka topic of the events.")
+    clickhouse: str = setting("", "ClickHouse server URL. Empty: the embedded engine under --data-dir.")
+    data_dir: Path = setting(DEFAULT_DATA_DIR, "Where Kafka, ClickHouse, the spool, the CA and logs live.")
+
 def env_name(cls: type, name: str) -> str:
     return getattr(cls, "env_prefix", ENV_PREFIX) + name.upper()
 

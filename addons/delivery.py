@@ -1,0 +1,545 @@
+"""`DurablePublisher`: events reach Kafka acknowledged, in order per key, or wait in the disk spool.
+
+Two modes, switched by one delivery thread:
+
+* live: `publish()` queues in memory; the thread sends with acks=all and idempotence and counts an event
+  delivered only on the broker's acknowledgement.
+* spool: when an event is not acknowledged within `delivery_timeout_ms` (broker down or slow, a send
+  error, or more than `max_pending_events` waiting), the producer is aborted and every unacknowledged event,
+  then everything queued after it, is appended to the spool in publish order; from then on `publish()`
+  appends to the spool directly. The thread probes Kafka, replays the spool in order (live events keep
+  going to its tail meanwhile), and returns to live mode only when replay has caught up with the tail.
+
+So one key's events never overtake each other: there is a single ordered path at any time. See
+docs/durability.md for the guarantees and what a crash can lose.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from addons.spool import FSYNC_MODES, FsyncMode, Position, Spool, SpoolInUseError
+
+log = logging.getLogger(__name__)
+
+LIVE, SPOOL, CLOSED = "live", "spool", "closed"
+PROBE_BACKOFF_MAX_S = 2.0
+CURSOR_PERSIST_S = 1.0
+# Last-resort memory bound when the delivery thread cannot keep up at all (see `publish`).
+HARD_CAP_FACTOR = 2
+
+
+# mitmproxy options of the gateway addon (same names as the ProxySettings fields; defaults from there).
+DELIVERY_OPTIONS: tuple[tuple[str, type, str], ...] = (
+    ("spool_dir", str, "Spool directory for events Kafka did not acknowledge in time; empty: default."),
+    ("spool_max_bytes", int, "Size cap of the spool; beyond it new events are dropped and counted."),
+    ("spool_fsync", str, "always | interval | never: when spooled events are fsynced."),
+    ("spool_fsync_interval_ms", int, "Flush/fsync period of the spool (interval, never)."),
+    ("delivery_timeout_ms", int, "Unacknowledged after this long: the event (and later ones) is spooled."),
+    ("max_pending_events", int, "Most events held in memory awaiting Kafka; beyond it they are spooled."),
+    ("shutdown_grace_s", float, "On shutdown, how long to keep delivering before spooling the rest."),
+)
+
+
+def default_spool_dir(confdir: str) -> Path:
+    """`<data-dir>/spool` under `cohere-gateway proxy` (whose confdir is <data-dir>/mitmproxy), else
+    `<confdir>/spool` for a bare `mitmdump -s addons/gateway.py`."""
+    conf = Path(confdir).expanduser()
+    return conf.parent / "spool" if conf.name == "mitmproxy" else conf / "spool"
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    bootstrap: str
+    topic: str
+    spool_dir: Path
+    spool_max_bytes: int = 1_073_741_824
+    spool_fsync: FsyncMode = "interval"
+    spool_fsync_interval_ms: int = 100
+    delivery_timeout_ms: int = 5000
+    max_pending_events: int = 10_000
+    spool_segment_bytes: int | None = None
+
+    @classmethod
+    def from_options(cls, options: Any, default_spool_dir: Path) -> DeliveryConfig:
+        """From anything with the ProxySettings field names: the settings dataclass or mitmproxy options."""
+        spool_dir = str(options.spool_dir or "")
+        return cls(
+            bootstrap=options.kafka_bootstrap.strip(),
+            topic=options.topic,
+            spool_dir=Path(spool_dir).expanduser() if spool_dir else default_spool_dir,
+            spool_max_bytes=int(options.spool_max_bytes),
+            spool_fsync=options.spool_fsync,
+            spool_fsync_interval_ms=int(options.spool_fsync_interval_ms),
+            delivery_timeout_ms=int(options.delivery_timeout_ms),
+            max_pending_events=int(options.max_pending_events),
+        )
+
+    def check(self) -> None:
+        if self.spool_fsync not in FSYNC_MODES:
+            raise ValueError(f"spool_fsync must be one of {', '.join(FSYNC_MODES)}, got {self.spool_fsync!r}")
+        if self.delivery_timeout_ms < 100:
+            raise ValueError(f"delivery_timeout_ms must be at least 100, got {self.delivery_timeout_ms}")
+        if self.max_pending_events < 1:
+            raise ValueError(f"max_pending_events must be at least 1, got {self.max_pending_events}")
+
+
+def make_producer(bootstrap: str, delivery_timeout_ms: int) -> Any:
+    """A producer that waits for all in-sync replicas and lets the broker drop retried duplicates."""
+    from kafka import KafkaProducer
+
+    connect_ms = min(delivery_timeout_ms, 5000)
+    return KafkaProducer(
+        bootstrap_servers=bootstrap,
+        client_id="cohere-gateway",
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=5,
+        # Our own deadline (delivery_timeout_ms) decides when to spool; the producer's is a backstop.
+        delivery_timeout_ms=delivery_timeout_ms + 1000,
+        request_timeout_ms=min(30_000, delivery_timeout_ms),
+        max_block_ms=connect_ms,
+        bootstrap_timeout_ms=connect_ms,
+        reconnect_backoff_max_ms=1000,
+    )
+
+
+def abort_producer(producer: Any) -> None:
+    """Close without waiting for unacknowledged batches; their futures fail.
+
+    kafka-python's close(timeout) first flushes and raises KafkaTimeoutError when that times out, so it can
+    never force-close while a broker is down; forcing the sender thread first is the only bounded way.
+    """
+    sender = getattr(producer, "_sender", None)
+    if sender is not None:
+        sender.force_close()
+        sender.join(2.0)
+    try:
+        producer.close(timeout=0)
+    except Exception:  # closing a broken producer must not take the gateway down
+        log.debug("delivery: error while aborting the producer", exc_info=True)
+
+
+class _Pending:
+    """One event handed to the producer. `state` is set from the producer's I/O thread."""
+
+    __slots__ = ("end", "key", "sent_at", "spooled", "state", "value")
+
+    def __init__(self, key: bytes, value: bytes, end: Position | None) -> None:
+        self.key = key
+        self.value = value
+        self.end = end  # position after it in the spool when replayed; None when sent live
+        self.sent_at = 0.0
+        self.state = 0  # 0 waiting, 1 acknowledged, 2 failed
+        self.spooled = False  # written to the spool after giving up on it
+
+
+class DurablePublisher:
+    """publish(key, value) never blocks on Kafka and never raises; close(timeout) flushes or spools."""
+
+    def __init__(
+        self,
+        config: DeliveryConfig,
+        *,
+        producer_factory: Callable[[str, int], Any] = make_producer,
+    ) -> None:
+        config.check()
+        self.config = config
+        self._factory = producer_factory
+        self._spool = Spool(
+            config.spool_dir,
+            max_bytes=config.spool_max_bytes,
+            fsync=config.spool_fsync,
+            fsync_interval_ms=config.spool_fsync_interval_ms,
+            segment_bytes=config.spool_segment_bytes,
+        )
+        self._timeout_s = config.delivery_timeout_ms / 1000
+        self._hard_cap = HARD_CAP_FACTOR * config.max_pending_events
+        self._cond = threading.Condition(threading.RLock())  # RLock: futures may call back synchronously
+        self._inbox: collections.deque[tuple[bytes, bytes]] = collections.deque()
+        self._inflight: collections.deque[_Pending] = collections.deque()
+        self._producer: Any = None
+        self._closing = False
+        self._deadline = 0.0
+        self._next_probe = 0.0
+        self._backoff = 0.2
+        # Replay state (delivery thread only).
+        self._read_pos = self._spool.start
+        self._committed = self._spool.start
+        self._acked_ahead: set[Position] = set()
+        self._last_persist = 0.0
+        self._replay_started = 0
+        # Names follow addons/metrics.py: `*_pending` are gauges, the rest counters.
+        self._counts = dict.fromkeys(
+            (
+                "events_queued",  # accepted by publish()
+                "events_delivered",  # acknowledged by Kafka, live or replayed
+                "events_spooled",  # written to the spool
+                "events_replayed",  # acknowledged by Kafka after replay from the spool
+                "events_dropped",  # lost on purpose: spool full, or publish after close
+                "events_maybe_duplicated",  # acknowledged after being given up on (and spooled)
+                "kafka_outages",
+            ),
+            0,
+        )
+        self._last_drop_log = 0.0
+        self._drops_logged = 0
+        # Events left from an earlier run go first, so new ones queue behind them.
+        self._mode = SPOOL if not self._spool.is_drained(self._spool.start) else LIVE
+        if self._mode == SPOOL:
+            log.warning(
+                "delivery: %d bytes of events spooled by an earlier run in %s; replaying once Kafka answers",
+                self._spool.pending_bytes(),
+                config.spool_dir,
+            )
+        self._thread = threading.Thread(target=self._run, name="cohere-gateway-delivery", daemon=True)
+        self._thread.start()
+
+    # -- the publisher protocol ----------------------------------------------------------------------
+
+    def publish(self, key: bytes, value: bytes) -> None:
+        try:
+            with self._cond:
+                self._counts["events_queued"] += 1
+                if self._mode == CLOSED:
+                    self._late_spool(key, value)
+                elif self._mode == SPOOL and not self._inbox:
+                    self._append_to_spool(key, value)
+                elif len(self._inbox) + len(self._inflight) >= self._hard_cap:
+                    # Only if the delivery thread is stuck (it spools long before this); memory stays bounded.
+                    self._drop("the in-memory queue is full")
+                else:
+                    self._inbox.append((key, value))
+                    self._cond.notify_all()
+        except Exception:  # never let event delivery break the proxy
+            log.exception("delivery: publish failed; event dropped")
+            self._counts["events_dropped"] += 1
+
+    def close(self, timeout: float) -> None:
+        """Keep delivering for up to `timeout` seconds, then spool whatever is left and stop."""
+        with self._cond:
+            if self._closing:
+                return
+            self._closing = True
+            self._deadline = time.monotonic() + max(timeout, 0.0)
+            self._cond.notify_all()
+        self._thread.join(timeout + 10.0)
+        if self._thread.is_alive():
+            log.error("delivery: thread did not stop within %.1fs of the grace period", timeout)
+
+    def counters(self) -> dict[str, int]:
+        with self._cond:
+            out = dict(self._counts)
+            out["spool_corrupt_records"] = self._spool.corrupt_records
+            out["events_pending"] = len(self._inbox) + sum(1 for p in self._inflight if p.state != 1)
+            out["spool_bytes_pending"] = self._spool.size_bytes
+        return out
+
+    # -- helpers called with the lock held -----------------------------------------------------------
+
+    def _late_spool(self, key: bytes, value: bytes) -> None:
+        """An exchange that finished after close(): straight to disk, so a shutdown loses nothing.
+
+        The spool was released by close() (a successor may own it now), so reopen it for this one record.
+        """
+        try:
+            spool = Spool(
+                self.config.spool_dir,
+                max_bytes=self.config.spool_max_bytes,
+                fsync=self.config.spool_fsync,
+                segment_bytes=self.config.spool_segment_bytes,
+            )
+        except (OSError, SpoolInUseError) as exc:
+            self._drop(f"it arrived after shutdown and the spool is unavailable ({exc})")
+            return
+        try:
+            if spool.append(key, value):
+                spool.flush()
+                self._counts["events_spooled"] += 1
+            else:
+                self._drop(f"the spool is full ({self.config.spool_max_bytes} bytes cap)")
+        finally:
+            spool.close()
+
+    def _append_to_spool(self, key: bytes, value: bytes) -> None:
+        try:
+            ok = self._spool.append(key, value)
+        except (OSError, ValueError) as exc:
+            self._drop(f"the spool refused it ({exc})")
+            return
+        if ok:
+            self._counts["events_spooled"] += 1
+        else:
+            self._drop(f"the spool is full ({self.config.spool_max_bytes} bytes cap)")
+
+    def _drop(self, why: str) -> None:
+        self._counts["events_dropped"] += 1
+        now = time.monotonic()
+        # Loud but not a log flood: the first drop, then at most one line every 5 s with the running total.
+        if self._drops_logged == 0 or now - self._last_drop_log >= 5.0:
+            log.error(
+                "delivery: DROPPING events: %s; %d dropped so far. Raise --spool-max-bytes or restore Kafka.",
+                why,
+                self._counts["events_dropped"],
+            )
+            self._last_drop_log = now
+            self._drops_logged += 1
+
+    # -- the delivery thread -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            try:
+                if self._closing and self._should_stop():
+                    break
+                if self._mode == LIVE:
+                    self._live_step()
+                else:
+                    self._spool_step()
+            except Exception:
+                log.exception("delivery: unexpected error; spooling and retrying")
+                self._to_spool_mode("unexpected error")
+                time.sleep(0.1)
+        self._finish()
+
+    def _should_stop(self) -> bool:
+        if time.monotonic() >= self._deadline:
+            return True
+        with self._cond:
+            if self._mode == LIVE:
+                return not self._inbox and not self._inflight
+            # Spooling: worth waiting only while Kafka answers and there is replay left to do.
+            return self._producer is None
+
+    def _connect(self) -> Any:
+        try:
+            producer = self._factory(self.config.bootstrap, self.config.delivery_timeout_ms)
+        except Exception as exc:
+            log.debug("delivery: cannot connect to Kafka at %s: %s", self.config.bootstrap, exc)
+            return None
+        try:
+            if not producer.partitions_for(self.config.topic):
+                raise RuntimeError(f"topic {self.config.topic} has no partitions")
+        except Exception as exc:
+            log.debug("delivery: topic %s not available: %s", self.config.topic, exc)
+            abort_producer(producer)
+            return None
+        return producer
+
+    def _send(self, pending: _Pending) -> None:
+        def on_ok(_: Any) -> None:
+            with self._cond:
+                pending.state = 1
+                if pending.spooled:  # given up on and spooled already: its replay will be a duplicate
+                    self._counts["events_maybe_duplicated"] += 1
+                self._cond.notify_all()
+
+        def on_error(_: Any) -> None:
+            with self._cond:
+                pending.state = 2
+                self._cond.notify_all()
+
+        pending.sent_at = time.monotonic()
+        self._inflight.append(pending)
+        future = self._producer.send(self.config.topic, key=pending.key, value=pending.value)
+        future.add_callback(on_ok)
+        future.add_errback(on_error)
+
+    def _trouble(self) -> str | None:
+        """Why the in-flight window is stuck, if it is."""
+        now = time.monotonic()
+        for pending in self._inflight:
+            if pending.state == 2:
+                return "Kafka refused or failed a send"
+            if pending.state == 0:
+                if now - pending.sent_at > self._timeout_s:
+                    return f"no acknowledgement within {self.config.delivery_timeout_ms} ms"
+                break
+        return None
+
+    def _live_step(self) -> None:
+        if self._producer is None:
+            self._producer = self._connect()
+            if self._producer is None:
+                self._to_spool_mode(f"cannot reach Kafka at {self.config.bootstrap}")
+                return
+        with self._cond:
+            room = self.config.max_pending_events - len(self._inflight)
+            batch = [self._inbox.popleft() for _ in range(min(room, len(self._inbox)))]
+            overflow = room <= 0 and bool(self._inbox)
+        for i, (key, value) in enumerate(batch):
+            try:
+                self._send(_Pending(key, value, None))
+            except Exception as exc:
+                with self._cond:
+                    self._inbox.extendleft(reversed(batch[i + 1 :]))
+                self._to_spool_mode(f"send failed: {exc}")
+                return
+        with self._cond:
+            while self._inflight and self._inflight[0].state == 1:
+                self._inflight.popleft()
+                self._counts["events_delivered"] += 1
+            why = self._trouble()
+            if why is None and overflow:
+                why = f"more than {self.config.max_pending_events} events waiting for Kafka"
+            if why is None:
+                if not self._inbox:
+                    self._cond.wait(0.05)
+                return
+        self._to_spool_mode(why)
+
+    def _to_spool_mode(self, why: str) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            abort_producer(producer)
+        with self._cond:
+            replaying = self._mode == SPOOL
+            if replaying:
+                self._rewind()
+            else:
+                for pending in self._inflight:
+                    if pending.state == 1:
+                        self._counts["events_delivered"] += 1
+                    else:
+                        pending.spooled = True
+                        self._append_to_spool(pending.key, pending.value)
+                self._inflight.clear()
+                while self._inbox:
+                    self._append_to_spool(*self._inbox.popleft())
+                self._mode = SPOOL
+                self._counts["kafka_outages"] += 1
+                self._read_pos = self._committed = self._spool.start
+            self._next_probe = time.monotonic() + self._backoff
+            self._backoff = min(self._backoff * 2, PROBE_BACKOFF_MAX_S)
+        log.warning(
+            "delivery: Kafka unavailable (%s): spooling events to %s (%d bytes waiting)",
+            why,
+            self.config.spool_dir,
+            self._spool.pending_bytes(self._committed),
+        )
+
+    def _rewind(self) -> None:
+        """After a failed replay, resume from the first unacknowledged record (acked ones are skipped)."""
+        self._advance_commit()
+        self._acked_ahead |= {p.end for p in self._inflight if p.state == 1 and p.end is not None}
+        self._inflight.clear()
+        self._read_pos = self._committed
+
+    def _advance_commit(self) -> None:
+        committed = self._committed
+        while self._inflight and self._inflight[0].state == 1:
+            pending = self._inflight.popleft()
+            self._counts["events_delivered"] += 1
+            self._counts["events_replayed"] += 1
+            assert pending.end is not None
+            committed = pending.end
+        if committed != self._committed:
+            now = time.monotonic()
+            persist = (
+                committed.segment != self._committed.segment or now - self._last_persist >= CURSOR_PERSIST_S
+            )
+            self._spool.commit(committed, persist=persist)
+            if persist:
+                self._last_persist = now
+            self._committed = committed
+            self._acked_ahead = {p for p in self._acked_ahead if p > committed}
+
+    def _spool_step(self) -> None:
+        with self._cond:
+            while self._inbox:  # queued before the switch; publish() appends directly once this is empty
+                self._append_to_spool(*self._inbox.popleft())
+        self._spool.tick()
+        if self._producer is None:
+            now = time.monotonic()
+            if now < self._next_probe:
+                with self._cond:
+                    self._cond.wait(min(self._next_probe - now, 0.1))
+                return
+            self._producer = self._connect()
+            if self._producer is None:
+                self._next_probe = time.monotonic() + self._backoff
+                self._backoff = min(self._backoff * 2, PROBE_BACKOFF_MAX_S)
+                return
+            self._backoff = 0.2
+            self._replay_started = self._counts["events_replayed"]
+            log.warning(
+                "delivery: Kafka is back at %s: replaying %d spooled bytes",
+                self.config.bootstrap,
+                self._spool.pending_bytes(self._committed),
+            )
+        room = self.config.max_pending_events - len(self._inflight)
+        if room > 0:
+            records, self._read_pos = self._spool.read(self._read_pos, min(room, 1000))
+            for record in records:
+                if record.end in self._acked_ahead:
+                    self._inflight.append(_Pending(record.key, record.value, record.end))
+                    self._inflight[-1].state = 1
+                    continue
+                try:
+                    self._send(_Pending(record.key, record.value, record.end))
+                except Exception as exc:
+                    self._inflight[-1].state = 2
+                    log.debug("delivery: replay send failed: %s", exc)
+                    break
+        with self._cond:
+            self._advance_commit()
+            why = self._trouble()
+            if why is None and not self._inflight and self._spool.is_drained(self._read_pos):
+                if self._spool.reset_if_drained(self._read_pos):
+                    self._mode = LIVE
+                    self._read_pos = self._committed = self._spool.start
+                    self._acked_ahead.clear()
+                    log.warning(
+                        "delivery: spool drained (%d events replayed): delivering live again",
+                        self._counts["events_replayed"] - self._replay_started,
+                    )
+                return
+            if why is None:
+                if (self._inflight and room <= 0) or self._spool.is_drained(self._read_pos):
+                    self._cond.wait(0.05)
+                return
+        self._to_spool_mode(why)
+
+    def _finish(self) -> None:
+        """Grace period over (or nothing left to do): spool what Kafka has not acknowledged, then stop."""
+        producer, self._producer = self._producer, None
+        with self._cond:
+            idle = self._mode == LIVE and not self._inbox and not self._inflight
+        if producer is not None:
+            if idle:
+                try:
+                    producer.close(timeout=1.0)
+                except Exception:
+                    abort_producer(producer)
+            else:
+                abort_producer(producer)
+        with self._cond:
+            if self._mode == LIVE:
+                left = [p for p in self._inflight if p.state != 1]
+                self._counts["events_delivered"] += len(self._inflight) - len(left)
+                for pending in left:
+                    pending.spooled = True
+                    self._append_to_spool(pending.key, pending.value)
+            else:
+                self._rewind()
+                self._spool.commit(self._committed)
+            self._inflight.clear()
+            while self._inbox:
+                self._append_to_spool(*self._inbox.popleft())
+            self._mode = CLOSED
+            self._spool.close()
+        counts = self.counters()
+        if counts["spool_bytes_pending"]:
+            log.warning(
+                "delivery: stopped with %d bytes spooled in %s; the next start delivers them",
+                counts["spool_bytes_pending"],
+                self.config.spool_dir,
+            )
+        log.info("delivery: stopped: %s", counts)

@@ -1,0 +1,209 @@
+"""Cloudflare AI Gateway compatible request headers (`cf-aig-*`): pure parsing and validation.
+
+Malformed values are the client's mistake and are answered with 400 and a message naming the header, so
+a typo never silently drops metadata or the client's correlation id.
+"""
+
+from __future__ import annotations
+
+import hmac
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import orjson
+
+from cohere_gateway.events import MAX_METADATA_ENTRIES, api_key_fingerprint
+
+from .routing import RouteError, check_id
+
+CF_PREFIX = "cf-aig-"
+MAX_METADATA_KEY = 64
+MAX_METADATA_VALUE = 256
+_EVENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$")
+
+# Headers whose values are credentials: never logged, never stored, never published.
+SECRET_HEADERS = frozenset(
+    {
+        "authorization",
+        "cookie",
+        "set-cookie",
+        "x-api-key",
+        "api-key",
+        "proxy-authorization",
+        "cf-aig-authorization",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class CustomCost:
+    per_token_in: float | None = None
+    per_token_out: float | None = None
+    total_cost: float | None = None
+
+
+@dataclass(slots=True)
+class RequestOptions:
+    metadata: dict[str, str] = field(default_factory=dict)
+    collect_log: bool = True
+    collect_payload: bool = True
+    custom_cost: CustomCost | None = None
+    client_event_id: str | None = None
+    account_id: str | None = None  # cf-aig-account-id (transparent mode)
+    gateway_id: str | None = None  # cf-aig-gateway-id (transparent mode)
+    authorization: str | None = None  # cf-aig-authorization, checked then dropped
+
+
+def _bad(header: str, why: str) -> RouteError:
+    return RouteError(400, f"invalid {header} header: {why}")
+
+
+def parse_bool(header: str, value: str) -> bool:
+    v = value.strip().lower()
+    if v in ("true", "1"):
+        return True
+    if v in ("false", "0"):
+        return False
+    raise _bad(header, "expected true or false")
+
+
+def _metadata_value(header: str, key: str, value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise _bad(header, f"value of {key!r} is not a finite number")
+        return repr(value)
+    if isinstance(value, str):
+        if len(value) > MAX_METADATA_VALUE:
+            raise _bad(header, f"value of {key!r} is longer than {MAX_METADATA_VALUE} characters")
+        return value
+    raise _bad(header, f"value of {key!r} must be a string, number or boolean")
+
+
+def parse_metadata(value: str) -> dict[str, str]:
+    header = "cf-aig-metadata"
+    try:
+        obj = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        raise _bad(header, 'expected a JSON object like {"user": "alice", "team": 7}') from None
+    if not isinstance(obj, dict):
+        raise _bad(header, "expected a JSON object")
+    if len(obj) > MAX_METADATA_ENTRIES:
+        raise _bad(header, f"{len(obj)} entries, at most {MAX_METADATA_ENTRIES}")
+    out: dict[str, str] = {}
+    for key, v in obj.items():
+        if not key or len(key) > MAX_METADATA_KEY:
+            raise _bad(header, f"keys must be 1-{MAX_METADATA_KEY} characters")
+        if key.startswith("cf."):
+            raise _bad(header, f"key {key!r}: keys starting with 'cf.' are reserved")
+        out[key] = _metadata_value(header, key, v)
+    return out
+
+
+def _non_negative(header: str, obj: dict, name: str) -> float | None:
+    v = obj.get(name)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
+        raise _bad(header, f"{name} must be a non-negative number")
+    return float(v)
+
+
+def parse_custom_cost(value: str) -> CustomCost:
+    header = "cf-aig-custom-cost"
+    try:
+        obj = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        obj = None
+    if not isinstance(obj, dict):
+        raise _bad(header, 'expected {"per_token_in": N, "per_token_out": N} or {"total_cost": N}')
+    unknown = set(obj) - {"per_token_in", "per_token_out", "total_cost"}
+    if unknown:
+        raise _bad(header, f"unknown field(s) {sorted(unknown)}")
+    cost = CustomCost(
+        _non_negative(header, obj, "per_token_in"),
+        _non_negative(header, obj, "per_token_out"),
+        _non_negative(header, obj, "total_cost"),
+    )
+    if cost.total_cost is None and cost.per_token_in is None and cost.per_token_out is None:
+        raise _bad(header, "give per_token_in/per_token_out or total_cost")
+    if cost.total_cost is not None and (cost.per_token_in is not None or cost.per_token_out is not None):
+        raise _bad(header, "give either per-token prices or total_cost, not both")
+    return cost
+
+
+def parse_request_options(items: Iterable[tuple[str, str]]) -> RequestOptions:
+    """Read every `cf-aig-*` header of a request. Unknown `cf-aig-*` headers (cache, retries) are ignored
+    here and, like all of them, not forwarded upstream."""
+    opts = RequestOptions()
+    for name, value in items:
+        lname = name.lower()
+        if not lname.startswith(CF_PREFIX):
+            continue
+        key = lname[len(CF_PREFIX) :]
+        if key == "metadata":
+            opts.metadata = parse_metadata(value)
+        elif key == "collect-log":
+            opts.collect_log = parse_bool(lname, value)
+        elif key == "collect-log-payload":
+            opts.collect_payload = parse_bool(lname, value)
+        elif key == "custom-cost":
+            opts.custom_cost = parse_custom_cost(value)
+        elif key == "event-id":
+            if not _EVENT_ID.match(value):
+                raise _bad(lname, "1-128 characters of A-Z a-z 0-9 . _ : -")
+            opts.client_event_id = value
+        elif key == "account-id":
+            opts.account_id = check_id("cf-aig-account-id", value)
+        elif key == "gateway-id":
+            opts.gateway_id = check_id("cf-aig-gateway-id", value)
+        elif key == "authorization":
+            opts.authorization = value
+    return opts
+
+
+# Headers a request may carry once: two differing copies are ambiguous (request smuggling, a body parsed
+# one way by the gateway and another upstream), so they are refused rather than forwarded.
+SINGLETON_HEADERS = frozenset(
+    {"host", "content-length", "content-type", "authorization", "transfer-encoding"}
+)
+
+
+def check_singletons(names: Iterable[str]) -> None:
+    seen: set[str] = set()
+    for name in names:
+        lname = name.lower()
+        if lname in SINGLETON_HEADERS:
+            if lname in seen:
+                raise RouteError(400, f"duplicate {lname} header: send it once")
+            seen.add(lname)
+
+
+def check_gateway_token(presented: str | None, token: str) -> None:
+    """Authenticated gateway: `cf-aig-authorization: Bearer <token>` must match (constant-time compare)."""
+    if not token:
+        return
+    scheme, _, value = (presented or "").strip().partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+        raise RouteError(
+            401, "this gateway requires the header 'cf-aig-authorization: Bearer <gateway token>'"
+        )
+
+
+def api_key_of(authorization: str | None, x_api_key: str | None = None) -> str | None:
+    """The Cohere key from `Authorization: Bearer <key>` (SDK) or `Token <key>` (Cloudflare's curl)."""
+    if authorization:
+        scheme, _, value = authorization.strip().partition(" ")
+        key = value.strip() if scheme.lower() in ("bearer", "token") else authorization.strip()
+        return key or None
+    return x_api_key or None
+
+
+def key_fingerprint(authorization: str | None, x_api_key: str | None = None) -> str | None:
+    key = api_key_of(authorization, x_api_key)
+    return api_key_fingerprint(key) if key else None

@@ -1,0 +1,173 @@
+"""Watching a streamed response go by: incremental NDJSON/SSE framing and per-API event handling.
+
+The proxy hands each upstream chunk to `StreamWatcher.feed` and passes the same bytes on untouched, so
+the client sees chunks as they arrive. Chunks may split lines anywhere; a partial line is kept until its
+end arrives. Only the few events that carry something we record are parsed (substring checks first),
+because streams are the hot path.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import orjson
+
+from .usage import Extracted, _dict, _str, extract_json, usage_from_cohere, usage_from_compat
+
+MAX_PENDING_LINE = 4 * 1024 * 1024  # a line longer than this is not a well-formed event; stop buffering it
+
+STREAM_CONTENT_TYPES = ("text/event-stream", "application/stream+json", "application/x-ndjson")
+
+
+def is_stream_response(content_type: str, request_stream: bool) -> bool:
+    ct = content_type.lower()
+    return any(t in ct for t in STREAM_CONTENT_TYPES) or (request_stream and "json" not in ct and ct != "")
+
+
+class LineFramer:
+    """Splits a byte stream into lines (LF or CRLF) across chunk boundaries."""
+
+    __slots__ = ("_pending",)
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        data = self._pending + chunk if self._pending else chunk
+        lines = data.split(b"\n")
+        self._pending = lines.pop()
+        if len(self._pending) > MAX_PENDING_LINE:
+            self._pending = b""
+        return lines
+
+    def flush(self) -> list[bytes]:
+        rest, self._pending = self._pending, b""
+        return [rest] if rest.strip() else []
+
+
+class StreamWatcher:
+    """Extracts usage, finish reason, ids and the time of the first generated token from a stream.
+
+    `fmt` is "sse" or "ndjson" (decided from the response Content-Type, since v1 chat answers either).
+    """
+
+    def __init__(
+        self, api_version: str, endpoint: str, fmt: str, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.api_version = api_version
+        self.endpoint = endpoint
+        self.sse = fmt == "sse"
+        self.clock = clock
+        self.framer = LineFramer()
+        self.extracted = Extracted()
+        self.first_token_at: float | None = None
+        self.ended = False  # saw the stream's end event
+        self.bytes_seen = 0
+        self._data: list[bytes] = []  # SSE data lines of the event being read
+        if api_version == "compat":
+            self._handle = self._compat
+        elif api_version == "v2":
+            self._handle = self._v2
+        else:
+            self._handle = self._v1
+
+    def feed(self, chunk: bytes) -> None:
+        self.bytes_seen += len(chunk)
+        for line in self.framer.feed(chunk):
+            self._line(line)
+
+    def finish(self) -> None:
+        for line in self.framer.flush():
+            self._line(line)
+        if self.sse and self._data:
+            self._dispatch(b"\n".join(self._data))
+            self._data = []
+
+    def _line(self, line: bytes) -> None:
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if not self.sse:
+            if line:
+                self._dispatch(line)
+            return
+        if not line:
+            if self._data:
+                data, self._data = b"\n".join(self._data), []
+                self._dispatch(data)
+        elif line.startswith(b"data:"):
+            self._data.append(line[6:] if line[5:6] == b" " else line[5:])
+        # "event:", "id:", "retry:" and ":" comments: the event name repeats data.type, nothing to keep
+
+    def _dispatch(self, data: bytes) -> None:
+        if self.first_token_at is None and self.api_version != "compat" and self._is_token(data):
+            self.first_token_at = self.clock()
+            return  # a token event carries nothing else we record
+        if not self._wanted(data):
+            return
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return  # the SDK skips lines that do not parse; so do we
+        if isinstance(obj, dict):
+            self._handle(obj)
+
+    def _is_token(self, data: bytes) -> bool:
+        if self.api_version == "v2":
+            return b"content-delta" in data
+        return b"text-generation" in data
+
+    def _wanted(self, data: bytes) -> bool:
+        if self.api_version == "compat":
+            return data != b"[DONE]"
+        if self.api_version == "v2":
+            return b"message-end" in data or b"message-start" in data
+        return b"stream-end" in data or b"stream-start" in data or b"stream-error" in data
+
+    def _v1(self, obj: dict) -> None:
+        kind = obj.get("event_type")
+        ex = self.extracted
+        if kind == "stream-start":
+            ex.generation_id = _str(obj.get("generation_id")) or ex.generation_id
+        elif kind == "stream-end":
+            self.ended = True
+            response = _dict(obj.get("response"))
+            whole = extract_json(self.api_version, self.endpoint, response)
+            whole.finish_reason = _str(obj.get("finish_reason")) or whole.finish_reason
+            whole.generation_id = whole.generation_id or ex.generation_id
+            self.extracted = whole
+        elif kind == "stream-error":
+            self.ended = True
+            ex.finish_reason = _str(obj.get("finish_reason")) or "ERROR"
+            ex.error_message = _str(obj.get("err"))
+
+    def _v2(self, obj: dict) -> None:
+        kind = obj.get("type")
+        ex = self.extracted
+        if kind == "message-start":
+            ex.response_id = _str(obj.get("id")) or ex.response_id
+        elif kind == "message-end":
+            self.ended = True
+            delta = _dict(obj.get("delta"))
+            ex.finish_reason = _str(delta.get("finish_reason"))
+            ex.usage = usage_from_cohere(delta.get("usage"))
+            err = delta.get("error")
+            if isinstance(err, str) and err:
+                ex.error_message = err
+
+    def _compat(self, obj: dict) -> None:
+        ex = self.extracted
+        ex.response_id = ex.response_id or _str(obj.get("id"))
+        ex.model = ex.model or _str(obj.get("model"))
+        choices = obj.get("choices")
+        if isinstance(choices, list) and choices:
+            choice = _dict(choices[0])
+            if self.first_token_at is None and _dict(choice.get("delta")).get("content"):
+                self.first_token_at = self.clock()
+            finish = _str(choice.get("finish_reason"))
+            if finish:
+                ex.finish_reason = finish
+                self.ended = True
+        if isinstance(obj.get("usage"), dict):
+            ex.usage = usage_from_compat(obj["usage"])
+            self.ended = True
