@@ -90,6 +90,23 @@ def json_response(status: int, body: dict, headers: dict[str, str] | None = None
     )
 
 
+def json_error_page(status_code: int, message: str = "") -> bytes:
+    """What mitmproxy sends for errors it answers itself (upstream unreachable, malformed request line):
+    JSON `{"message"}` like the gateway's own errors, so the SDKs raise their typed errors, not ApiError
+    on an HTML page."""
+    from mitmproxy.net.http import http1
+
+    text = message or http.status_codes.RESPONSES.get(status_code, "error")
+    if status_code == 502:
+        text = f"the gateway could not reach the upstream: {text}"
+    resp = http.Response.make(
+        status_code,
+        orjson.dumps({"message": text}),
+        {"content-type": "application/json", "connection": "close"},
+    )
+    return http1.assemble_response(resp)
+
+
 def _ms(seconds: float) -> str:
     return f"{max(0.0, seconds) * 1000:.3f}"
 
@@ -108,6 +125,11 @@ class Gateway:
     def load(self, loader) -> None:  # loader: mitmproxy.addonmanager.Loader
         for name, kind, help_text in OPTIONS:
             loader.add_option(name, kind, _opt_default(name), help_text)
+        # mitmproxy has no hook for the error pages it writes itself; its HTTP/1 layer looks this name up
+        # at call time, so replacing it makes every error this process sends JSON.
+        from mitmproxy.proxy.layers.http import _http1
+
+        _http1.make_error_response = json_error_page
 
     def configure(self, updated: set[str]) -> None:
         opts = ctx.options

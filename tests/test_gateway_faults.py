@@ -136,6 +136,7 @@ def test_unreachable_upstream_and_unreachable_kafka(kafka_bootstrap: str, gatewa
             gw.base() + "/cohere/v1/chat", json={"message": "x"}, headers=headers(cid), timeout=30
         )
         assert resp.status_code == 502
+        assert "could not reach the upstream" in resp.json()["message"]  # JSON, not mitmproxy's HTML page
         event = reader.wait_until(lambda e: e.client_event_id == cid)[0]
         assert (event.status_code, event.outcome, event.error_type) == (
             0,
