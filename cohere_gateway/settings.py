@@ -62,7 +62,9 @@ class ConsumerSettings:
 
     kafka_bootstrap: str = setting("127.0.0.1:9092", "Kafka bootstrap servers, HOST:PORT[,HOST:PORT].")
     topic: str = setting(DEFAULT_TOPIC, "Topic the gateway writes events to.")
-    group_id: str = setting("cohere-gateway-consumer", "Kafka consumer group; run several to share partitions.")
+    group_id: str = setting(
+        "cohere-gateway-consumer", "Kafka consumer group; run several to share partitions."
+    )
     dlq_topic: str = setting(
         "", "Dead-letter topic for messages that are not valid events. Empty: <topic>.dlq."
     )
@@ -71,9 +73,13 @@ class ConsumerSettings:
         "ClickHouse server URL, e.g. https://user:pass@host:8443/db (http: plain, https: TLS). "
         "Empty: the embedded engine under --data-dir.",
     )
-    data_dir: Path = setting(DEFAULT_DATA_DIR, "Directory of the embedded engine (used when no --clickhouse).")
+    data_dir: Path = setting(
+        DEFAULT_DATA_DIR, "Directory of the embedded engine (used when no --clickhouse)."
+    )
     batch_size: int = setting(5000, "Insert when this many events are buffered.")
-    batch_wait_ms: int = setting(1000, "Insert buffered events at the latest this long after the first arrived.")
+    batch_wait_ms: int = setting(
+        1000, "Insert buffered events at the latest this long after the first arrived."
+    )
     retention_days: int = setting(90, "Raw events older than this many days are dropped (TTL).")
     aggregate_retention_days: int = setting(400, "Per-minute aggregates older than this are dropped (TTL).")
     http_host: str = setting("127.0.0.1", "Interface of the read API (/readyz, /metrics, /api/...).")

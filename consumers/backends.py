@@ -1,0 +1,258 @@
+"""Two ways to reach ClickHouse behind one small interface, so migrations, inserts and queries are
+written once: a server through clickhouse-connect (HTTP/HTTPS), or the embedded engine (chdb) in a
+data directory. Both take the same SQL, with server-side `{name:Type}` parameters.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import orjson
+
+# Settings every batch insert carries. The token makes a re-insert of the same batch a no-op, in the
+# table and in the materialized views fed by it (docs/storage.md).
+DEDUP_SETTINGS = {"deduplicate_blocks_in_dependent_materialized_views": 1}
+
+FAULT_FILE_ENV = "COHERE_GATEWAY_TEST_CLICKHOUSE_DOWN_FILE"
+
+
+class BackendUnavailable(RuntimeError):
+    """ClickHouse could not be reached or refused the operation; the caller retries later."""
+
+
+class DataDirBusy(BackendUnavailable):
+    """Another process has the embedded engine's data directory open (chdb allows one)."""
+
+
+class Backend(Protocol):
+    description: str
+
+    def command(self, sql: str, params: dict[str, Any] | None = None) -> None: ...
+
+    def query(self, sql: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]: ...
+
+    def insert_json_rows(self, table: str, rows: bytes, dedup_token: str | None = None) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _parse_rows(data: bytes) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in data.splitlines() if line]
+
+
+def insert_settings(dedup_token: str | None) -> dict[str, Any]:
+    settings: dict[str, Any] = {"date_time_input_format": "best_effort"}
+    if dedup_token is not None:
+        settings |= DEDUP_SETTINGS | {"insert_deduplication_token": dedup_token}
+    return settings
+
+
+def _sql_literal(value: Any) -> str:
+    if isinstance(value, int | float):
+        return str(value)
+    escaped = str(value).replace("\\", "\\\\").replace("'", "\\'")
+    return f"'{escaped}'"
+
+
+def insert_statement(table: str, dedup_token: str | None) -> str:
+    """The INSERT head for the embedded engine, whose streaming insert takes settings in the SQL."""
+    settings = ", ".join(f"{k} = {_sql_literal(v)}" for k, v in insert_settings(dedup_token).items())
+    return f"INSERT INTO {table} SETTINGS {settings}"
+
+
+class ChdbBackend:
+    """The embedded engine. One connection per process, used from the consumer loop and the read
+    API's threads, so every call holds a lock (chdb connections are not safe to share concurrently)."""
+
+    def __init__(self, path: Path) -> None:
+        from chdb import connect
+
+        path.mkdir(parents=True, exist_ok=True)
+        self.description = f"chdb:{path}"
+        try:
+            self._conn = connect(str(path))
+        except RuntimeError as exc:
+            raise DataDirBusy(
+                f"cannot open ClickHouse data directory {path}: {exc}. Only one process may open it; "
+                "stop the process using it (usually `cohere-gateway consume`) or read through its API."
+            ) from None
+        self._lock = threading.Lock()
+
+    def command(self, sql: str, params: dict[str, Any] | None = None) -> None:
+        with self._lock:
+            self._run(lambda: self._conn.query(sql, "TabSeparated", params=params))
+
+    def query(self, sql: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        with self._lock:
+            result = self._run(lambda: self._conn.query(sql, "JSONEachRow", params=params))
+        return _parse_rows(result.bytes())
+
+    def insert_json_rows(self, table: str, rows: bytes, dedup_token: str | None = None) -> None:
+        with self._lock:
+
+            def insert() -> None:
+                with self._conn.send_insert(insert_statement(table, dedup_token), "JSONEachRow") as ins:
+                    ins.append(rows)
+                    ins.finish()
+
+            self._run(insert)
+
+    def _run(self, fn: Any) -> Any:
+        try:
+            return fn()
+        except RuntimeError as exc:  # ChdbError is a RuntimeError
+            raise BackendUnavailable(f"ClickHouse (embedded) error: {exc}") from None
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str
+    port: int
+    username: str
+    password: str
+    database: str
+    secure: bool
+    verify: bool = True
+
+    def __repr__(self) -> str:  # never print the password
+        scheme = "https" if self.secure else "http"
+        return f"ServerConfig({scheme}://{self.username}@{self.host}:{self.port}/{self.database})"
+
+
+def parse_clickhouse_url(url: str) -> ServerConfig:
+    """`http[s]://[user[:password]@]host[:port][/database][?verify=false]`. https means TLS; the port
+    defaults to ClickHouse's HTTP ports, 8123 (http) and 8443 (https)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https", "clickhouse", "clickhouses"):
+        raise ValueError(
+            f"ClickHouse URL must start with http:// or https://, got {parts.scheme or 'no scheme'!r} "
+            "(example: https://user:password@host:8443/database)"
+        )
+    if not parts.hostname:
+        raise ValueError("ClickHouse URL has no host (example: http://localhost:8123/default)")
+    secure = parts.scheme in ("https", "clickhouses")
+    query = parse_qs(parts.query)
+    verify = query.get("verify", ["true"])[0].lower() not in ("false", "0", "no")
+    return ServerConfig(
+        host=parts.hostname,
+        port=parts.port or (8443 if secure else 8123),
+        username=unquote(parts.username) if parts.username else "default",
+        password=unquote(parts.password) if parts.password else "",
+        database=parts.path.strip("/") or "default",
+        secure=secure,
+        verify=verify,
+    )
+
+
+def client_kwargs(cfg: ServerConfig) -> dict[str, Any]:
+    return {
+        "host": cfg.host,
+        "port": cfg.port,
+        "username": cfg.username,
+        "password": cfg.password,
+        "database": cfg.database,
+        "secure": cfg.secure,
+        "verify": cfg.verify,
+        "compress": False,
+    }
+
+
+class ServerBackend:
+    """A ClickHouse server over HTTP(S). `client` is injectable so the request building is testable
+    without a server; normally it is built from the URL."""
+
+    def __init__(self, cfg: ServerConfig, client: Any = None) -> None:
+        self.description = repr(cfg)
+        self._cfg = cfg
+        self._client = client
+        self._lock = threading.Lock()
+
+    def _get_client(self) -> Any:
+        if self._client is None:
+            import clickhouse_connect
+
+            try:
+                self._client = clickhouse_connect.get_client(**client_kwargs(self._cfg))
+            except Exception as exc:
+                raise BackendUnavailable(f"cannot reach ClickHouse at {self.description}: {exc}") from None
+        return self._client
+
+    def command(self, sql: str, params: dict[str, Any] | None = None) -> None:
+        self._run(lambda c: c.command(sql, parameters=params))
+
+    def query(self, sql: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        return _parse_rows(self._run(lambda c: c.raw_query(sql, parameters=params, fmt="JSONEachRow")))
+
+    def insert_json_rows(self, table: str, rows: bytes, dedup_token: str | None = None) -> None:
+        self._run(
+            lambda c: c.raw_insert(
+                table, insert_block=rows, settings=insert_settings(dedup_token), fmt="JSONEachRow"
+            )
+        )
+
+    def _run(self, fn: Any) -> Any:
+        with self._lock:
+            client = self._get_client()
+            try:
+                return fn(client)
+            except Exception as exc:
+                raise BackendUnavailable(f"ClickHouse at {self.description}: {exc}") from None
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+
+class FaultInjectingBackend:
+    """Test seam: while the file named by $COHERE_GATEWAY_TEST_CLICKHOUSE_DOWN_FILE exists, every
+    operation fails as if ClickHouse were down. The embedded engine cannot be made unreachable from
+    outside its process, so the fault tests use this; with a server, a stopped server does the same."""
+
+    def __init__(self, inner: Backend, flag: Path) -> None:
+        self._inner = inner
+        self._flag = flag
+        self.description = inner.description
+
+    def _check(self) -> None:
+        if self._flag.exists():
+            raise BackendUnavailable(f"ClickHouse unavailable (fault injected via {self._flag})")
+
+    def command(self, sql: str, params: dict[str, Any] | None = None) -> None:
+        self._check()
+        self._inner.command(sql, params)
+
+    def query(self, sql: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        self._check()
+        return self._inner.query(sql, params)
+
+    def insert_json_rows(self, table: str, rows: bytes, dedup_token: str | None = None) -> None:
+        self._check()
+        self._inner.insert_json_rows(table, rows, dedup_token)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+def chdb_path(data_dir: Path) -> Path:
+    return data_dir / "clickhouse"
+
+
+def open_backend(clickhouse_url: str, data_dir: Path) -> Backend:
+    """The server when a URL is given, else the embedded engine under <data_dir>/clickhouse."""
+    backend: Backend
+    if clickhouse_url:
+        backend = ServerBackend(parse_clickhouse_url(clickhouse_url))
+    else:
+        backend = ChdbBackend(chdb_path(data_dir))
+    if flag := os.environ.get(FAULT_FILE_ENV):
+        backend = FaultInjectingBackend(backend, Path(flag))
+    return backend

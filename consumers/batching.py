@@ -1,0 +1,155 @@
+"""Which buffered messages go into the next insert, per partition. Pure: no Kafka, no ClickHouse.
+
+A batch is one partition's contiguous offset range. Its deduplication token is derived from that range,
+so a re-insert of the same range after a crash is a no-op. For that the range must be cut the same way
+again: before inserting, the consumer records the range (the intent log, table `consumer_batches`);
+whoever consumes the partition next loads those intents and cuts exactly the recorded ranges.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol
+
+
+class Record(Protocol):
+    topic: str
+    partition: int
+    offset: int
+    timestamp: int
+    value: bytes | None
+
+
+class TopicPartition(NamedTuple):
+    topic: str
+    partition: int
+
+
+@dataclass(frozen=True)
+class Range:
+    """An offset range of one partition; `first_timestamp_ms` (the first record's Kafka timestamp) tells
+    a recorded range from the same offsets of a topic that was deleted and created again."""
+
+    topic: str
+    partition: int
+    first_offset: int
+    last_offset: int
+    first_timestamp_ms: int
+
+    @property
+    def dedup_token(self) -> str:
+        return (
+            f"{self.topic}:{self.partition}:{self.first_offset}-{self.last_offset}:{self.first_timestamp_ms}"
+        )
+
+    def as_row(self) -> dict[str, Any]:
+        return {
+            "topic": self.topic,
+            "partition": self.partition,
+            "first_offset": self.first_offset,
+            "last_offset": self.last_offset,
+            "first_timestamp_ms": self.first_timestamp_ms,
+        }
+
+
+@dataclass(frozen=True)
+class Batch:
+    range: Range
+    records: list[Any]
+    replay: bool  # cut along a recorded intent (a previous attempt may have inserted it already)
+
+
+class Planner:
+    def __init__(self) -> None:
+        self._buffers: dict[TopicPartition, list[Any]] = defaultdict(list)
+        self._intents: dict[TopicPartition, dict[int, Range]] = {}
+        self._recorded: set[tuple[str, int, int]] = set()  # intents known to be in the intent log
+        self._oldest: float | None = None  # monotonic time the oldest buffered record arrived
+
+    def add(self, tp: TopicPartition, records: list[Any], now: float) -> None:
+        if not records:
+            return
+        self._buffers[tp].extend(records)
+        if self._oldest is None:
+            self._oldest = now
+
+    def buffered(self, tp: TopicPartition | None = None) -> int:
+        if tp is not None:
+            return len(self._buffers.get(tp, ()))
+        return sum(len(b) for b in self._buffers.values())
+
+    def partitions(self) -> list[TopicPartition]:
+        return [tp for tp, buf in self._buffers.items() if buf]
+
+    def due(self, now: float, batch_size: int, wait_s: float) -> bool:
+        if self._oldest is None:
+            return False
+        return self.buffered() >= batch_size or now - self._oldest >= wait_s
+
+    def knows_intents(self, tp: TopicPartition) -> bool:
+        return tp in self._intents
+
+    def load_intents(self, tp: TopicPartition, ranges: list[Range]) -> None:
+        self._intents[tp] = {r.first_offset: r for r in ranges}
+        for rng in ranges:
+            self.mark_recorded(rng)
+
+    def is_recorded(self, rng: Range) -> bool:
+        return (rng.topic, rng.partition, rng.first_offset) in self._recorded
+
+    def mark_recorded(self, rng: Range) -> None:
+        self._recorded.add((rng.topic, rng.partition, rng.first_offset))
+
+    def first_offset(self, tp: TopicPartition) -> int | None:
+        buf = self._buffers.get(tp)
+        return buf[0].offset if buf else None
+
+    def remember(self, rng: Range) -> None:
+        self._intents.setdefault(TopicPartition(rng.topic, rng.partition), {})[rng.first_offset] = rng
+
+    def cut(self, tp: TopicPartition, position: int | None = None) -> Batch | None:
+        """The next batch of `tp`: a recorded intent starting at the first buffered offset if there is
+        one (None while its records are still arriving), else everything buffered."""
+        buf = self._buffers.get(tp)
+        if not buf:
+            return None
+        first = buf[0]
+        intent = self._intents.get(tp, {}).get(first.offset)
+        if intent is not None and intent.first_timestamp_ms == first.timestamp:
+            complete = buf[-1].offset >= intent.last_offset or (
+                position is not None and position > intent.last_offset
+            )
+            if not complete:
+                return None
+            records = [r for r in buf if r.offset <= intent.last_offset]
+            return Batch(intent, records, replay=True)
+        rng = Range(tp.topic, tp.partition, first.offset, buf[-1].offset, first.timestamp)
+        return Batch(rng, list(buf), replay=False)
+
+    def done(self, batch: Batch, now: float) -> None:
+        """The batch is inserted and committed: forget its records and the intents it settled."""
+        tp = TopicPartition(batch.range.topic, batch.range.partition)
+        last = batch.range.last_offset
+        self._buffers[tp] = [r for r in self._buffers[tp] if r.offset > last]
+        intents = self._intents.get(tp, {})
+        for first in [f for f in intents if f <= last]:
+            del intents[first]
+        self._recorded -= {
+            k for k in self._recorded if k[0] == tp.topic and k[1] == tp.partition and k[2] <= last
+        }
+        self._reset_clock(now)
+
+    def drop(self, tp: TopicPartition, now: float) -> int:
+        """Forget a partition this consumer no longer owns (its records stay uncommitted in Kafka)."""
+        dropped = len(self._buffers.pop(tp, []))
+        self._intents.pop(tp, None)
+        self._recorded -= {k for k in self._recorded if k[0] == tp.topic and k[1] == tp.partition}
+        self._reset_clock(now)
+        return dropped
+
+    def _reset_clock(self, now: float) -> None:
+        if not self.buffered():
+            self._oldest = None
+        elif self._oldest is None:
+            self._oldest = now

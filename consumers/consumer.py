@@ -1,0 +1,401 @@
+"""The consume loop: Kafka consumer group -> batched, deduplicated inserts -> offset commit.
+
+Delivery is at-least-once with no duplicates visible to queries:
+- offsets are committed only after the batch is in ClickHouse (and its dead letters are acknowledged);
+- each batch is one partition's offset range, inserted with a deduplication token derived from that range,
+  and the range is recorded before the insert (the intent log), so a restart re-cuts the same range and
+  the re-insert is a no-op for the raw table and its materialized views.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from cohere_gateway.settings import ConsumerSettings
+from consumers import schema
+from consumers.backends import Backend, BackendUnavailable
+from consumers.batching import Batch, Planner, Range
+from consumers.dead_letters import dead_letter
+from consumers.metrics import Metrics
+from consumers.rows import Rejected, convert
+
+log = logging.getLogger(__name__)
+
+# Test hook: the consumer kills itself with SIGKILL right after its Nth insert, before committing.
+CRASH_AFTER_INSERTS_ENV = "COHERE_GATEWAY_TEST_CRASH_AFTER_INSERTS"
+
+LOAD_INTENTS_SQL = """
+SELECT topic, partition, first_offset, last_offset, first_timestamp_ms
+FROM consumer_batches FINAL
+WHERE topic = {topic:String} AND partition = {partition:UInt32} AND first_offset >= {from_offset:UInt64}
+ORDER BY first_offset
+"""
+
+
+class Backoff:
+    def __init__(self, initial: float = 0.2, maximum: float = 10.0) -> None:
+        self.initial, self.maximum = initial, maximum
+        self.current = initial
+
+    def next(self) -> float:
+        delay = self.current
+        self.current = min(self.maximum, self.current * 2)
+        return delay
+
+    def reset(self) -> None:
+        self.current = self.initial
+
+
+def dlq_topic(cfg: ConsumerSettings) -> str:
+    return cfg.dlq_topic or f"{cfg.topic}.dlq"
+
+
+class Consumer:
+    def __init__(
+        self,
+        cfg: ConsumerSettings,
+        backend: Backend,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.cfg = cfg
+        self.backend = backend
+        self.metrics = metrics or Metrics()
+        self.clock = clock
+        self.planner = Planner()
+        self._kafka: Any = None
+        self._producer: Any = None
+        self._rewind: dict[Any, int] = {}
+        self._paused = False
+        self._retry_at = 0.0
+        self._backoff = Backoff()
+        self._inserts = 0
+        crash = os.environ.get(CRASH_AFTER_INSERTS_ENV)
+        self._crash_after = int(crash) if crash else None
+
+    # -- start-up -------------------------------------------------------------------------------------
+
+    def prepare_storage(self, stop: threading.Event) -> bool:
+        """Apply migrations and retention, retrying with backoff while ClickHouse is unavailable."""
+        backoff = Backoff(maximum=30.0)
+        while not stop.is_set():
+            try:
+                schema.migrate(self.backend)
+                schema.apply_retention(
+                    self.backend, self.cfg.retention_days, self.cfg.aggregate_retention_days
+                )
+                self.metrics.storage_ready = True
+                return True
+            except BackendUnavailable as exc:
+                self._note_error(f"storage not ready: {exc}")
+                stop.wait(backoff.next())
+        return False
+
+    def _connect_kafka(self, stop: threading.Event) -> Any:
+        from kafka import KafkaConsumer
+        from kafka.errors import KafkaError
+
+        backoff = Backoff(maximum=10.0)
+        while not stop.is_set():
+            try:
+                consumer = KafkaConsumer(
+                    bootstrap_servers=self.cfg.kafka_bootstrap.split(","),
+                    group_id=self.cfg.group_id,
+                    client_id=f"cohere-gateway-consumer-{os.getpid()}",
+                    enable_auto_commit=False,
+                    auto_offset_reset="earliest",
+                    max_poll_records=max(1, min(self.cfg.batch_size, 10_000)),
+                )
+                consumer.subscribe([self.cfg.topic], listener=_rebalance_listener(self))
+                self.metrics.kafka_ready = True
+                return consumer
+            except KafkaError as exc:
+                self._note_error(f"Kafka at {self.cfg.kafka_bootstrap} not reachable: {exc}; retrying")
+                stop.wait(backoff.next())
+        return None
+
+    def _dlq_producer(self) -> Any:
+        if self._producer is None:
+            from kafka import KafkaProducer
+
+            self._ensure_dlq_topic()
+            self._producer = KafkaProducer(
+                bootstrap_servers=self.cfg.kafka_bootstrap.split(","), acks="all", linger_ms=5
+            )
+        return self._producer
+
+    def _ensure_dlq_topic(self) -> None:
+        """Create the dead-letter topic if missing (kafka-python's producer does not auto-create)."""
+        from kafka import KafkaAdminClient
+        from kafka.admin import NewTopic
+        from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+        admin = KafkaAdminClient(bootstrap_servers=self.cfg.kafka_bootstrap.split(","))
+        try:
+            admin.create_topics([NewTopic(dlq_topic(self.cfg), num_partitions=1, replication_factor=-1)])
+            log.info("created dead-letter topic %s", dlq_topic(self.cfg))
+        except TopicAlreadyExistsError:
+            pass
+        except KafkaError as exc:  # e.g. not authorised: the broker may still auto-create it
+            log.warning("could not create dead-letter topic %s: %s", dlq_topic(self.cfg), exc)
+        finally:
+            admin.close()
+
+    # -- the loop -------------------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        from kafka.errors import KafkaError
+
+        if not self.prepare_storage(stop):
+            return
+        self._kafka = self._connect_kafka(stop)
+        if self._kafka is None:
+            return
+        wait_s = self.cfg.batch_wait_ms / 1000
+        poll_ms = max(10, min(200, self.cfg.batch_wait_ms))
+        last_lag = 0.0
+        log.info(
+            "consuming %s as group %s into %s", self.cfg.topic, self.cfg.group_id, self.backend.description
+        )
+        try:
+            while not stop.is_set():
+                try:
+                    polled = self._kafka.poll(timeout_ms=poll_ms, max_records=self.cfg.batch_size)
+                    self.metrics.kafka_ready = True
+                except KafkaError as exc:
+                    self.metrics.kafka_ready = False
+                    self._note_error(f"Kafka poll failed: {exc}; retrying")
+                    stop.wait(self._backoff.next())
+                    continue
+                now = self.clock()
+                for tp, records in polled.items():
+                    self.planner.add(tp, records, now)
+                self.metrics.buffered = self.planner.buffered()
+                if now - last_lag >= 1.0:
+                    self._update_lag()
+                    last_lag = now
+                if self._paused:
+                    if now >= self._retry_at:
+                        self._try_flush()
+                elif self.planner.due(now, self.cfg.batch_size, wait_s):
+                    self._try_flush()
+            # SIGTERM: write and commit the batch in hand; if storage is down it stays uncommitted.
+            if not self._paused or self.clock() >= self._retry_at:
+                self._try_flush()
+        finally:
+            self._close()
+
+    def _try_flush(self) -> bool:
+        from kafka.errors import CommitFailedError, KafkaError
+
+        try:
+            self.flush()
+        except BackendUnavailable as exc:
+            self.metrics.insert_failures += 1
+            self.metrics.storage_ready = False
+            self._pause(f"ClickHouse unavailable, nothing committed: {exc}")
+            return False
+        except CommitFailedError as exc:
+            # The group rebalanced under us; whoever owns the partitions now re-reads from the last
+            # commit and re-cuts the same ranges from the intent log, so dropping is safe.
+            self.metrics.commit_failures += 1
+            self._note_error(f"commit rejected after a rebalance, dropping uncommitted batches: {exc}")
+            self._drop_all()
+            return False
+        except KafkaError as exc:
+            self.metrics.commit_failures += 1
+            self.metrics.kafka_ready = False
+            self._pause(f"Kafka unavailable while committing or writing dead letters: {exc}")
+            return False
+        if self._paused:
+            log.info("storage and Kafka answer again; resuming")
+            self._kafka.resume(*self._kafka.assignment())
+            self._paused = False
+        self._backoff.reset()
+        self.metrics.storage_ready = True
+        self.metrics.kafka_ready = True
+        return True
+
+    def _pause(self, reason: str) -> None:
+        self._note_error(reason)
+        if self._kafka is not None:
+            self._kafka.pause(*self._kafka.assignment())
+        self._paused = True
+        self._retry_at = self.clock() + self._backoff.next()
+
+    def _drop_all(self) -> None:
+        now = self.clock()
+        for tp in self.planner.partitions():
+            first = self._first_buffered_offset(tp)
+            self.planner.drop(tp, now)
+            if first is not None and tp in self._kafka.assignment():
+                self._kafka.seek(tp, first)
+
+    def _first_buffered_offset(self, tp: Any) -> int | None:
+        return self.planner.first_offset(tp)
+
+    # -- one flush ------------------------------------------------------------------------------------
+
+    def flush(self, only: list[Any] | None = None) -> None:
+        """Insert every buffered partition's next batch, then commit them. Raises on failure, having
+        committed nothing that was not written."""
+        from kafka.structs import OffsetAndMetadata, TopicPartition
+
+        batches: list[Batch] = []
+        for tp in only if only is not None else self.planner.partitions():
+            if not self.planner.knows_intents(tp):
+                self.planner.load_intents(tp, self._load_intents(tp))
+            batch = self.planner.cut(tp)
+            if batch is None and self.planner.buffered(tp):
+                batch = self.planner.cut(tp, position=self._kafka.position(tp))
+            if batch is not None:
+                batches.append(batch)
+        if not batches:
+            return
+
+        unrecorded = [b.range for b in batches if not self.planner.is_recorded(b.range)]
+        for rng in unrecorded:
+            self.planner.remember(rng)  # a retry must cut this range again, written or not
+        if unrecorded:
+            self.backend.insert_json_rows(
+                "consumer_batches", b"".join(orjson.dumps(r.as_row()) + b"\n" for r in unrecorded)
+            )
+            for rng in unrecorded:
+                self.planner.mark_recorded(rng)
+
+        pending_dlq = []
+        for batch in batches:
+            lines = []
+            for record in batch.records:
+                out = convert(record.value, record.partition, record.offset)
+                if isinstance(out, Rejected):
+                    pending_dlq.append(self._send_dead_letter(record, out.reason))
+                else:
+                    lines.append(out)
+            if lines:
+                started = time.perf_counter()
+                self.backend.insert_json_rows("events", b"".join(lines), batch.range.dedup_token)
+                self.metrics.record_insert(len(lines), time.perf_counter() - started)
+        if pending_dlq:
+            self._dlq_producer().flush(timeout=30)
+            for future in pending_dlq:
+                future.get(timeout=0)  # raises the send's KafkaError: then we must not commit
+            self.metrics.dead_letters += len(pending_dlq)
+
+        self._inserts += 1
+        if self._crash_after is not None and self._inserts >= self._crash_after:
+            log.warning("test hook %s: killing myself between insert and commit", CRASH_AFTER_INSERTS_ENV)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        self._kafka.commit(
+            {
+                TopicPartition(b.range.topic, b.range.partition): OffsetAndMetadata(
+                    b.range.last_offset + 1, "", -1
+                )
+                for b in batches
+            }
+        )
+        self.metrics.commits += 1
+        now = self.clock()
+        for batch in batches:
+            self.planner.done(batch, now)
+        self.metrics.buffered = self.planner.buffered()
+
+    def _send_dead_letter(self, record: Any, reason: str) -> Any:
+        log.warning("dead letter %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason[:300])
+        value, headers = dead_letter(record, reason)
+        return self._dlq_producer().send(dlq_topic(self.cfg), value=value, key=record.key, headers=headers)
+
+    def _load_intents(self, tp: Any) -> list[Range]:
+        from_offset = self._first_buffered_offset(tp) or 0
+        rows = self.backend.query(
+            LOAD_INTENTS_SQL, {"topic": tp.topic, "partition": tp.partition, "from_offset": from_offset}
+        )
+        return [
+            Range(
+                r["topic"],
+                int(r["partition"]),
+                int(r["first_offset"]),
+                int(r["last_offset"]),
+                int(r["first_timestamp_ms"]),
+            )
+            for r in rows
+        ]
+
+    # -- rebalance ------------------------------------------------------------------------------------
+
+    def on_revoked(self, revoked: list[Any]) -> None:
+        """Write and commit what we hold for partitions we are losing; if we can't, forget it (it is
+        uncommitted, so the next owner reads it again)."""
+        mine = [tp for tp in revoked if self.planner.buffered(tp)]
+        if mine and not self._paused:
+            try:
+                self.flush(only=mine)
+            except Exception as exc:
+                self._note_error(f"could not flush revoked partitions {mine}: {exc}")
+        now = self.clock()
+        for tp in revoked:
+            first = self._first_buffered_offset(tp)
+            if first is not None:
+                self._rewind[tp] = first
+            self.planner.drop(tp, now)
+        self.metrics.partitions = []
+
+    def on_assigned(self, assigned: list[Any]) -> None:
+        # Positions of partitions we keep survive a rebalance; rewind those whose records we dropped.
+        for tp in assigned:
+            if tp in self._rewind:
+                self._kafka.seek(tp, self._rewind.pop(tp))
+            if self._paused:
+                self._kafka.pause(tp)
+        self._rewind.clear()
+        self.metrics.partitions = sorted(tp.partition for tp in self._kafka.assignment())
+        log.info("assigned partitions %s", sorted(tp.partition for tp in assigned))
+
+    # -- housekeeping ---------------------------------------------------------------------------------
+
+    def _update_lag(self) -> None:
+        lag = {}
+        for tp in self._kafka.assignment():
+            high = self._kafka.highwater(tp)
+            if high is None:
+                continue
+            try:
+                position = self._kafka.position(tp, timeout_ms=100)
+            except Exception:
+                continue
+            if position is not None:
+                lag[(tp.topic, tp.partition)] = max(0, high - position) + self.planner.buffered(tp)
+        with self.metrics.lock:
+            self.metrics.lag = lag
+
+    def _note_error(self, message: str) -> None:
+        log.warning("%s", message)
+        self.metrics.last_error = message
+
+    def _close(self) -> None:
+        if self._producer is not None:
+            self._producer.close(timeout=5)
+        if self._kafka is not None:
+            self._kafka.close(autocommit=False)
+
+
+def _rebalance_listener(consumer: Consumer) -> Any:
+    from kafka import ConsumerRebalanceListener
+
+    class Rebalance(ConsumerRebalanceListener):
+        def on_partitions_revoked(self, revoked: Any) -> None:
+            consumer.on_revoked(list(revoked))
+
+        def on_partitions_assigned(self, assigned: Any) -> None:
+            consumer.on_assigned(list(assigned))
+
+    return Rebalance()

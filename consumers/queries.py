@@ -1,0 +1,194 @@
+"""The read side, shared by `report`, the read API and the dashboards. SQL lives in consumers/query_sql/;
+this module validates parameters, fills in defaults and shapes results. It knows nothing of HTTP."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from functools import cache
+from importlib import resources
+from typing import Any
+
+from consumers.backends import Backend
+from consumers.rows import format_time
+
+GROUP_FIELDS = ("account_id", "gateway_id", "model", "endpoint", "outcome", "none")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+QUANTILES = ("p50", "p95", "p99")
+
+
+class QueryError(ValueError):
+    """A bad query parameter; the message says which and what is accepted."""
+
+
+def parse_duration(text: str) -> timedelta:
+    """'30m', '1h', '7d', '90s', '2w'."""
+    m = _DURATION.match(text)
+    if not m:
+        raise QueryError(
+            f"duration {text!r} not understood: use a number and a unit s/m/h/d/w, e.g. 30m, 1h, 7d"
+        )
+    return timedelta(seconds=float(m.group(1)) * _UNIT_SECONDS[m.group(2)])
+
+
+@cache
+def sql(name: str) -> str:
+    return resources.files("consumers.query_sql").joinpath(f"{name}.sql").read_text()
+
+
+@dataclass(frozen=True)
+class Window:
+    since: datetime
+    until: datetime
+    account_id: str = ""
+    gateway_id: str = ""
+
+    @classmethod
+    def last(cls, duration: str, now: datetime | None = None, **scope: str) -> Window:
+        until = now or datetime.now(UTC)
+        return cls(since=until - parse_duration(duration), until=until, **scope)
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "since": format_time(self.since),
+            # Aggregates are per minute; `until` is exclusive, so round it up to include the current minute.
+            "until": format_time(self.until + timedelta(minutes=1)),
+            "account_id": self.account_id,
+            "gateway_id": self.gateway_id,
+        }
+
+
+def _check_by(by: str) -> str:
+    if by not in GROUP_FIELDS:
+        raise QueryError(f"cannot group by {by!r}: use one of {', '.join(GROUP_FIELDS)}")
+    return by
+
+
+def _spread_quantiles(row: dict[str, Any], column: str) -> dict[str, Any]:
+    values = row.pop(column, None) or []
+    for name, value in zip(QUANTILES, values, strict=False):
+        row[f"{column}_{name}"] = None if value != value else value  # NaN (no data) -> None
+    return row
+
+
+def _ints(row: dict[str, Any], *names: str) -> dict[str, Any]:
+    # JSONEachRow quotes 64-bit integers; make them numbers again.
+    for name in names:
+        if name in row and row[name] is not None:
+            row[name] = int(row[name])
+    return row
+
+
+def totals(backend: Backend, window: Window, by: str = "model") -> list[dict[str, Any]]:
+    rows = backend.query(sql("totals"), window.params() | {"by": _check_by(by)})
+    for row in rows:
+        _ints(row, "requests", "errors", "streams", "input_tokens", "output_tokens")
+        row["error_rate"] = row["errors"] / row["requests"] if row["requests"] else 0.0
+        _spread_quantiles(row, "latency_ms")
+        _spread_quantiles(row, "ttft_ms")
+    return rows
+
+
+def timeseries(backend: Backend, window: Window, by: str = "none", step_s: int = 60) -> list[dict[str, Any]]:
+    if step_s < 60 or step_s % 60:
+        raise QueryError(f"step must be a whole number of minutes (60, 300, ...), got {step_s} s")
+    rows = backend.query(sql("timeseries"), window.params() | {"by": _check_by(by), "step_s": step_s})
+    for row in rows:
+        _ints(row, "requests", "errors", "input_tokens", "output_tokens")
+        _spread_quantiles(row, "latency_ms")
+    return rows
+
+
+def errors(backend: Backend, window: Window) -> list[dict[str, Any]]:
+    rows = [_ints(row, "errors", "requests") for row in backend.query(sql("errors"), window.params())]
+    for row in rows:
+        row["rate"] = row["errors"] / row.pop("requests") if row["requests"] else 0.0
+    return rows
+
+
+def top_api_keys(backend: Backend, window: Window, limit: int = 10) -> list[dict[str, Any]]:
+    rows = backend.query(sql("top_api_keys"), window.params() | {"limit": limit})
+    return [_ints(r, "requests", "errors", "input_tokens", "output_tokens") for r in rows]
+
+
+def top_metadata(backend: Backend, window: Window, key: str, limit: int = 10) -> list[dict[str, Any]]:
+    if not key:
+        raise QueryError("top_metadata needs a metadata key, e.g. key=user")
+    rows = backend.query(sql("top_metadata"), window.params() | {"key": key, "limit": limit})
+    return [_ints(r, "requests", "errors", "input_tokens", "output_tokens") for r in rows]
+
+
+def recent(
+    backend: Backend,
+    window: Window,
+    limit: int = 50,
+    model: str = "",
+    endpoint: str = "",
+    outcome: str = "",
+    status_code: int = 0,
+) -> list[dict[str, Any]]:
+    params = window.params() | {
+        "limit": limit,
+        "model": model,
+        "endpoint": endpoint,
+        "outcome": outcome,
+        "status_code": status_code,
+    }
+    return [
+        _ints(r, "usage_input_tokens", "usage_output_tokens") for r in backend.query(sql("recent"), params)
+    ]
+
+
+def summary(backend: Backend, window: Window, by: str = "model") -> dict[str, Any]:
+    """What `report` prints: the overall total and the totals per group."""
+    overall = totals(backend, window, "none")
+    return {
+        "since": window.since.isoformat(),
+        "until": window.until.isoformat(),
+        "by": by,
+        "total": overall[0] if overall else None,
+        "groups": totals(backend, window, by) if by != "none" else [],
+    }
+
+
+# name -> (function, the typed parameters it takes beyond the window)
+API: dict[str, tuple[Any, dict[str, type]]] = {
+    "summary": (summary, {"by": str}),
+    "totals": (totals, {"by": str}),
+    "timeseries": (timeseries, {"by": str, "step_s": int}),
+    "errors": (errors, {}),
+    "top_api_keys": (top_api_keys, {"limit": int}),
+    "top_metadata": (top_metadata, {"key": str, "limit": int}),
+    "recent": (
+        recent,
+        {"limit": int, "model": str, "endpoint": str, "outcome": str, "status_code": int},
+    ),
+}
+
+
+def run(backend: Backend, name: str, args: dict[str, str]) -> Any:
+    """Run query `name` with string arguments (from a URL or the CLI): since (duration, default 1h),
+    account_id, gateway_id, and the query's own parameters. Raises QueryError for anything unknown."""
+    if name not in API:
+        raise QueryError(f"unknown query {name!r}: use one of {', '.join(sorted(API))}")
+    fn, accepted = API[name]
+    window = Window.last(
+        args.get("since", "1h"), account_id=args.get("account_id", ""), gateway_id=args.get("gateway_id", "")
+    )
+    kwargs: dict[str, Any] = {}
+    for key, value in args.items():
+        if key in ("since", "account_id", "gateway_id"):
+            continue
+        if key not in accepted:
+            raise QueryError(
+                f"query {name!r} takes no parameter {key!r}; it takes {sorted(accepted) or 'none'}"
+            )
+        try:
+            kwargs[key] = accepted[key](value)
+        except ValueError:
+            raise QueryError(f"parameter {key!r} must be {accepted[key].__name__}, got {value!r}") from None
+        if accepted[key] is int and kwargs[key] < 0:
+            raise QueryError(f"parameter {key!r} must not be negative")
+    return fn(backend, window, **kwargs)

@@ -1,0 +1,86 @@
+"""`report`: the summary from the running consumer's API, or straight from storage when it is free."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+from urllib.parse import urlencode
+
+from cohere_gateway.settings import ReportSettings
+from consumers import queries
+from consumers.backends import chdb_path, open_backend
+from consumers.http_api import read_discovery
+
+
+def fetch_summary(cfg: ReportSettings) -> dict[str, Any]:
+    queries.parse_duration(cfg.since)  # fail before any I/O on a bad window
+    if not cfg.clickhouse and (info := read_discovery(chdb_path(cfg.data_dir))):
+        url = f"{info['url']}/api/summary?{urlencode({'since': cfg.since, 'by': cfg.by})}"
+        try:
+            with urllib.request.urlopen(url, timeout=30) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            detail = json.loads(exc.read() or b"{}").get("error", exc.reason)
+            raise ValueError(f"the consumer's API at {info['url']} answered {exc.code}: {detail}") from None
+        except urllib.error.URLError as exc:
+            raise ValueError(
+                f"the consumer (pid {info['pid']}) owns {cfg.data_dir} but its API at {info['url']} "
+                f"does not answer: {exc.reason}"
+            ) from None
+    backend = open_backend(cfg.clickhouse, cfg.data_dir)
+    try:
+        return queries.summary(backend, queries.Window.last(cfg.since), cfg.by)
+    finally:
+        backend.close()
+
+
+def run_report(cfg: ReportSettings) -> None:
+    data = fetch_summary(cfg)
+    if cfg.json:
+        print(json.dumps(data, indent=2))
+        return
+    render(data)
+
+
+def _fmt_ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
+def render(data: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    title = f"cohere-gateway: {data['since'][:19]} .. {data['until'][:19]} UTC"
+    table = Table(title=title)
+    table.add_column(data["by"] if data["by"] != "none" else "")
+    for name in (
+        "requests",
+        "errors",
+        "error %",
+        "tokens in",
+        "tokens out",
+        "cost $",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+    ):
+        table.add_column(name, justify="right")
+    rows = list(data["groups"])
+    if data["total"]:
+        rows.append({**data["total"], "key": "TOTAL"})
+    for row in rows:
+        table.add_row(
+            row["key"] or "(none)",
+            f"{row['requests']:,}",
+            f"{row['errors']:,}",
+            f"{100 * row['error_rate']:.1f}",
+            f"{row['input_tokens']:,}",
+            f"{row['output_tokens']:,}",
+            f"{row['cost_usd']:.4f}",
+            _fmt_ms(row.get("latency_ms_p50")),
+            _fmt_ms(row.get("latency_ms_p95")),
+            _fmt_ms(row.get("latency_ms_p99")),
+        )
+    Console().print(table if rows else f"{title}: no requests in this window.")

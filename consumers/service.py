@@ -1,0 +1,52 @@
+"""Wires the consumer process together: storage, read API, signals, the consume loop."""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import signal
+import threading
+from typing import Any
+
+from cohere_gateway.settings import ConsumerSettings
+from consumers.backends import chdb_path, open_backend
+from consumers.consumer import Consumer
+from consumers.http_api import ReadApi, remove_discovery, write_discovery
+from consumers.metrics import Metrics
+
+log = logging.getLogger("consumers")
+
+
+def serve(cfg: ConsumerSettings, stop: threading.Event | None = None) -> None:
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING if cfg.log_level != "debug" else logging.DEBUG)
+    if cfg.batch_size < 1 or cfg.batch_wait_ms < 1:
+        raise ValueError("--batch-size and --batch-wait-ms must be at least 1")
+    stop = stop or threading.Event()
+    backend = open_backend(cfg.clickhouse, cfg.data_dir)
+    metrics = Metrics()
+    api = None
+    if cfg.http_port >= 0:
+        api = ReadApi(backend, metrics, cfg.http_host, cfg.http_port)
+        api.start()
+        if not cfg.clickhouse:
+            write_discovery(chdb_path(cfg.data_dir), api.url)
+        log.info("read API on %s (/readyz, /metrics, /api/summary)", api.url)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("%s received: finishing the batch in hand", signal.Signals(signum).name)
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` dumps every thread's stack
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+    try:
+        Consumer(cfg, backend, metrics).run(stop)
+    finally:
+        if api is not None:
+            api.stop()
+            if not cfg.clickhouse:
+                remove_discovery(chdb_path(cfg.data_dir))
+        backend.close()
+        log.info("consumer stopped")
