@@ -110,7 +110,9 @@ def classify_cohere_path(segments: list[str]) -> tuple[str, str]:
         rest = tuple(segments[2:])
         compat = COMPAT_PATHS.get(rest)
         return "compat", compat[1] if compat else "/".join(rest)
-    return segments[0], "/".join(segments[1:])
+    # Only the first segment names the endpoint: later ones carry ids (`/v1/models/{name}`,
+    # `/v1/datasets/{id}`), which would make the endpoint column unbounded.
+    return segments[0], segments[1] if len(segments) > 1 else ""
 
 
 def cohere_segments(rest: list[str]) -> list[str]:

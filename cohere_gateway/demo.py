@@ -95,7 +95,8 @@ def _classify(_: cohere.ClientV2, co: cohere.Client, opts: dict[str, Any]) -> ob
 
 
 def _tokenize(_: cohere.ClientV2, co: cohere.Client, opts: dict[str, Any]) -> object:
-    return co.tokenize(text=random.choice(QUESTIONS), model="command-r", request_options=opts)
+    # offline=False: the SDK would otherwise first try to download a tokenizer from the internet.
+    return co.tokenize(text=random.choice(QUESTIONS), model="command-r", offline=False, request_options=opts)
 
 
 def _generate(_: cohere.ClientV2, co: cohere.Client, opts: dict[str, Any]) -> object:

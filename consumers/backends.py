@@ -6,6 +6,7 @@ data directory. Both take the same SQL, with server-side `{name:Type}` parameter
 from __future__ import annotations
 
 import os
+import ssl
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,26 +129,45 @@ class ServerConfig:
         return f"ServerConfig({scheme}://{self.username}@{self.host}:{self.port}/{self.database})"
 
 
+URL_EXAMPLE = "https://user:password@host:8443/database"
+_URL_OPTIONS = ("verify",)
+
+
 def parse_clickhouse_url(url: str) -> ServerConfig:
     """`http[s]://[user[:password]@]host[:port][/database][?verify=false]`. https means TLS; the port
-    defaults to ClickHouse's HTTP ports, 8123 (http) and 8443 (https)."""
-    parts = urlsplit(url)
+    defaults to ClickHouse's HTTP ports, 8123 (http) and 8443 (https). Errors never repeat the URL:
+    it may hold a password."""
+    parts = urlsplit(url.strip())
     if parts.scheme not in ("http", "https", "clickhouse", "clickhouses"):
         raise ValueError(
             f"ClickHouse URL must start with http:// or https://, got {parts.scheme or 'no scheme'!r} "
-            "(example: https://user:password@host:8443/database)"
+            f"(example: {URL_EXAMPLE})"
         )
     if not parts.hostname:
-        raise ValueError("ClickHouse URL has no host (example: http://localhost:8123/default)")
+        raise ValueError(f"ClickHouse URL has no host (example: {URL_EXAMPLE})")
+    try:
+        port = parts.port
+    except ValueError as exc:  # not a number, or out of range
+        raise ValueError(f"ClickHouse URL has a bad port: {exc} (example: {URL_EXAMPLE})") from None
+    database = unquote(parts.path.strip("/"))
+    if "/" in database:
+        raise ValueError(
+            f"ClickHouse URL path must be one database name, got {database!r} (example: {URL_EXAMPLE})"
+        )
+    query = parse_qs(parts.query, keep_blank_values=True)
+    if unknown := sorted(set(query) - set(_URL_OPTIONS)):
+        raise ValueError(
+            f"ClickHouse URL has unknown option(s) {', '.join(unknown)}; accepted: "
+            f"{', '.join(_URL_OPTIONS)} (e.g. ?verify=false for a self-signed certificate)"
+        )
     secure = parts.scheme in ("https", "clickhouses")
-    query = parse_qs(parts.query)
     verify = query.get("verify", ["true"])[0].lower() not in ("false", "0", "no")
     return ServerConfig(
         host=parts.hostname,
-        port=parts.port or (8443 if secure else 8123),
+        port=port or (8443 if secure else 8123),
         username=unquote(parts.username) if parts.username else "default",
         password=unquote(parts.password) if parts.password else "",
-        database=parts.path.strip("/") or "default",
+        database=database or "default",
         secure=secure,
         verify=verify,
     )
@@ -163,7 +183,70 @@ def client_kwargs(cfg: ServerConfig) -> dict[str, Any]:
         "secure": cfg.secure,
         "verify": cfg.verify,
         "compress": False,
+        # No HTTP session: every request stands alone, so it works behind load balancers and proxies
+        # (chproxy, ClickHouse Cloud) and a request never waits on a session held by an earlier one.
+        "autogenerate_session_id": False,
     }
+
+
+# ClickHouse error codes that mean "fix the configuration": AUTHENTICATION_FAILED, UNKNOWN_USER,
+# WRONG_PASSWORD, REQUIRED_PASSWORD; UNKNOWN_DATABASE; ACCESS_DENIED.
+_AUTH_CODES = frozenset({516, 192, 193, 194})
+_UNKNOWN_DATABASE = 81
+_ACCESS_DENIED = 497
+
+
+def explain_server_error(exc: BaseException, cfg: ServerConfig) -> str:
+    """What went wrong talking to the server, and what to check. Pure: looks at the exception only.
+    Never includes the password (the server's own messages do not carry it either)."""
+    where = f"ClickHouse at {cfg!r}"
+    code = getattr(exc, "code", None)
+    text = str(exc)
+    if code in _AUTH_CODES or "AUTHENTICATION_FAILED" in text or "status 401" in text:
+        return (
+            f"{where} rejected user {cfg.username!r} (authentication failed): check the user name and "
+            "password in --clickhouse / COHERE_GATEWAY_CLICKHOUSE"
+        )
+    if code == _UNKNOWN_DATABASE or "UNKNOWN_DATABASE" in text:
+        return (
+            f"{where}: database {cfg.database!r} does not exist: create it (CREATE DATABASE "
+            f"{cfg.database}) or put an existing database in the URL path"
+        )
+    if code == _ACCESS_DENIED or "ACCESS_DENIED" in text:
+        return (
+            f"{where}: user {cfg.username!r} lacks a privilege it needs (the consumer creates tables, "
+            f"inserts and selects in {cfg.database!r}): grant it, or use another user. Server said: "
+            f"{_first_line(text)}"
+        )
+    cause = _root_cause(exc)
+    reason = f"{type(cause).__name__}: {cause}" if cause is not exc else _first_line(text)
+    if isinstance(cause, ssl.SSLError) or "SSL" in type(cause).__name__:
+        return (
+            f"cannot talk TLS to {where}: {reason}. Check http:// versus https:// and the port "
+            "(8123 plain, 8443 TLS); for a self-signed certificate add ?verify=false"
+        )
+    if isinstance(cause, OSError | TimeoutError) or "Timeout" in type(cause).__name__:
+        return (
+            f"cannot connect to {where}: {reason}. Check that the server is running and that the host "
+            "and port in --clickhouse are right (HTTP interface: 8123 plain, 8443 TLS)"
+        )
+    return f"{where}: {_first_line(text)}"
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception urllib3 and clickhouse-connect wrapped (e.g. ConnectionRefusedError)."""
+    seen = {id(exc)}
+    current = exc
+    while True:
+        nxt = current.__cause__ or current.__context__ or getattr(current, "reason", None)
+        if not isinstance(nxt, BaseException) or id(nxt) in seen:
+            return current
+        seen.add(id(nxt))
+        current = nxt
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else "(no message)"
 
 
 class ServerBackend:
@@ -183,7 +266,7 @@ class ServerBackend:
             try:
                 self._client = clickhouse_connect.get_client(**client_kwargs(self._cfg))
             except Exception as exc:
-                raise BackendUnavailable(f"cannot reach ClickHouse at {self.description}: {exc}") from None
+                raise BackendUnavailable(explain_server_error(exc, self._cfg)) from None
         return self._client
 
     def command(self, sql: str, params: dict[str, Any] | None = None) -> None:
@@ -205,7 +288,7 @@ class ServerBackend:
             try:
                 return fn(client)
             except Exception as exc:
-                raise BackendUnavailable(f"ClickHouse at {self.description}: {exc}") from None
+                raise BackendUnavailable(explain_server_error(exc, self._cfg)) from None
 
     def close(self) -> None:
         if self._client is not None:

@@ -9,6 +9,7 @@ import logging
 import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -74,11 +75,15 @@ class ReadApi:
             return (200 if self.metrics.ready else 503), "application/json", orjson.dumps(body)
         if path == "/metrics":
             return 200, "text/plain; version=0.0.4", self.metrics.render().encode()
+        if path in ("", "/index.html") or path.startswith("/static/"):
+            return dashboard_file(path)
         if path.startswith("/api/"):
             try:
                 result = queries.run(self.backend, path[len("/api/") :], dict(parse_qsl(parts.query)))
             except queries.QueryError as exc:
                 return 400, "application/json", orjson.dumps({"error": str(exc)})
+            except queries.NotFound as exc:
+                return 404, "application/json", orjson.dumps({"error": str(exc)})
             except BackendUnavailable as exc:
                 return 503, "application/json", orjson.dumps({"error": str(exc)})
             return 200, "application/json", orjson.dumps(result)
@@ -86,9 +91,30 @@ class ReadApi:
             404,
             "application/json",
             orjson.dumps(
-                {"error": f"no such path {path!r}: try /readyz, /metrics, /api/summary?since=1h&by=model"}
+                {"error": f"no such path {path!r}: try /, /readyz, /metrics, /api/summary?since=1h&by=model"}
             ),
         )
+
+
+_DASHBOARD = resources.files("consumers.dashboard")
+_CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+}
+
+
+def dashboard_file(path: str) -> tuple[int, str, bytes]:
+    """The built-in dashboard's files, shipped in the package (no CDN: it works offline)."""
+    name = "index.html" if path in ("", "/index.html") else path[len("/static/") :]
+    suffix = Path(name).suffix
+    # Only plain file names of known kinds: nothing outside the dashboard folder can be named.
+    if "/" in name or "\\" in name or name.startswith(".") or suffix not in _CONTENT_TYPES:
+        return 404, "application/json", orjson.dumps({"error": f"no dashboard file {name!r}"})
+    try:
+        return 200, _CONTENT_TYPES[suffix], _DASHBOARD.joinpath(name).read_bytes()
+    except FileNotFoundError:
+        return 404, "application/json", orjson.dumps({"error": f"no dashboard file {name!r}"})
 
 
 def write_discovery(directory: Path, url: str) -> Path:

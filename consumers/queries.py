@@ -23,6 +23,10 @@ class QueryError(ValueError):
     """A bad query parameter; the message says which and what is accepted."""
 
 
+class NotFound(LookupError):
+    """The query is well-formed but names nothing stored."""
+
+
 def parse_duration(text: str) -> timedelta:
     """'30m', '1h', '7d', '90s', '2w'."""
     m = _DURATION.match(text)
@@ -128,6 +132,8 @@ def recent(
     endpoint: str = "",
     outcome: str = "",
     status_code: int = 0,
+    metadata_key: str = "",
+    metadata_value: str = "",
 ) -> list[dict[str, Any]]:
     params = window.params() | {
         "limit": limit,
@@ -135,10 +141,22 @@ def recent(
         "endpoint": endpoint,
         "outcome": outcome,
         "status_code": status_code,
+        "metadata_key": metadata_key,
+        "metadata_value": metadata_value,
     }
     return [
         _ints(r, "usage_input_tokens", "usage_output_tokens") for r in backend.query(sql("recent"), params)
     ]
+
+
+def event(backend: Backend, window: Window, event_id: str = "") -> dict[str, Any]:
+    """One event by id, whatever its time (the window is not applied: ids are unique)."""
+    if not event_id:
+        raise QueryError("event needs event_id, e.g. event_id=01a2178f-036e-73e0-a1d5-e572d7c6537a")
+    rows = backend.query(sql("event"), {"event_id": event_id})
+    if not rows:
+        raise NotFound(f"no event {event_id!r}: it may not be consumed yet, or is past retention")
+    return _ints(rows[0], *(k for k in rows[0] if k.startswith("usage_")), "request_bytes", "response_bytes")
 
 
 def summary(backend: Backend, window: Window, by: str = "model") -> dict[str, Any]:
@@ -163,8 +181,17 @@ API: dict[str, tuple[Any, dict[str, type]]] = {
     "top_metadata": (top_metadata, {"key": str, "limit": int}),
     "recent": (
         recent,
-        {"limit": int, "model": str, "endpoint": str, "outcome": str, "status_code": int},
+        {
+            "limit": int,
+            "model": str,
+            "endpoint": str,
+            "outcome": str,
+            "status_code": int,
+            "metadata_key": str,
+            "metadata_value": str,
+        },
     ),
+    "event": (event, {"event_id": str}),
 }
 
 

@@ -21,6 +21,7 @@ from addons.routing import (
     RouteError,
     Upstream,
     check_connect,
+    classify_cohere_path,
     route_gateway,
     route_transparent,
 )
@@ -34,7 +35,7 @@ from cohere_gateway.events import Id
         ("/v1/acc/gw/cohere/v1/v1/chat", "/v1/chat", "v1", "chat"),  # SDK with base_url=.../cohere/v1
         ("/v1/acc/gw/cohere/v1/v2/chat", "/v2/chat", "v2", "chat"),  # ClientV2 with base_url=.../cohere/v1
         ("/v1/acc/gw/cohere/v2/embed", "/v2/embed", "v2", "embed"),
-        ("/v1/acc/gw/cohere/v1/models/command-r", "/v1/models/command-r", "v1", "models/command-r"),
+        ("/v1/acc/gw/cohere/v1/models/command-r", "/v1/models/command-r", "v1", "models"),
         ("/v1/acc/gw/cohere/compatibility/v1/chat/completions", "/compatibility/v1/chat/completions",
          "compat", "chat.completions"),
     ],
@@ -218,3 +219,9 @@ def test_duplicate_singleton_headers_are_refused() -> None:
         with pytest.raises(RouteError, match=f"duplicate {name.lower()} header") as info:
             check_singletons([name, "X-Other", name.upper()])
         assert info.value.status == 400
+
+
+def test_endpoint_is_the_first_segment_so_ids_never_become_endpoints() -> None:
+    assert classify_cohere_path(["v1", "models", "command-r"]) == ("v1", "models")
+    assert classify_cohere_path(["v1", "embed-jobs", "job-123", "cancel"]) == ("v1", "embed-jobs")
+    assert classify_cohere_path(["v2", "chat"]) == ("v2", "chat")

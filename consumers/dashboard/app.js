@@ -58,6 +58,23 @@ function label(bucket) {
     : d.toISOString().slice(11, 16);
 }
 
+const RANGE_SECONDS = { "15m": 900, "1h": 3600, "6h": 21600, "24h": 86400, "7d": 604800, "30d": 2592000 };
+
+// Every bucket of the range, with zeros where nothing happened, so a quiet minute shows as a dip.
+function fillBuckets(rows, stepS) {
+  const toMs = (b) => Date.parse(b.replace(" ", "T") + (b.endsWith("Z") ? "" : "Z"));
+  const byTime = new Map(rows.map((r) => [toMs(r.bucket), r]));
+  const stepMs = stepS * 1000;
+  const end = Math.floor(Date.now() / stepMs) * stepMs;
+  const start = end - Math.floor((RANGE_SECONDS[$("#range").value] || 3600) / stepS) * stepMs + stepMs;
+  const out = [];
+  for (let t = start; t <= end; t += stepMs) {
+    out.push(byTime.get(t) || { bucket: new Date(t).toISOString(), requests: 0, errors: 0, input_tokens: 0,
+      output_tokens: 0, cost_usd: 0, latency_ms_p50: null, latency_ms_p95: null });
+  }
+  return out;
+}
+
 function drawSeries(rows) {
   const labels = rows.map((r) => label(r.bucket));
   const set = (id, series) => {
@@ -195,7 +212,7 @@ async function refresh() {
       api("timeseries", { by: "none", step_s: step }),
     ]);
     drawCards(summary.total);
-    drawSeries(series);
+    drawSeries(fillBuckets(series, step));
     await Promise.all([drawBreakdown(), drawRecent(), refreshOptions()]);
     status.textContent = `updated ${new Date().toLocaleTimeString()}`;
     document.body.dataset.loaded = "true";

@@ -12,5 +12,6 @@ WHERE start_time >= {since:DateTime64(3, 'UTC')} AND start_time < {until:DateTim
   AND ({endpoint:String} = '' OR endpoint = {endpoint:String})
   AND ({outcome:String} = '' OR outcome = {outcome:String})
   AND ({status_code:UInt16} = 0 OR status_code = {status_code:UInt16})
+  AND ({metadata_key:String} = '' OR metadata[{metadata_key:String}] = {metadata_value:String})
 ORDER BY start_time DESC, event_id
 LIMIT {limit:UInt32}
