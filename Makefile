@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test up lint kafka-jars clean
+.PHONY: install test up demo lint kafka-jars clean
 
 # The venv is rebuilt only when the dependency list changes.
 $(STAMP): pyproject.toml
@@ -22,6 +22,14 @@ kafka-jars: $(STAMP)
 
 test: install kafka-jars
 	$(BIN)/pytest
+
+# The main job: the whole pipeline on this machine. `make demo` also runs the Cohere emulator as upstream
+# and drives SDK traffic through the gateway, so the dashboard fills without a Cohere key.
+up: install
+	$(BIN)/cohere-gateway up $(ARGS)
+
+demo: install
+	$(BIN)/cohere-gateway up --demo $(ARGS)
 
 lint: install
 	$(BIN)/ruff check .

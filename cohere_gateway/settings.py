@@ -159,6 +159,7 @@ class UpSettings:
 
     demo: bool = setting(False, "Also run the Cohere emulator as upstream and drive demo traffic through it.")
     demo_rate: float = setting(5.0, "Demo calls per second (with --demo).")
+    demo_requests: int = setting(0, "With --demo, stop the traffic after this many calls; 0: until Ctrl-C.")
     host: str = setting("127.0.0.1", "Interface the gateway and the dashboard listen on.")
     port: int = setting(8080, "Port of the gateway.")
     dashboard_port: int = setting(8091, "Port of the dashboard and its JSON API (served by the consumer).")

@@ -174,7 +174,12 @@ def run(settings: UpSettings, say: Say) -> int:
         from cohere_gateway import demo
 
         def drive() -> None:
-            stats = demo.drive(stack.gateway_url, rate_per_s=settings.demo_rate, stop=stop)
+            stats = demo.drive(
+                stack.gateway_url,
+                requests=settings.demo_requests or None,
+                rate_per_s=settings.demo_rate,
+                stop=stop,
+            )
             say(f"demo: sent {stats.total} calls ({stats.ok} ok, {dict(stats.errors)} errors)")
 
         demo_thread = threading.Thread(target=drive, name="demo", daemon=True)

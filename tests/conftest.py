@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures.emulator",
     "tests.fixtures.clickhouse",
     "tests.fixtures.gateway",
+    "tests.fixtures.browser",
 ]
