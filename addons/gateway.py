@@ -306,6 +306,10 @@ class Gateway:
                 if keep and x.payload_kept < limit:
                     x.response_payload.append(chunk[: limit - x.payload_kept])  # type: ignore[union-attr]
                     x.payload_kept += len(chunk)
+                if watcher.complete and not x.finished:
+                    # Published before the last chunk goes on: an SDK returns at `[DONE]`, and a crash
+                    # right after must not lose an exchange the client saw complete.
+                    self._finish_stream(flow, x, time.time())
             return chunk
 
         resp.stream = tap
@@ -329,30 +333,21 @@ class Gateway:
                 error_message=_message_of(resp),
             )
             return
+        if x.watcher is not None:
+            self._finish_stream(flow, x, now)
+            return
         outcome, error_type = classify_status(resp.status_code)
         payload: str | None = None
-        keep = ctx.options.log_payloads and x.options.collect_payload
-        if x.watcher is not None:
-            x.watcher.finish()
-            extracted = x.watcher.extracted
-            size = x.watcher.bytes_seen
-            if keep and x.response_payload is not None:
-                payload = truncate(
-                    b"".join(x.response_payload).decode("utf-8", "replace"), ctx.options.payload_max_bytes
-                )
-        else:
-            size = len(resp.raw_content or b"")
-            try:
-                content = resp.content
-            except ValueError:  # undecodable content-encoding: we learn nothing, the client still gets it
-                content = None
-            extracted = extract_body(x.route.api_version, x.route.endpoint, content)
-            if keep and content is not None:
-                payload = truncate(content.decode("utf-8", "replace"), ctx.options.payload_max_bytes)
-            resp.headers[LOG_ID_HEADER] = x.event_id
-            resp.headers[OVERHEAD_HEADER] = _ms(
-                (x.forwarded_at - x.start) + (now - (resp.timestamp_end or now))
-            )
+        size = len(resp.raw_content or b"")
+        try:
+            content = resp.content
+        except ValueError:  # undecodable content-encoding: we learn nothing, the client still gets it
+            content = None
+        extracted = extract_body(x.route.api_version, x.route.endpoint, content)
+        if ctx.options.log_payloads and x.options.collect_payload and content is not None:
+            payload = truncate(content.decode("utf-8", "replace"), ctx.options.payload_max_bytes)
+        resp.headers[LOG_ID_HEADER] = x.event_id
+        resp.headers[OVERHEAD_HEADER] = _ms((x.forwarded_at - x.start) + (now - (resp.timestamp_end or now)))
         self._finish(
             x,
             status=resp.status_code,
@@ -363,6 +358,29 @@ class Gateway:
             response_start=resp.timestamp_start,
             response_end=resp.timestamp_end,
             response_bytes=size,
+            response_body=payload,
+        )
+
+    def _finish_stream(self, flow: http.HTTPFlow, x: Exchange, now: float) -> None:
+        resp = flow.response
+        assert resp is not None and x.watcher is not None
+        outcome, error_type = classify_status(resp.status_code)
+        x.watcher.finish()
+        payload: str | None = None
+        if x.response_payload is not None:
+            payload = truncate(
+                b"".join(x.response_payload).decode("utf-8", "replace"), ctx.options.payload_max_bytes
+            )
+        self._finish(
+            x,
+            status=resp.status_code,
+            outcome=outcome,
+            error_type=error_type,
+            extracted=x.watcher.extracted,
+            end=now,
+            response_start=resp.timestamp_start,
+            response_end=resp.timestamp_end or now,
+            response_bytes=x.watcher.bytes_seen,
             response_body=payload,
         )
 

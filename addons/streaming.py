@@ -63,6 +63,9 @@ class StreamWatcher:
         self.extracted = Extracted()
         self.first_token_at: float | None = None
         self.ended = False  # saw the stream's end event
+        # saw the last data the stream carries (v1 stream-end, or `[DONE]`): the event can be published
+        # before that chunk is passed on, so a client never sees a finished stream whose event is not yet out
+        self.complete = False
         self.bytes_seen = 0
         self._data: list[bytes] = []  # SSE data lines of the event being read
         if api_version == "compat":
@@ -100,6 +103,9 @@ class StreamWatcher:
         # "event:", "id:", "retry:" and ":" comments: the event name repeats data.type, nothing to keep
 
     def _dispatch(self, data: bytes) -> None:
+        if data == b"[DONE]":
+            self.complete = True
+            return
         if self.first_token_at is None and self.api_version != "compat" and self._is_token(data):
             self.first_token_at = self.clock()
             return  # a token event carries nothing else we record
@@ -130,14 +136,14 @@ class StreamWatcher:
         if kind == "stream-start":
             ex.generation_id = _str(obj.get("generation_id")) or ex.generation_id
         elif kind == "stream-end":
-            self.ended = True
+            self.ended = self.complete = True
             response = _dict(obj.get("response"))
             whole = extract_json(self.api_version, self.endpoint, response)
             whole.finish_reason = _str(obj.get("finish_reason")) or whole.finish_reason
             whole.generation_id = whole.generation_id or ex.generation_id
             self.extracted = whole
         elif kind == "stream-error":
-            self.ended = True
+            self.ended = self.complete = True
             ex.finish_reason = _str(obj.get("finish_reason")) or "ERROR"
             ex.error_message = _str(obj.get("err"))
 

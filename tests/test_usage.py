@@ -231,3 +231,25 @@ def test_pricing_table_covers_the_documented_models() -> None:
                   "embed-english-v3.0", "embed-multilingual-v3.0", "embed-v4.0", "rerank-v3.5",
                   "rerank-english-v3.0"):  # fmt: skip
         assert PRICING.lookup(model) is not None, model
+
+
+DONE = b"data: [DONE]\n\n"
+V2_END = b'event: message-end\ndata: {"type": "message-end", "delta": {}}\n\n'
+COMPAT_END = b'data: {"choices": [{"finish_reason": "stop", "delta": {}}]}\n\n'
+V1_TEXT = b'{"event_type": "text-generation", "text": "hi"}\n'
+V1_END = b'{"event_type": "stream-end", "finish_reason": "COMPLETE", "response": {}}\n'
+
+
+@pytest.mark.parametrize(
+    ("api", "fmt", "before_last", "last"),
+    [("v2", "sse", V2_END, DONE), ("compat", "sse", COMPAT_END, DONE), ("v1", "ndjson", V1_TEXT, V1_END)],
+)
+def test_stream_is_complete_only_with_its_last_data(
+    api: str, fmt: str, before_last: bytes, last: bytes
+) -> None:
+    """The gateway publishes a stream's event when `complete` turns true, before passing that chunk on."""
+    watcher = StreamWatcher(api, "chat", fmt)
+    watcher.feed(before_last)
+    assert not watcher.complete
+    watcher.feed(last)
+    assert watcher.complete
