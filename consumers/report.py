@@ -83,4 +83,7 @@ def render(data: dict[str, Any]) -> None:
             _fmt_ms(row.get("latency_ms_p95")),
             _fmt_ms(row.get("latency_ms_p99")),
         )
-    Console().print(table if rows else f"{title}: no requests in this window.")
+    console = Console()
+    if not console.is_terminal:  # piped or captured: rich would squeeze the table into 80 columns
+        console = Console(width=160)
+    console.print(table if rows else f"{title}: no requests in this window.")
