@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 # Test hook: the consumer kills itself with SIGKILL right after its Nth insert, before committing.
 CRASH_AFTER_INSERTS_ENV = "COHERE_GATEWAY_TEST_CRASH_AFTER_INSERTS"
 
+COMMIT_TIMEOUT_MS = 10_000
+SESSION_TIMEOUT_MS = 10_000
+
 LOAD_INTENTS_SQL = """
 SELECT topic, partition, first_offset, last_offset, first_timestamp_ms
 FROM consumer_batches FINAL
@@ -113,13 +116,18 @@ class Consumer:
                     enable_auto_commit=False,
                     auto_offset_reset="earliest",
                     max_poll_records=max(1, min(self.cfg.batch_size, 10_000)),
+                    # kafka-python 3 defaults to 45 s: a consumer that died without leaving the group
+                    # would hold its partitions, and stall every rebalance, that long.
+                    session_timeout_ms=SESSION_TIMEOUT_MS,
+                    heartbeat_interval_ms=3_000,
                 )
-                consumer.subscribe([self.cfg.topic], listener=_rebalance_listener(self))
-                self.metrics.kafka_ready = True
-                return consumer
             except KafkaError as exc:
                 self._note_error(f"Kafka at {self.cfg.kafka_bootstrap} not reachable: {exc}; retrying")
                 stop.wait(backoff.next())
+                continue
+            consumer.subscribe([self.cfg.topic], listener=_rebalance_listener(self))
+            self.metrics.kafka_ready = True
+            return consumer
         return None
 
     def _dlq_producer(self) -> Any:
@@ -134,18 +142,22 @@ class Consumer:
 
     def _ensure_dlq_topic(self) -> None:
         """Create the dead-letter topic if missing (kafka-python's producer does not auto-create)."""
+        self._create_topic(dlq_topic(self.cfg), num_partitions=1)
+
+    def _create_topic(self, name: str, num_partitions: int) -> None:
+        """Create `name` unless it exists; -1 means the broker's default partition count."""
         from kafka import KafkaAdminClient
         from kafka.admin import NewTopic
         from kafka.errors import KafkaError, TopicAlreadyExistsError
 
         admin = KafkaAdminClient(bootstrap_servers=self.cfg.kafka_bootstrap.split(","))
         try:
-            admin.create_topics([NewTopic(dlq_topic(self.cfg), num_partitions=1, replication_factor=-1)])
-            log.info("created dead-letter topic %s", dlq_topic(self.cfg))
+            admin.create_topics([NewTopic(name, num_partitions=num_partitions, replication_factor=-1)])
+            log.info("created topic %s", name)
         except TopicAlreadyExistsError:
             pass
         except KafkaError as exc:  # e.g. not authorised: the broker may still auto-create it
-            log.warning("could not create dead-letter topic %s: %s", dlq_topic(self.cfg), exc)
+            log.warning("could not create topic %s: %s", name, exc)
         finally:
             admin.close()
 
@@ -169,7 +181,7 @@ class Consumer:
             while not stop.is_set():
                 try:
                     polled = self._kafka.poll(timeout_ms=poll_ms, max_records=self.cfg.batch_size)
-                    self.metrics.kafka_ready = True
+                    self._check_kafka()
                 except KafkaError as exc:
                     self.metrics.kafka_ready = False
                     self._note_error(f"Kafka poll failed: {exc}; retrying")
@@ -301,7 +313,10 @@ class Consumer:
                     b.range.last_offset + 1, "", -1
                 )
                 for b in batches
-            }
+            },
+            # Bounded, so a commit while Kafka is down fails over to pause-and-retry instead of blocking
+            # the loop (and SIGTERM) for kafka-python's default 30 s.
+            timeout_ms=COMMIT_TIMEOUT_MS,
         )
         self.metrics.commits += 1
         now = self.clock()
@@ -333,14 +348,11 @@ class Consumer:
     # -- rebalance ------------------------------------------------------------------------------------
 
     def on_revoked(self, revoked: list[Any]) -> None:
-        """Write and commit what we hold for partitions we are losing; if we can't, forget it (it is
-        uncommitted, so the next owner reads it again)."""
-        mine = [tp for tp in revoked if self.planner.buffered(tp)]
-        if mine and not self._paused:
-            try:
-                self.flush(only=mine)
-            except Exception as exc:
-                self._note_error(f"could not flush revoked partitions {mine}: {exc}")
+        """Forget what we hold for partitions we are losing: it is uncommitted, so the next owner reads
+        it again. No flush here: kafka-python 3 runs this listener on its IO thread, where a commit
+        (or any blocking consumer call) raises "Cannot block on net.run() from the IO thread", and an
+        insert without its commit would put the batch in this consumer's store and, in embedded mode,
+        the next owner's too."""
         now = self.clock()
         for tp in revoked:
             first = self._first_buffered_offset(tp)
@@ -376,6 +388,22 @@ class Consumer:
                 lag[(tp.topic, tp.partition)] = max(0, high - position) + self.planner.buffered(tp)
         with self.metrics.lock:
             self.metrics.lag = lag
+
+    def _check_kafka(self) -> None:
+        """kafka-python's poll() does not raise while the broker is gone: it reconnects in the background
+        and returns nothing. Readiness follows the group coordinator's connection instead, which the
+        client drops as soon as the broker stops answering."""
+        coordinator = getattr(self._kafka, "_coordinator", None)
+        up = coordinator is None or not coordinator.coordinator_unknown()
+        if up != self.metrics.kafka_ready:
+            if up:
+                log.info("Kafka at %s answers again", self.cfg.kafka_bootstrap)
+            else:
+                self._note_error(
+                    f"Kafka at {self.cfg.kafka_bootstrap} unavailable (lost the group coordinator); "
+                    "waiting for it to return"
+                )
+        self.metrics.kafka_ready = up
 
     def _note_error(self, message: str) -> None:
         log.warning("%s", message)

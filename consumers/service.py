@@ -20,6 +20,10 @@ log = logging.getLogger("consumers")
 def serve(cfg: ConsumerSettings, stop: threading.Event | None = None) -> None:
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING if cfg.log_level != "debug" else logging.DEBUG)
+    # clickhouse-connect logs a full traceback on every failed request; the consumer logs one line that
+    # says what to check (consumers.backends.explain_server_error), so keep theirs for --log-level debug.
+    for noisy in ("clickhouse_connect", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.ERROR if cfg.log_level != "debug" else logging.DEBUG)
     if cfg.batch_size < 1 or cfg.batch_wait_ms < 1:
         raise ValueError("--batch-size and --batch-wait-ms must be at least 1")
     stop = stop or threading.Event()
