@@ -9,7 +9,9 @@ import sys
 
 import click
 
+from addons.cli import proxy
 from cohere_gateway import settings as s
+from consumers.cli import consume, report
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -98,18 +100,14 @@ def up(**kwargs: object) -> None:
 
     sys.exit(run(s.from_kwargs(s.UpSettings, kwargs), _progress))
 
+
 def _progress(message: str) -> None:
     click.echo(message, err=True)
 
 
-from consumers.cli import consume, report  # noqa: E402
-
-main.add_command(consume)
-main.add_command(report)
-
-from addons.cli import proxy  # noqa: E402
-
-main.add_command(proxy)
+# The pipeline's own commands live beside their code; this group is only where they meet.
+for command in (proxy, consume, report):
+    main.add_command(command)
 
 if __name__ == "__main__":
     main()

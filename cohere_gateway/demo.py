@@ -65,7 +65,9 @@ def _chat_v1(_: cohere.ClientV2, co: cohere.Client, opts: dict[str, Any]) -> obj
 
 
 def _chat_v1_stream(_: cohere.ClientV2, co: cohere.Client, opts: dict[str, Any]) -> object:
-    return sum(1 for _ in co.chat_stream(message=random.choice(QUESTIONS), model="command-r", request_options=opts))
+    return sum(
+        1 for _ in co.chat_stream(message=random.choice(QUESTIONS), model="command-r", request_options=opts)
+    )
 
 
 def _embed(co2: cohere.ClientV2, _: cohere.Client, opts: dict[str, Any]) -> object:
@@ -155,7 +157,10 @@ def drive(
     random.seed(seed)
     stop = stop or threading.Event()
     clients = {
-        (a, g, k): _clients(gateway_url, a, g, k) for a, gws in ACCOUNTS.items() for g in gws for k in API_KEYS
+        (a, g, k): _clients(gateway_url, a, g, k)
+        for a, gws in ACCOUNTS.items()
+        for g in gws
+        for k in API_KEYS
     }
     stats = DemoStats()
     weights = [c.weight for c in CALLS]

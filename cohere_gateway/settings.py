@@ -171,6 +171,7 @@ class UpSettings:
     clickhouse: str = setting("", "ClickHouse server URL. Empty: the embedded engine under --data-dir.")
     data_dir: Path = setting(DEFAULT_DATA_DIR, "Where Kafka, ClickHouse, the spool, the CA and logs live.")
 
+
 def env_name(cls: type, name: str) -> str:
     return getattr(cls, "env_prefix", ENV_PREFIX) + name.upper()
 

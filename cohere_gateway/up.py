@@ -228,4 +228,3 @@ def _tail(log: Path, lines: int = 15) -> str:
     if not log.exists():
         return ""
     return f"\nLast lines of {log}:\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-

@@ -22,6 +22,8 @@ from tests.fixtures.gateway import EventReader, GatewayProcess, start_gateway
 from tests.fixtures.kafka import create_topic
 
 SECRET = "sk-secret-" + uuid.uuid4().hex
+
+
 class Canary:
     """A TCP listener that counts connections: the host requests try to reach instead of the upstream."""
 
