@@ -1,0 +1,165 @@
+"""Gateway overhead: direct to the emulator vs bare `mitmdump --mode reverse:` vs the gateway (capture and
+Kafka publishing on), at concurrency 1 and 32: req/s, p50/p99 latency, CPU per request of the proxy.
+
+Rounds interleave the targets (round 1: direct, bare, gateway; round 2: ...) so drift of a shared machine
+hits all of them alike; each target's samples are pooled over rounds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import urllib.request
+from dataclasses import dataclass, field
+
+from bench import targets
+from bench.loadgen import LoadResult, encode_request, run_load
+from bench.procstat import CpuMeter
+from bench.report import Outcome, Table, budget_table, verdict
+from bench.stats import ms, ratio, us
+from bench.workload import HEADERS, chat_body
+
+CPU_RATIO_LIMIT = 1.10
+P50_SLACK_S = 0.0002
+P99_SLACK_S = 0.001
+
+
+@dataclass(frozen=True)
+class Sizes:
+    requests: int  # per target, concurrency and round
+    seconds: float  # cap per target, concurrency and round
+    rounds: int
+    warmup: int
+    concurrencies: tuple[int, ...] = (1, 32)
+
+
+FULL = Sizes(requests=4000, seconds=20.0, rounds=3, warmup=300)
+QUICK = Sizes(requests=150, seconds=5.0, rounds=1, warmup=20)
+
+
+@dataclass
+class Measured:
+    load: LoadResult = field(default_factory=LoadResult)
+    proxy_cpu_s: float = 0.0
+
+    @property
+    def cpu_per_request(self) -> float:
+        return self.proxy_cpu_s / self.load.completed if self.load.completed else math.nan
+
+
+async def measure(target: targets.Target, concurrency: int, sizes: Sizes) -> Measured:
+    request = encode_request(target.url + target.path_prefix + "/v2/chat", chat_body(), HEADERS)
+    await run_load(target.url, request, concurrency=concurrency, requests=sizes.warmup, seconds=sizes.seconds)
+    meter = CpuMeter({"proxy": target.pid} if target.pid else {})
+    meter.start()
+    load = await run_load(
+        target.url, request, concurrency=concurrency, requests=sizes.requests, seconds=sizes.seconds
+    )
+    used = meter.stop()
+    return Measured(load, used.get("proxy", 0.0))
+
+
+def run_rounds(tgts: list[targets.Target], sizes: Sizes) -> dict[tuple[str, int], Measured]:
+    pooled: dict[tuple[str, int], Measured] = {}
+    for _ in range(sizes.rounds):
+        for c in sizes.concurrencies:
+            for t in tgts:
+                m = asyncio.run(measure(t, c, sizes))
+                acc = pooled.setdefault((t.name, c), Measured())
+                acc.load = acc.load.merge(m.load)
+                acc.proxy_cpu_s += m.proxy_cpu_s
+    return pooled
+
+
+def results_table(tgts: list[targets.Target], pooled: dict[tuple[str, int], Measured], sizes: Sizes) -> Table:
+    table = Table(
+        "Overhead: POST /v2/chat (emulator JSON reply), keep-alive HTTP/1.1",
+        [
+            "target",
+            "conc.",
+            "requests",
+            "errors",
+            "req/s",
+            "p50 ms",
+            "p99 ms",
+            "proxy CPU µs/req",
+            "client CPU µs/req",
+        ],
+    )
+    for c in sizes.concurrencies:
+        for t in tgts:
+            m = pooled[(t.name, c)]
+            load = m.load
+            table.add(
+                t.name,
+                c,
+                load.completed,
+                load.errors,
+                f"{load.rps:.0f}",
+                ms(load.p(50)),
+                ms(load.p(99)),
+                us(m.cpu_per_request) if t.pid else "—",
+                us(load.client_cpu_s / max(1, load.completed)),
+            )
+    table.notes.append(
+        "proxy CPU = utime+stime of the proxy process (all threads, the Kafka delivery thread included) "
+        "over the timed requests; 'direct' has no proxy. Client CPU is the load generator's own cost, "
+        "the same code for every target."
+    )
+    return table
+
+
+def budgets(pooled: dict[tuple[str, int], Measured], sizes: Sizes, gateway: str) -> tuple[Table, bool]:
+    table = budget_table()
+    ok_all = True
+    for c in sizes.concurrencies:
+        gw, bare = pooled[(gateway, c)], pooled[("bare mitmdump", c)]
+        r = ratio(gw.cpu_per_request, bare.cpu_per_request)
+        ok = r <= CPU_RATIO_LIMIT
+        ok_all &= ok
+        table.add(
+            f"{gateway} CPU/request, conc. {c}",
+            f"{us(gw.cpu_per_request)} µs ({r:.2f}×)",
+            f"bare mitmdump {us(bare.cpu_per_request)} µs",
+            f"≤ {CPU_RATIO_LIMIT:.2f}×",
+            verdict(ok),
+        )
+    gw, bare = pooled[(gateway, 1)].load, pooled[("bare mitmdump", 1)].load
+    for q, slack in ((50, P50_SLACK_S), (99, P99_SLACK_S)):
+        ok = gw.p(q) <= bare.p(q) + slack
+        ok_all &= ok
+        table.add(
+            f"{gateway} p{q} latency, conc. 1",
+            f"{ms(gw.p(q))} ms",
+            f"bare mitmdump {ms(bare.p(q))} ms",
+            f"≤ baseline + {slack * 1000:g} ms",
+            verdict(ok),
+        )
+    return table, ok_all
+
+
+def publisher_counters(url: str) -> dict[str, int]:
+    with contextlib.suppress(OSError, ValueError), urllib.request.urlopen(url + "/healthz", timeout=5) as r:
+        return json.loads(r.read()).get("publisher", {})
+    return {}
+
+
+def run(quick: bool) -> Outcome:
+    sizes = QUICK if quick else FULL
+    with targets.kafka() as kafka, targets.emulator() as direct, targets.bare_mitmdump(direct.url) as bare:
+        topic = kafka.topic("bench-overhead")
+        with targets.gateway("gateway", direct.url, kafka.bootstrap, topic) as gw:
+            tgts = [direct, bare, gw]
+            pooled = run_rounds(tgts, sizes)
+            counters = publisher_counters(gw.url)
+    table = results_table(tgts, pooled, sizes)
+    budget, ok = budgets(pooled, sizes, "gateway")
+    notes = [
+        f"sizes: {sizes.requests} requests (≤ {sizes.seconds:g} s) per target, concurrency and round; "
+        f"{sizes.rounds} interleaved round(s); {sizes.warmup} warm-up requests before each",
+        "gateway publisher counters at the end: "
+        + ", ".join(f"{k}={v}" for k, v in sorted(counters.items()) if k.startswith("events")),
+    ]
+    return Outcome([table, budget], notes, ok)
