@@ -1,9 +1,25 @@
-"""`cohere-gateway proxy`: run mitmdump in-process with the gateway addon and its listeners."""
+"""`cohere-gateway proxy`: mitmproxy with only the addons a gateway needs, plus the gateway addon.
+
+mitmdump loads some thirty default addons and dispatches every hook of every request to each of them;
+that dispatch was ~40 % of a bare mitmdump's CPU per request (bench/RESULTS.md). The gateway needs five:
+Core (options), Proxyserver (listeners), NextLayer (protocol detection), TlsConfig (certificates for the
+forward proxy) and ErrorCheck (start-up errors). `addons/gateway.py` still loads into a stock
+`mitmdump -s` for anyone who wants the full chain.
+
+With `--workers N` the command starts N such processes on the same port (SO_REUSEPORT): the kernel
+spreads connections over them, so throughput scales with cores.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import functools
+import logging
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -11,42 +27,27 @@ import click
 
 from cohere_gateway import settings as s
 
-# Flags that shape mitmproxy itself rather than being options of the addon.
-_MITMPROXY_ONLY = frozenset({"host", "port", "transparent_port", "data_dir", "log_level"})
+# Flags that shape the process rather than being options of the addon.
+_PROCESS_ONLY = frozenset({"host", "port", "transparent_port", "data_dir", "log_level", "workers"})
 
 
-def mitmdump_args(cfg: s.ProxySettings) -> list[str]:
-    """The mitmdump command line for these settings (addon options travel as environment variables)."""
+def listen_modes(cfg: s.ProxySettings) -> list[str]:
     up = urlsplit(cfg.upstream)
     if up.scheme not in ("http", "https") or not up.hostname:
         raise click.BadParameter(f"expected an http(s) URL, got {cfg.upstream!r}", param_hint="--upstream")
     # The reverse target is only mitmproxy's default; the addon sets the destination of every request.
-    args = ["--mode", f"reverse:{up.scheme}://{up.netloc}@{cfg.host}:{cfg.port}"]
+    modes = [f"reverse:{up.scheme}://{up.netloc}@{cfg.host}:{cfg.port}"]
     if cfg.transparent_port:
-        args += ["--mode", f"regular@{cfg.host}:{cfg.transparent_port}"]
-    args += [
-        "-s",
-        str(Path(__file__).with_name("gateway.py")),
-        "--set",
-        f"confdir={cfg.data_dir / 'mitmproxy'}",
-        "--set",
-        "connection_strategy=lazy",  # never connect to a CONNECT target before the addon routed it
-        "--set",
-        "flow_detail=0",  # mitmdump's own per-flow printing: costs CPU and would print URLs
-        "--set",
-        "block_global=false",  # the gateway decides who may use it (gateway_token), not the peer address
-        "--set",
-        f"termlog_verbosity={cfg.log_level}",
-    ]
-    return args
+        modes.append(f"regular@{cfg.host}:{cfg.transparent_port}")
+    return modes
 
 
 def addon_environment(cfg: s.ProxySettings) -> dict[str, str]:
-    """Addon options as COHERE_GATEWAY_* variables, read by the addon's option defaults - so the gateway
-    token never appears on a command line."""
+    """Addon options as COHERE_GATEWAY_* variables, read by the addon's option defaults (addons/gateway.py),
+    so workers get their settings - the gateway token included - without it appearing on a command line."""
     env = {}
     for f in dataclasses.fields(cfg):
-        if f.name in _MITMPROXY_ONLY:
+        if f.name in _PROCESS_ONLY:
             continue
         value = getattr(cfg, f.name)
         env[s.env_name(s.ProxySettings, f.name)] = (
@@ -55,9 +56,95 @@ def addon_environment(cfg: s.ProxySettings) -> dict[str, str]:
     return env
 
 
+def _reuse_port() -> None:
+    """mitmproxy 11 binds with asyncio.start_server() and has no reuse_port option; workers need it to
+    share one port. Only worker processes call this, so a lone gateway still fails loudly on a busy port."""
+    from mitmproxy.proxy import mode_servers
+
+    original = mode_servers.asyncio.start_server
+
+    @functools.wraps(original)
+    async def start_server(*args, **kwargs):  # type: ignore[no-untyped-def]
+        kwargs.setdefault("reuse_port", True)
+        return await original(*args, **kwargs)
+
+    mode_servers.asyncio.start_server = start_server  # type: ignore[attr-defined]
+
+
+async def _serve(cfg: s.ProxySettings) -> None:
+    from mitmproxy import hooks, master, options
+    from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, tlsconfig
+
+    from addons.gateway import Gateway
+
+    logging.getLogger().setLevel(cfg.log_level.upper())
+    # Per-connection chatter ("client connect", "server disconnect") costs CPU on every request and
+    # says nothing the events do not; it stays available with --log-level debug.
+    quiet = ["asyncio", "hpack", "quic"] + (["mitmproxy.proxy"] if cfg.log_level != "debug" else [])
+    for name in quiet:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    opts = options.Options()
+    m = master.Master(opts, with_termlog=True)
+    gateway = Gateway()
+    m.addons.add(
+        core.Core(),
+        proxyserver.Proxyserver(),
+        next_layer.NextLayer(),
+        tlsconfig.TlsConfig(),
+        errorcheck.ErrorCheck(),
+        gateway,
+    )
+    opts.update(
+        mode=listen_modes(cfg),
+        confdir=str(cfg.data_dir / "mitmproxy"),
+        connection_strategy="lazy",  # never connect to a CONNECT target before the addon routed it
+        termlog_verbosity=cfg.log_level,
+    )
+    # As `mitmdump -s` does for a script: the addon configures itself from every option once, including
+    # those left at the defaults it read from COHERE_GATEWAY_* (an update only announces changed ones).
+    m.addons.invoke_addon_sync(gateway, hooks.ConfigureHook(set(opts.keys())))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, m.shutdown)
+    await m.run()
+
+
+def _ensure_ca(confdir: Path) -> None:
+    """Create mitmproxy's CA once, before workers start, so they do not race to write it."""
+    from mitmproxy import certs
+
+    confdir.mkdir(parents=True, exist_ok=True)
+    certs.CertStore.from_store(confdir, "mitmproxy", 2048)
+
+
+def _supervise(cfg: s.ProxySettings) -> int:
+    """Run `cfg.workers` single-process gateways on one port; stop them together."""
+    _ensure_ca(cfg.data_dir / "mitmproxy")
+    spool_root = Path(cfg.spool_dir) if cfg.spool_dir else cfg.data_dir / "spool"
+    workers = []
+    for i in range(cfg.workers):
+        # Each worker has its own spool: a spool directory is locked by one publisher.
+        env = os.environ | addon_environment(dataclasses.replace(cfg, spool_dir=str(spool_root / f"w{i}")))
+        args = ["--host", cfg.host, "--port", str(cfg.port), "--data-dir", str(cfg.data_dir)]
+        args += ["--log-level", cfg.log_level, "--transparent-port", str(cfg.transparent_port)]
+        cmd = [sys.executable, "-m", "cohere_gateway.cli", "proxy", "--worker", *args]
+        workers.append(subprocess.Popen(cmd, env=env))
+
+    def stop(*_: object) -> None:
+        for w in workers:
+            if w.poll() is None:
+                w.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    codes = [w.wait() for w in workers]
+    return max(codes)
+
+
 @click.command()
 @s.click_options(s.ProxySettings)
-def proxy(**kwargs: object) -> None:
+@click.option("--worker", is_flag=True, hidden=True, help="Internal: one of --workers N processes.")
+def proxy(worker: bool, **kwargs: object) -> None:
     """Run the gateway: Cloudflare-compatible routes on --port, an optional forward proxy on
     --transparent-port, events to Kafka.
 
@@ -65,17 +152,26 @@ def proxy(**kwargs: object) -> None:
     SDK:          cohere.ClientV2(base_url="http://HOST:PORT/v1/ACCOUNT/GATEWAY/cohere")
     OpenAI SDK:   OpenAI(base_url="http://HOST:PORT/v1/ACCOUNT/GATEWAY/compat"), model="cohere/command-r"
     Forward mode: HTTPS_PROXY=http://HOST:TPORT SSL_CERT_FILE=DATA_DIR/mitmproxy/mitmproxy-ca-cert.pem
-    Health:       GET /healthz, Prometheus counters: GET /metrics (on --port)
+    Health:       GET /healthz, Prometheus counters: GET /metrics (on --port; per worker process)
     """
-    from mitmproxy.tools.main import mitmdump
-
     cfg: s.ProxySettings = s.from_kwargs(s.ProxySettings, kwargs)
+    if cfg.workers < 1:
+        raise click.BadParameter("must be 1 or more", param_hint="--workers")
+    listen_modes(cfg)  # a bad --upstream fails here, before anything starts
+    if cfg.workers > 1 and not worker:
+        click.echo(
+            f"cohere-gateway: {cfg.workers} workers on http://{cfg.host}:{cfg.port} -> {cfg.upstream}",
+            err=True,
+        )
+        sys.exit(_supervise(cfg))
+    if worker:
+        _reuse_port()
     (cfg.data_dir / "mitmproxy").mkdir(parents=True, exist_ok=True)
-    args = mitmdump_args(cfg)
-    os.environ.update(addon_environment(cfg))
-    click.echo(
-        f"cohere-gateway: gateway on http://{cfg.host}:{cfg.port} -> {cfg.upstream}"
-        + (f", forward proxy on {cfg.host}:{cfg.transparent_port}" if cfg.transparent_port else ""),
-        err=True,
-    )
-    mitmdump(args)
+    os.environ.update(addon_environment(cfg))  # read by the addon's option defaults as it loads
+    if not worker:
+        click.echo(
+            f"cohere-gateway: gateway on http://{cfg.host}:{cfg.port} -> {cfg.upstream}"
+            + (f", forward proxy on {cfg.host}:{cfg.transparent_port}" if cfg.transparent_port else ""),
+            err=True,
+        )
+    asyncio.run(_serve(cfg))

@@ -151,6 +151,9 @@ class ProxySettings:
         10.0, "On SIGTERM/SIGINT, how long to keep delivering to Kafka before spooling the rest."
     )
     log_level: str = setting("info", "Log level.", choices=("debug", "info", "warning", "error"))
+    workers: int = setting(
+        1, "Gateway processes sharing --port (SO_REUSEPORT), one per core to use; each has its own spool."
+    )
 
 
 @dataclass(frozen=True)
