@@ -128,6 +128,15 @@ def bare_mitmdump(upstream: str) -> contextlib.AbstractContextManager[Target]:
 def gateway(name: str, upstream: str, bootstrap: str, topic: str, **options: Any) -> Iterator[Target]:
     gw = start_gateway(upstream, bootstrap, topic, transparent=False, **options)
     try:
+        # with --workers, every worker must listen before load starts, or the first gets all connections
+        port, workers = int(gw.url.rsplit(":", 1)[1]), int(options.get("workers", 1))
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while len(_listening_inodes(port)) < workers:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"only {len(_listening_inodes(port))} of {workers} workers listen on {port}"
+                )
+            time.sleep(0.05)
         yield Target(name, gw.url, GATEWAY_PREFIX, gw.proc.pid)
     finally:
         gw.stop()
@@ -202,40 +211,12 @@ def consumer(bootstrap: str, topic: str, *flags: str) -> Iterator[Consumer]:
 
 
 @contextlib.contextmanager
-def lean_gateway(
-    name: str, upstream: str, bootstrap: str, topic: str, *, workers: int = 1, gateway: bool = True
-) -> Iterator[Target]:
-    """bench/lean_gateway.py: the gateway addon on a lean mitmproxy chain, in `workers` processes."""
+def lean_bare(name: str, upstream: str) -> Iterator[Target]:
+    """bench/lean_gateway.py: the gateway's lean mitmproxy chain without the gateway addon."""
     port = free_port()
-    args = [
-        sys.executable, "-m", "bench.lean_gateway", "--port", str(port), "--upstream", upstream,
-        "--kafka-bootstrap", bootstrap, "--topic", topic, "--data-dir", "{tmp}", "--workers", str(workers),
-    ]  # fmt: skip
-    if not gateway:
-        args.append("--no-gateway")
+    args = [sys.executable, "-m", "bench.lean_gateway", "--port", str(port), "--upstream", upstream,
+            "--data-dir", "{tmp}"]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("COHERE_GATEWAY_")}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
-    with process(name, args, port, GATEWAY_PREFIX if gateway else "", env) as target:
-        # every worker must listen before load starts, or the first one gets all the connections
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while len(_listening_inodes(port)) < workers:
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"only {len(_listening_inodes(port))} of {workers} workers listen on {port}"
-                )
-            time.sleep(0.05)
-        yield target
-
-
-@contextlib.contextmanager
-def gateway_quiet_logs(name: str, upstream: str, bootstrap: str, topic: str) -> Iterator[Target]:
-    """`cohere-gateway proxy` with kafka-python's loggers at WARNING (bench/gateway_quiet_logs.py)."""
-    port = free_port()
-    args = [
-        sys.executable, "-m", "bench.gateway_quiet_logs", "proxy", "--port", str(port),
-        "--upstream", upstream, "--kafka-bootstrap", bootstrap, "--topic", topic, "--data-dir", "{tmp}",
-    ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith("COHERE_GATEWAY_")}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
-    with process(name, args, port, GATEWAY_PREFIX, env) as target:
+    with process(name, args, port, "", env) as target:
         yield target
