@@ -51,7 +51,10 @@ def run_external(name: str, quick: bool) -> Outcome:
         if isinstance(result, Outcome):
             return result
     cmd = [sys.executable, "-m", f"bench.{name}", "--no-record", *(["--quick"] if quick else [])]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[1:])} exited with {proc.returncode}:\n{proc.stderr[-3000:]}")
+    out = proc.stdout
     fields = json.loads(out[out.index("{") : out.rindex("}") + 1])
     table = Table(f"{name} (bench/{name}.py)", list(fields), [[str(v) for v in fields.values()]])
     return Outcome([table, *external_budgets(name, fields)], [f"measured by bench/{name}.py"], None)

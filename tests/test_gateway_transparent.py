@@ -59,7 +59,7 @@ def test_unchanged_app_through_https_proxy(gateway: GatewayProcess, gateway_even
 
 def test_forward_proxy_refuses_other_hosts(gateway: GatewayProcess) -> None:
     assert gateway.proxy_url is not None
-    with httpx.Client(proxies=gateway.proxy_url, verify=str(gateway.ca_cert), timeout=10) as client:
+    with httpx.Client(proxy=gateway.proxy_url, verify=str(gateway.ca_cert), timeout=10) as client:
         with pytest.raises(httpx.ProxyError) as exc:  # CONNECT answered 403 by the gateway
             client.get("https://example.com/")
         assert "403" in str(exc.value)
@@ -70,7 +70,7 @@ def test_forward_proxy_refuses_other_hosts(gateway: GatewayProcess) -> None:
 def test_account_and_gateway_from_headers(gateway: GatewayProcess, gateway_events: EventReader) -> None:
     assert gateway.proxy_url is not None
     cid = "tp-" + uuid.uuid4().hex
-    with httpx.Client(proxies=gateway.proxy_url, verify=str(gateway.ca_cert), timeout=10) as client:
+    with httpx.Client(proxy=gateway.proxy_url, verify=str(gateway.ca_cert), timeout=10) as client:
         resp = client.post(
             "https://api.cohere.ai/v1/chat", json={"message": "hi", "model": "command-r"},
             headers={"Authorization": "Bearer k", "cf-aig-account-id": "team-a", "cf-aig-gateway-id": "prod",
