@@ -181,10 +181,19 @@ def _java_cmd(main_class: str, *args: str) -> list[str]:
     ]
 
 
+def new_cluster_id() -> str:
+    """A KRaft cluster id as Kafka makes them: 16 random bytes, URL-safe base64. Like Kafka's own
+    Uuid.randomUuid(), never one starting with '-', which the storage tool would read as an option."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
 def _format_storage(data_dir: Path, props: Path) -> None:
     if (data_dir / "kraft-logs" / "meta.properties").exists():
         return
-    cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    cluster_id = new_cluster_id()
     proc = subprocess.run(
         _java_cmd("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)),
         capture_output=True,

@@ -99,3 +99,10 @@ def test_port_in_use_is_explained(kafka_bootstrap: str, tmp_path: Path) -> None:
         pytest.skip("external broker: its port is not on this machine")
     with pytest.raises(localkafka.KafkaSetupError, match="in use"):
         localkafka.start(tmp_path / "other", int(port))
+
+
+def test_cluster_ids_never_look_like_an_option() -> None:
+    """One id in 64 would start with '-' and make the storage tool fail to parse its arguments."""
+    ids = [localkafka.new_cluster_id() for _ in range(2000)]
+    assert not [i for i in ids if i.startswith("-")]
+    assert all(len(i) == 22 for i in ids) and len(set(ids)) == len(ids)
