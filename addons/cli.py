@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import click
@@ -72,10 +73,39 @@ def _reuse_port() -> None:
     mode_servers.asyncio.start_server = start_server  # type: ignore[attr-defined]
 
 
-async def _serve(cfg: s.ProxySettings) -> None:
+def lean_master(modes: list[str], confdir: Path, log_level: str, *extra: Any) -> Any:
+    """A mitmproxy Master with the addon chain a gateway needs, plus `extra` addons, configured to listen.
+
+    Every added addon is configured from every option once, as `mitmdump -s` does for a script: an
+    options update only announces the options it changed, and the gateway reads its defaults from
+    COHERE_GATEWAY_* variables. bench/lean_gateway.py runs this chain without the gateway as a baseline.
+    """
     from mitmproxy import hooks, master, options
     from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, tlsconfig
 
+    opts = options.Options()
+    m = master.Master(opts, with_termlog=True)
+    chain = [core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig()]
+    m.addons.add(*chain, errorcheck.ErrorCheck(), *extra)
+    opts.update(
+        mode=modes,
+        confdir=str(confdir),
+        connection_strategy="lazy",  # never connect to a CONNECT target before the addon routed it
+        termlog_verbosity=log_level,
+    )
+    for addon in extra:
+        m.addons.invoke_addon_sync(addon, hooks.ConfigureHook(set(opts.keys())))
+    return m
+
+
+async def run_until_signal(m: Any) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, m.shutdown)
+    await m.run()
+
+
+async def _serve(cfg: s.ProxySettings) -> None:
     from addons.gateway import Gateway
 
     # The Kafka delivery thread shares the GIL with the event loop. Python hands the GIL over every 5 ms
@@ -90,30 +120,8 @@ async def _serve(cfg: s.ProxySettings) -> None:
     quiet = ["asyncio", "hpack", "quic"] + (["mitmproxy.proxy"] if cfg.log_level != "debug" else [])
     for name in quiet:
         logging.getLogger(name).setLevel(logging.WARNING)
-    opts = options.Options()
-    m = master.Master(opts, with_termlog=True)
-    gateway = Gateway()
-    m.addons.add(
-        core.Core(),
-        proxyserver.Proxyserver(),
-        next_layer.NextLayer(),
-        tlsconfig.TlsConfig(),
-        errorcheck.ErrorCheck(),
-        gateway,
-    )
-    opts.update(
-        mode=listen_modes(cfg),
-        confdir=str(cfg.data_dir / "mitmproxy"),
-        connection_strategy="lazy",  # never connect to a CONNECT target before the addon routed it
-        termlog_verbosity=cfg.log_level,
-    )
-    # As `mitmdump -s` does for a script: the addon configures itself from every option once, including
-    # those left at the defaults it read from COHERE_GATEWAY_* (an update only announces changed ones).
-    m.addons.invoke_addon_sync(gateway, hooks.ConfigureHook(set(opts.keys())))
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, m.shutdown)
-    await m.run()
+    m = lean_master(listen_modes(cfg), cfg.data_dir / "mitmproxy", cfg.log_level, Gateway())
+    await run_until_signal(m)
 
 
 def _ensure_ca(confdir: Path) -> None:

@@ -349,7 +349,7 @@ class Gateway:
         extracted = extract_body(x.route.api_version, x.route.endpoint, content)
         if ctx.options.log_payloads and x.options.collect_payload and content is not None:
             payload = truncate(content.decode("utf-8", "replace"), ctx.options.payload_max_bytes)
-        resp.headers[LOG_ID_HEADER] = x.event_id
+        # cf-aig-log-id was set in responseheaders; only now is the gateway's own time known
         resp.headers[OVERHEAD_HEADER] = _ms((x.forwarded_at - x.start) + (now - (resp.timestamp_end or now)))
         self._finish(
             x,

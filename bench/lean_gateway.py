@@ -9,31 +9,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 from pathlib import Path
 
 
 async def serve(args: argparse.Namespace) -> None:
-    from mitmproxy import master, options
-    from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, tlsconfig
+    from addons.cli import lean_master, run_until_signal
 
-    opts = options.Options()
-    m = master.Master(opts, with_termlog=True)
-    m.addons.add(
-        core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(),
-        errorcheck.ErrorCheck(),
-    )  # fmt: skip
-    opts.update(
-        mode=[f"reverse:{args.upstream}@{args.host}:{args.port}"],
-        confdir=str(Path(args.data_dir) / "mitmproxy"),
-        connection_strategy="lazy",
-        termlog_verbosity="warn",
-    )
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, m.shutdown)
-    await m.run()
+    modes = [f"reverse:{args.upstream}@{args.host}:{args.port}"]
+    await run_until_signal(lean_master(modes, Path(args.data_dir) / "mitmproxy", "warn"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,13 +57,9 @@ class Up:
         return json.loads(out.stdout)
 
 
-def _free_port() -> int:
-    return free_port_pair()
-
-
 @pytest.fixture
 def up(tmp_path: Path) -> Iterator[Up]:
-    gateway_port, dashboard_port, kafka_port = _free_port(), _free_port(), free_port_pair()
+    gateway_port, dashboard_port, kafka_port = free_port_pair(), free_port_pair(), free_port_pair()
     data_dir = tmp_path / "data"
     proc = subprocess.Popen(
         [
