@@ -67,8 +67,21 @@ def external_budgets(name: str, fields: dict[str, object]) -> list[Table]:
     rate, p95 = float(fields["sustained_events_per_s"]), float(fields["visible_p95_ms"])  # type: ignore[arg-type]
     table = budget_table()
     table.add(
-        "sink draining a backlog", f"{rate:,.0f} events/s", "—", "≥ 40,000 events/s", verdict(rate >= 40_000)
+        f"sink draining a backlog (one consumer process, {fields.get('sustained_cores', '?')} cores)",
+        f"{rate:,.0f} events/s",
+        "—",
+        "≥ 40,000 events/s",
+        verdict(rate >= 40_000),
     )
+    if "one_core_events_per_s" in fields:
+        pinned = float(fields["one_core_events_per_s"])  # type: ignore[arg-type]
+        table.add(
+            "sink draining a backlog, pinned to one core",
+            f"{pinned:,.0f} events/s",
+            "—",
+            "≥ 40,000 events/s",
+            verdict(pinned >= 40_000),
+        )
     table.add(
         f"produce→visible p95 at {fields.get('steady_rate', '?')} events/s",
         f"{p95:.0f} ms",

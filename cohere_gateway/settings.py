@@ -76,7 +76,11 @@ class ConsumerSettings:
     data_dir: Path = setting(
         DEFAULT_DATA_DIR, "Directory of the embedded engine (used when no --clickhouse)."
     )
-    batch_size: int = setting(5000, "Insert when this many events are buffered.")
+    batch_size: int = setting(
+        5000,
+        "Rows per insert: a partition's events are inserted once this many are buffered (each partition "
+        "is its own insert, so up to partitions x this many are held in memory).",
+    )
     batch_wait_ms: int = setting(
         1000, "Insert buffered events at the latest this long after the first arrived."
     )

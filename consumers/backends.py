@@ -37,7 +37,9 @@ class Backend(Protocol):
 
     def query(self, sql: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]: ...
 
-    def insert_json_rows(self, table: str, rows: bytes, dedup_token: str | None = None) -> None: ...
+    def insert_json_rows(
+        self, table: str, rows: bytes, dedup_token: str | None = None, columns: tuple[str, ...] = ()
+    ) -> None: ...
 
     def close(self) -> None: ...
 
@@ -47,7 +49,11 @@ def _parse_rows(data: bytes) -> list[dict[str, Any]]:
 
 
 def insert_settings(dedup_token: str | None) -> dict[str, Any]:
-    settings: dict[str, Any] = {"date_time_input_format": "best_effort"}
+    # A key no column takes is an error, not silently dropped: it means the row and the schema disagree.
+    settings: dict[str, Any] = {
+        "date_time_input_format": "best_effort",
+        "input_format_skip_unknown_fields": 0,
+    }
     if dedup_token is not None:
         settings |= DEDUP_SETTINGS | {"insert_deduplication_token": dedup_token}
     return settings
@@ -60,10 +66,11 @@ def _sql_literal(value: Any) -> str:
     return f"'{escaped}'"
 
 
-def insert_statement(table: str, dedup_token: str | None) -> str:
+def insert_statement(table: str, dedup_token: str | None, columns: tuple[str, ...] = ()) -> str:
     """The INSERT head for the embedded engine, whose streaming insert takes settings in the SQL."""
     settings = ", ".join(f"{k} = {_sql_literal(v)}" for k, v in insert_settings(dedup_token).items())
-    return f"INSERT INTO {table} SETTINGS {settings}"
+    names = f" ({', '.join(columns)})" if columns else ""
+    return f"INSERT INTO {table}{names} SETTINGS {settings}"
 
 
 class ChdbBackend:
@@ -93,11 +100,14 @@ class ChdbBackend:
             result = self._run(lambda: self._conn.query(sql, "JSONEachRow", params=params))
         return _parse_rows(result.bytes())
 
-    def insert_json_rows(self, table: str, rows: bytes, dedup_token: str | None = None) -> None:
+    def insert_json_rows(
+        self, table: str, rows: bytes, dedup_token: str | None = None, columns: tuple[str, ...] = ()
+    ) -> None:
+        statement = insert_statement(table, dedup_token, columns)
         with self._lock:
 
             def insert() -> None:
-                with self._conn.send_insert(insert_statement(table, dedup_token), "JSONEachRow") as ins:
+                with self._conn.send_insert(statement, "JSONEachRow") as ins:
                     ins.append(rows)
                     ins.finish()
 
@@ -275,10 +285,16 @@ class ServerBackend:
     def query(self, sql: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         return _parse_rows(self._run(lambda c: c.raw_query(sql, parameters=params, fmt="JSONEachRow")))
 
-    def insert_json_rows(self, table: str, rows: bytes, dedup_token: str | None = None) -> None:
+    def insert_json_rows(
+        self, table: str, rows: bytes, dedup_token: str | None = None, columns: tuple[str, ...] = ()
+    ) -> None:
         self._run(
             lambda c: c.raw_insert(
-                table, insert_block=rows, settings=insert_settings(dedup_token), fmt="JSONEachRow"
+                table,
+                column_names=list(columns) or None,
+                insert_block=rows,
+                settings=insert_settings(dedup_token),
+                fmt="JSONEachRow",
             )
         )
 
@@ -317,9 +333,11 @@ class FaultInjectingBackend:
         self._check()
         return self._inner.query(sql, params)
 
-    def insert_json_rows(self, table: str, rows: bytes, dedup_token: str | None = None) -> None:
+    def insert_json_rows(
+        self, table: str, rows: bytes, dedup_token: str | None = None, columns: tuple[str, ...] = ()
+    ) -> None:
         self._check()
-        self._inner.insert_json_rows(table, rows, dedup_token)
+        self._inner.insert_json_rows(table, rows, dedup_token, columns)
 
     def close(self) -> None:
         self._inner.close()

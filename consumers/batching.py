@@ -83,9 +83,11 @@ class Planner:
         return [tp for tp, buf in self._buffers.items() if buf]
 
     def due(self, now: float, batch_size: int, wait_s: float) -> bool:
+        """A partition has a full batch (each partition is its own insert, so `batch_size` is the rows
+        of one insert), or the oldest buffered record has waited `wait_s`."""
         if self._oldest is None:
             return False
-        return self.buffered() >= batch_size or now - self._oldest >= wait_s
+        return now - self._oldest >= wait_s or any(len(b) >= batch_size for b in self._buffers.values())
 
     def knows_intents(self, tp: TopicPartition) -> bool:
         return tp in self._intents

@@ -5,55 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-import orjson
-
-from cohere_gateway.events import Event, EventError, decode
+from cohere_gateway.events import Event, EventError, Usage, decode, encode
 
 # DateTime64(3) holds 1900-01-01 .. 2299-12-31; anything outside would fail the whole insert block.
 _MIN_TIME = datetime(1970, 1, 1, tzinfo=UTC)
 _MAX_TIME = datetime(2299, 12, 31, tzinfo=UTC)
 
-USAGE_FIELDS = (
-    "input_tokens",
-    "output_tokens",
-    "raw_input_tokens",
-    "raw_output_tokens",
-    "cached_tokens",
-    "search_units",
-    "classifications",
-    "embeddings",
-)
-LATENCY_FIELDS = ("total_ms", "upstream_ttfb_ms", "ttft_ms", "gateway_overhead_ms")
-_PLAIN_FIELDS = (
-    "event_id",
-    "schema_version",
-    "account_id",
-    "gateway_id",
-    "route_mode",
-    "api_version",
-    "endpoint",
-    "method",
-    "path",
-    "model",
-    "stream",
-    "status_code",
-    "outcome",
-    "error_type",
-    "error_message",
-    "finish_reason",
-    "request_bytes",
-    "response_bytes",
-    "user_agent",
-    "api_key_fingerprint",
-    "response_id",
-    "generation_id",
-    "client_event_id",
-    "metadata",
-    "cost_usd",
-    "cost_source",
-    "request_body",
-    "response_body",
-)
+# The JSON keys of a raw-table row, in insert order: the contract's fields as `encode` writes them
+# (`usage` and `latency` nested, filling the flat columns through migration 0004) and where the message
+# was in Kafka. Inserts name these columns; see consumers/migrations/0004_nested_insert.sql.
+EVENT_COLUMNS: tuple[str, ...] = (*Event.__struct_fields__, "kafka_partition", "kafka_offset")
+USAGE_FIELDS: tuple[str, ...] = Usage.__struct_fields__
 UINT64_MAX = 2**64 - 1
 
 
@@ -65,19 +27,6 @@ class Rejected:
 def format_time(ts: datetime) -> str:
     """ClickHouse's DateTime64(3) text form, in UTC."""
     return ts.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.") + f"{ts.microsecond // 1000:03d}"
-
-
-def event_row(event: Event, partition: int, offset: int) -> dict:
-    row = {name: getattr(event, name) for name in _PLAIN_FIELDS}
-    row["start_time"] = format_time(event.start_time)
-    row["end_time"] = format_time(event.end_time)
-    for name in USAGE_FIELDS:
-        row["usage_" + name] = getattr(event.usage, name)
-    for name in LATENCY_FIELDS:
-        row["latency_" + name] = getattr(event.latency, name)
-    row["kafka_partition"] = partition
-    row["kafka_offset"] = offset
-    return row
 
 
 def check_storable(event: Event) -> str | None:
@@ -108,4 +57,6 @@ def convert(value: bytes | None, partition: int, offset: int) -> bytes | Rejecte
         return Rejected(str(exc))
     if problem := check_storable(event):
         return Rejected(f"invalid event: {problem}")
-    return orjson.dumps(event_row(event, partition, offset)) + b"\n"
+    # Re-encoding the validated event (not the message as it came) drops unknown and duplicate keys,
+    # which would fail the whole insert block; the Kafka position is spliced into the closing brace.
+    return encode(event)[:-1] + b',"kafka_partition":%d,"kafka_offset":%d}\n' % (partition, offset)

@@ -33,7 +33,7 @@ from consumers.backends import (
     parse_clickhouse_url,
 )
 from consumers.consumer import LOAD_INTENTS_SQL
-from consumers.rows import convert
+from consumers.rows import EVENT_COLUMNS, convert
 from tests.fixtures.clickhouse import make_event
 
 USER, PASSWORD, DATABASE = "gateway", "s3cr3t p@ss/word", "analytics"
@@ -212,19 +212,20 @@ class StandInServer:
             )
         sql, fmt = split_format(request.params.get("query", "") + request.body.decode())
         try:
-            if m := re.match(r"INSERT INTO (\w+) FORMAT JSONEachRow\n", sql):
+            if m := re.match(r"INSERT INTO (\w+)(?: \(([^)]*)\))? FORMAT JSONEachRow\n", sql):
                 rows = sql[m.end() :].encode()
-                self._insert(m.group(1), rows, request.settings)
+                columns = tuple(c.strip(" `") for c in m.group(2).split(",")) if m.group(2) else ()
+                self._insert(m.group(1), rows, request.settings, columns)
                 return 200, 0, b""
             result = self.engine._run(lambda: self.engine._conn.query(sql, fmt, params=request.bound or None))
             return 200, 0, result.bytes()
         except BackendUnavailable as exc:
             return 500, 62, f"Code: 62. DB::Exception: {exc}\n".encode()
 
-    def _insert(self, table: str, rows: bytes, settings: dict[str, str]) -> None:
+    def _insert(self, table: str, rows: bytes, settings: dict[str, str], columns: tuple[str, ...]) -> None:
         # The embedded engine takes insert settings in the SQL; the token (with the view setting that
         # goes with it) is what changes the outcome, so the stand-in honours exactly that.
-        self.engine.insert_json_rows(table, rows, settings.get("insert_deduplication_token"))
+        self.engine.insert_json_rows(table, rows, settings.get("insert_deduplication_token"), columns)
 
     def statements(self) -> list[Request]:
         """Requests after clickhouse-connect's connect-time queries."""
@@ -311,7 +312,9 @@ def insert_batch(backend: ServerBackend, first: int, count: int, token: str | No
     base = (datetime.now(UTC) - timedelta(hours=1)).replace(microsecond=0)
     rows = [convert(encode(make_event(i, base)), 0, i) for i in range(first, first + count)]
     assert all(isinstance(r, bytes) for r in rows)
-    backend.insert_json_rows("events", b"".join(r for r in rows if isinstance(r, bytes)), token)
+    backend.insert_json_rows(
+        "events", b"".join(r for r in rows if isinstance(r, bytes)), token, EVENT_COLUMNS
+    )
 
 
 def test_insert_carries_the_dedup_token_and_view_dedup_setting(
@@ -325,7 +328,12 @@ def test_insert_carries_the_dedup_token_and_view_dedup_setting(
     inserts = [r for r in server.requests if r.sql.startswith("INSERT INTO events")]
     assert len(inserts) == 2
     head, _, rows = inserts[0].body.partition(b"\n")
-    assert head == b"INSERT INTO events FORMAT JSONEachRow"
+    assert (
+        head
+        == b"INSERT INTO events ("
+        + b", ".join(b"`%s`" % c.encode() for c in EVENT_COLUMNS)
+        + b") FORMAT JSONEachRow"
+    )
     assert rows.count(b"\n") == 40
     assert inserts[0].params["database"] == DATABASE
     assert (

@@ -61,6 +61,16 @@ def test_due_by_count_or_age() -> None:
     assert p.due(now=10.6, batch_size=3, wait_s=1.0)
 
 
+def test_batch_size_counts_one_partition_because_each_partition_is_one_insert() -> None:
+    p = Planner()
+    other = TopicPartition("t", 1)
+    p.add(TP, [Rec(0), Rec(1)], now=10.0)
+    p.add(other, [Rec(0, partition=1), Rec(1, partition=1)], now=10.0)
+    assert not p.due(now=10.1, batch_size=3, wait_s=1.0)  # four buffered, no insert would have three
+    p.add(other, [Rec(2, partition=1)], now=10.1)
+    assert p.due(now=10.1, batch_size=3, wait_s=1.0)
+
+
 def test_convert_accepts_events_and_explains_rejections() -> None:
     assert isinstance(convert(encode(make_event(1)), 0, 0), bytes)
     assert "tombstone" in convert(None, 0, 0).reason  # type: ignore[union-attr]

@@ -13,13 +13,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 import yaml
 
 from cohere_gateway.cli import main as cli
+from cohere_gateway.events import encode
 from consumers.backends import Backend
-from consumers.rows import event_row
+from consumers.rows import EVENT_COLUMNS, convert
 from tests.fixtures.clickhouse import make_event
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,8 +91,9 @@ def test_every_grafana_panel_query_runs_against_the_schema(clickhouse_backend: B
     from datetime import UTC, datetime, timedelta
 
     base = datetime.now(UTC) - timedelta(minutes=30)
-    rows = b"".join(orjson.dumps(event_row(make_event(i, base), 0, i)) + b"\n" for i in range(40))
-    clickhouse_backend.insert_json_rows("events", rows)
+    rows = [convert(encode(make_event(i, base)), 0, i) for i in range(40)]
+    assert all(isinstance(r, bytes) for r in rows), rows
+    clickhouse_backend.insert_json_rows("events", b"".join(rows), columns=EVENT_COLUMNS)  # type: ignore[arg-type]
     answered = 0
     for panel in DASHBOARD["panels"]:
         for target in panel["targets"]:

@@ -11,7 +11,7 @@ import pytest
 from cohere_gateway.events import Event, Latency, Usage, encode
 from consumers import queries, schema
 from consumers.backends import Backend
-from consumers.rows import LATENCY_FIELDS, USAGE_FIELDS, convert
+from consumers.rows import EVENT_COLUMNS, convert
 from tests.fixtures.clickhouse import make_event
 
 # Recent, so the TTL (90 days) does not drop the rows on insert.
@@ -24,11 +24,11 @@ def insert_events(backend: Backend, events: list[Event], token: str | None, part
         row = convert(encode(ev), partition, offset)
         assert isinstance(row, bytes), row
         lines.append(row)
-    backend.insert_json_rows("events", b"".join(lines), token)
+    backend.insert_json_rows("events", b"".join(lines), token, EVENT_COLUMNS)
 
 
 def event_from_row(row: dict[str, Any]) -> Event:
-    """The inverse of consumers.rows.event_row, to prove nothing was lost on the way in."""
+    """The stored row back as an event, to prove nothing was lost on the way in."""
     row = dict(row)
 
     def when(text: str) -> datetime:
@@ -37,8 +37,8 @@ def event_from_row(row: dict[str, Any]) -> Event:
     def num(value: Any) -> Any:
         return int(value) if isinstance(value, str) else value
 
-    usage = Usage(**{n: num(row.pop("usage_" + n)) for n in USAGE_FIELDS})
-    latency = Latency(**{n: row.pop("latency_" + n) for n in LATENCY_FIELDS})
+    usage = Usage(**{n: num(row.pop("usage_" + n)) for n in Usage.__struct_fields__})
+    latency = Latency(**{n: row.pop("latency_" + n) for n in Latency.__struct_fields__})
     for name in ("kafka_partition", "kafka_offset"):
         row.pop(name)
     row["request_bytes"], row["response_bytes"] = num(row["request_bytes"]), num(row["response_bytes"])
