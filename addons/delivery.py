@@ -34,6 +34,9 @@ PROBE_BACKOFF_MAX_S = 2.0
 CURSOR_PERSIST_S = 1.0
 # Last-resort memory bound when the delivery thread cannot keep up at all (see `publish`).
 HARD_CAP_FACTOR = 2
+# The delivery thread hands queued events to the producer this often, or as soon as this many wait.
+IDLE_WAIT_S = 0.05
+WAKE_AT_QUEUED = 512
 
 
 # mitmproxy options of the gateway addon (same names as the ProxySettings fields; defaults from there).
@@ -129,6 +132,27 @@ def abort_producer(producer: Any) -> None:
         log.debug("delivery: error while aborting the producer", exc_info=True)
 
 
+def spool_late(config: DeliveryConfig, key: bytes, value: bytes) -> str | None:
+    """Append one event to the spool of a publisher that has closed (it released the spool, which a
+    successor may own by now); None when it is on disk, else why it could not be."""
+    try:
+        spool = Spool(
+            config.spool_dir,
+            max_bytes=config.spool_max_bytes,
+            fsync=config.spool_fsync,
+            segment_bytes=config.spool_segment_bytes,
+        )
+    except (OSError, SpoolInUseError) as exc:
+        return f"it arrived after shutdown and the spool is unavailable ({exc})"
+    try:
+        if not spool.append(key, value):
+            return f"the spool is full ({config.spool_max_bytes} bytes cap)"
+        spool.flush()
+        return None
+    finally:
+        spool.close()
+
+
 class _Pending:
     """One event handed to the producer. `state` is set from the producer's I/O thread."""
 
@@ -219,7 +243,10 @@ class DurablePublisher:
                     self._drop("the in-memory queue is full")
                 else:
                     self._inbox.append((key, value))
-                    self._cond.notify_all()
+                    # The thread wakes on its own every IDLE_WAIT_S and sends what queued meanwhile, in
+                    # one go: waking it per event costs more CPU than the sends themselves.
+                    if len(self._inbox) >= WAKE_AT_QUEUED:
+                        self._cond.notify_all()
         except Exception:  # never let event delivery break the proxy
             log.exception("delivery: publish failed; event dropped")
             self._counts["events_dropped"] += 1
@@ -247,28 +274,11 @@ class DurablePublisher:
     # -- helpers called with the lock held -----------------------------------------------------------
 
     def _late_spool(self, key: bytes, value: bytes) -> None:
-        """An exchange that finished after close(): straight to disk, so a shutdown loses nothing.
-
-        The spool was released by close() (a successor may own it now), so reopen it for this one record.
-        """
-        try:
-            spool = Spool(
-                self.config.spool_dir,
-                max_bytes=self.config.spool_max_bytes,
-                fsync=self.config.spool_fsync,
-                segment_bytes=self.config.spool_segment_bytes,
-            )
-        except (OSError, SpoolInUseError) as exc:
-            self._drop(f"it arrived after shutdown and the spool is unavailable ({exc})")
-            return
-        try:
-            if spool.append(key, value):
-                spool.flush()
-                self._counts["events_spooled"] += 1
-            else:
-                self._drop(f"the spool is full ({self.config.spool_max_bytes} bytes cap)")
-        finally:
-            spool.close()
+        """An exchange that finished after close(): straight to disk, so a shutdown loses nothing."""
+        if problem := spool_late(self.config, key, value):
+            self._drop(problem)
+        else:
+            self._counts["events_spooled"] += 1
 
     def _append_to_spool(self, key: bytes, value: bytes) -> None:
         try:
@@ -341,7 +351,8 @@ class DurablePublisher:
                 pending.state = 1
                 if pending.spooled:  # given up on and spooled already: its replay will be a duplicate
                     self._counts["events_maybe_duplicated"] += 1
-                self._cond.notify_all()
+                if self._closing:  # otherwise the thread collects acknowledgements when it next wakes
+                    self._cond.notify_all()
 
         def on_error(_: Any) -> None:
             with self._cond:
@@ -393,7 +404,7 @@ class DurablePublisher:
                 why = f"more than {self.config.max_pending_events} events waiting for Kafka"
             if why is None:
                 if not self._inbox:
-                    self._cond.wait(0.05)
+                    self._cond.wait(IDLE_WAIT_S)
                 return
         self._to_spool_mode(why)
 

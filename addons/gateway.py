@@ -27,7 +27,7 @@ from mitmproxy import ctx, http
 from mitmproxy.proxy.mode_specs import RegularMode, ReverseMode
 
 from addons.capture import Exchange, build_event
-from addons.delivery import DELIVERY_OPTIONS, DeliveryConfig, DurablePublisher, default_spool_dir
+from addons.delivery import DELIVERY_OPTIONS, DeliveryConfig, default_spool_dir
 from addons.headers import check_gateway_token, check_singletons, key_fingerprint, parse_request_options
 from addons.metrics import Metrics
 from addons.outcomes import classify_proxy_error, classify_status
@@ -42,6 +42,7 @@ from addons.routing import (
     route_gateway,
     route_transparent,
 )
+from addons.sidecar import SidecarPublisher
 from addons.streaming import StreamWatcher, is_stream_response
 from addons.usage import Extracted, extract_body, request_fields
 from cohere_gateway import settings
@@ -158,7 +159,11 @@ class Gateway:
             return NullPublisher()
         try:
             spool_dir = default_spool_dir(ctx.options.confdir)
-            return DurablePublisher(DeliveryConfig.from_options(ctx.options, spool_dir))
+            return SidecarPublisher(
+                DeliveryConfig.from_options(ctx.options, spool_dir),
+                grace_s=ctx.options.shutdown_grace_s,
+                log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),
+            )
         except (OSError, ValueError, RuntimeError) as exc:
             from mitmproxy import exceptions
 

@@ -1,0 +1,381 @@
+"""Event delivery in a child process. The gateway hands each event over a local socket; the child runs the
+durable publisher (addons/delivery.py: Kafka producer, spool, replay). kafka-python's threads then never
+compete with the event loop for the GIL, which is what held the gateway's p99 above bare mitmproxy's
+(bench/RESULTS.md).
+
+Gateway side: `SidecarPublisher`, a Publisher. Child: `python -m addons.sidecar` (started by it).
+
+The socket is a SOCK_SEQPACKET pair, so messages keep their boundaries: a child that dies loses at most
+the events it had read, never the framing. The gateway keeps the child's end open as well, so what a dead
+child had not read stays queued for the child started next. The child stops when the gateway closes its
+end, on a graceful stop or when the gateway dies: it delivers or spools everything queued before exiting.
+
+Messages, gateway -> child: E<u16 key length><key><value> (an event), S<float64 grace seconds> (stop).
+Child -> gateway: R (ready), X<text> (could not start), C<json> (its counters).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from addons.delivery import DeliveryConfig, spool_late
+
+log = logging.getLogger(__name__)
+
+# Largest event handed over; the socket's send buffer is sized to hold several. Events carry at most two
+# bodies truncated to payload_max_bytes, far below this.
+MAX_EVENT_BYTES = 1 << 20
+SOCKET_BUFFER_BYTES = 4 << 20
+COUNTERS_MAX_BYTES = 64 << 10
+START_TIMEOUT_S = 60.0
+RESPAWN_BACKOFF_S = 2.0
+CHECK_CHILD_EVERY_S = 0.5
+COUNTERS_EVERY_S = 0.2
+SPOOL_LOCK_WAIT_S = 30.0  # a child left over from a killed gateway may still be spooling
+NICENESS = 10
+READ_EVERY_S = 0.02
+_GRACE = struct.Struct("!d")
+_KEY_LEN = struct.Struct("!H")
+
+
+class SidecarError(RuntimeError):
+    """The delivery process could not start; the message says why."""
+
+
+# -- gateway side -------------------------------------------------------------------------------------
+
+
+class SidecarPublisher:
+    """publish() is one non-blocking send on a local socket; close(timeout) lets the child deliver."""
+
+    def __init__(self, config: DeliveryConfig, *, grace_s: float = 5.0, log_level: str = "info") -> None:
+        config.check()
+        self.config = config
+        self._grace_s = grace_s
+        self._log_level = log_level
+        self._mine, self._theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        for sock in (self._mine, self._theirs):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
+        self._lock = threading.Lock()
+        # Events the socket had no room for (the child stalled or is being restarted), bounded.
+        self._backlog: collections.deque[bytes] = collections.deque()
+        self._child_counts: dict[str, int] = {}
+        self._accepted = 0
+        self._dropped = 0
+        self._closed = False
+        self._next_check = 0.0
+        self._last_spawn = 0.0
+        self._proc = self._spawn()
+        self._await_ready()
+        self._mine.setblocking(False)
+
+    # -- the publisher protocol ---------------------------------------------------------------------------
+
+    def publish(self, key: bytes, value: bytes) -> None:
+        try:
+            message = b"E" + _KEY_LEN.pack(len(key)) + key + value
+            with self._lock:
+                self._accepted += 1
+                if self._closed:
+                    self._late(key, value)
+                    return
+                if len(message) > MAX_EVENT_BYTES:
+                    self._drop(f"it is {len(message)} bytes, over the {MAX_EVENT_BYTES}-byte limit")
+                    return
+                now = time.monotonic()
+                if now >= self._next_check:
+                    self._next_check = now + CHECK_CHILD_EVERY_S
+                    self._ensure_child(now)
+                if self._backlog:
+                    self._backlog.append(message)
+                    self._send_backlog()
+                else:
+                    try:
+                        self._mine.send(message)
+                    except BlockingIOError:
+                        self._backlog.append(message)
+                if len(self._backlog) > self.config.max_pending_events:
+                    self._backlog.popleft()
+                    self._drop("the delivery process is not keeping up (is it stuck?)")
+        except Exception:  # never let event delivery break the proxy
+            log.exception("delivery: publish failed; event dropped")
+            self._dropped += 1
+
+    def close(self, timeout: float) -> None:
+        """Hand over what is queued, tell the child how long it has, and wait for it to finish."""
+        deadline = time.monotonic() + max(timeout, 0.0)
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._proc.poll() is not None:  # died: a new child drains what is queued
+                self._proc = self._spawn()
+            self._mine.settimeout(max(0.0, deadline - time.monotonic()) + 5.0)
+            try:
+                while self._backlog:
+                    self._mine.send(self._backlog[0])
+                    self._backlog.popleft()
+                self._mine.send(b"S" + _GRACE.pack(max(0.0, deadline - time.monotonic())))
+                self._mine.shutdown(socket.SHUT_WR)
+            except OSError as exc:  # the child takes nothing: keep the rest ourselves
+                log.error("delivery: the delivery process took no more events (%s); spooling here", exc)
+                self._proc.kill()
+                self._proc.wait()
+                self._spool_unread()
+        try:
+            self._proc.wait(timeout=max(0.0, deadline - time.monotonic()) + 15.0)
+        except subprocess.TimeoutExpired:
+            log.error("delivery: the delivery process did not stop in time; killing it")
+            self._proc.kill()
+            self._proc.wait()
+        self._mine.setblocking(False)  # with a timeout set, even MSG_DONTWAIT reads would wait it out
+        self._read_counters()
+        self._mine.close()
+        self._theirs.close()
+
+    def counters(self) -> dict[str, int]:
+        with self._lock:
+            if not self._closed:
+                self._send_backlog()
+                self._read_counters()
+            out = {
+                "events_queued": 0,
+                "events_delivered": 0,
+                "events_spooled": 0,
+                "events_replayed": 0,
+                "events_dropped": 0,
+                "events_maybe_duplicated": 0,
+                "kafka_outages": 0,
+                "spool_corrupt_records": 0,
+                "events_pending": 0,
+                "spool_bytes_pending": 0,
+            } | self._child_counts
+            in_transit = max(0, self._accepted - self._dropped - out["events_queued"])
+            out["events_pending"] += in_transit
+            out["events_queued"] = self._accepted
+            out["events_dropped"] += self._dropped
+        return out
+
+    # -- helpers (lock held) ------------------------------------------------------------------------------
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        self._last_spawn = time.monotonic()
+        config = dataclasses.asdict(self.config) | {"spool_dir": str(self.config.spool_dir.resolve())}
+        fd = self._theirs.fileno()
+        cmd = [
+            sys.executable,
+            "-m",
+            "addons.sidecar",
+            "--fd",
+            str(fd),
+            "--config",
+            json.dumps(config),
+            "--grace",
+            str(self._grace_s),
+            "--log-level",
+            self._log_level,
+        ]
+        # `addons` must import in the child however the gateway was started (installed, or mitmdump -s).
+        path = os.pathsep.join(p for p in (_project_root(), os.environ.get("PYTHONPATH", "")) if p)
+        env = os.environ | {"PYTHONPATH": path}
+        return subprocess.Popen(cmd, pass_fds=(fd,), stdin=subprocess.DEVNULL, env=env)
+
+    def _await_ready(self) -> None:
+        self._mine.settimeout(START_TIMEOUT_S)
+        try:
+            while True:
+                try:
+                    message = self._mine.recv(COUNTERS_MAX_BYTES)
+                except TimeoutError:
+                    self._proc.kill()
+                    raise SidecarError(
+                        f"the delivery process did not start within {START_TIMEOUT_S:.0f} s"
+                    ) from None
+                if message[:1] == b"R":
+                    return
+                if message[:1] == b"X":
+                    self._proc.wait()
+                    raise SidecarError(message[1:].decode("utf-8", "replace"))
+        finally:
+            self._mine.settimeout(None)
+
+    def _ensure_child(self, now: float) -> None:
+        code = self._proc.poll()
+        if code is None or now - self._last_spawn < RESPAWN_BACKOFF_S:
+            return
+        log.error(
+            "delivery: the delivery process exited with %s; starting another (events it had not read wait "
+            "in the socket)",
+            code,
+        )
+        self._proc = self._spawn()
+
+    def _send_backlog(self) -> None:
+        while self._backlog:
+            try:
+                self._mine.send(self._backlog[0])
+            except BlockingIOError:
+                return
+            self._backlog.popleft()
+
+    def _read_counters(self) -> None:
+        while True:
+            try:
+                message = self._mine.recv(COUNTERS_MAX_BYTES, socket.MSG_DONTWAIT)
+            except (BlockingIOError, OSError):
+                return
+            if not message:
+                return
+            if message[:1] == b"C":
+                self._child_counts = json.loads(message[1:])
+
+    def _drop(self, why: str) -> None:
+        self._dropped += 1
+        if self._dropped == 1 or self._dropped % 1000 == 0:
+            log.error("delivery: DROPPING events: %s; %d dropped so far", why, self._dropped)
+
+    def _spool_unread(self) -> None:
+        """Every event still queued for the child (we hold its end too), then the backlog, to disk."""
+        queued = []
+        while True:
+            try:
+                message = self._theirs.recv(MAX_EVENT_BYTES, socket.MSG_DONTWAIT)
+            except OSError:
+                break
+            if not message:
+                break
+            queued.append(message)
+        for message in [*queued, *self._backlog]:
+            if message[:1] == b"E":
+                key_len = _KEY_LEN.unpack_from(message, 1)[0]
+                start = 1 + _KEY_LEN.size
+                self._late(message[start : start + key_len], message[start + key_len :])
+        self._backlog.clear()
+
+    def _late(self, key: bytes, value: bytes) -> None:
+        """After close the child has released the spool: an exchange finishing now goes to disk here."""
+        if problem := spool_late(self.config, key, value):
+            self._drop(problem)
+
+
+def _project_root() -> str:
+    """Where `addons` is importable from, whatever the gateway's working directory."""
+    return str(Path(__file__).resolve().parent.parent)
+
+
+# -- child side ---------------------------------------------------------------------------------------
+
+
+def _config_from_json(text: str) -> DeliveryConfig:
+    raw = json.loads(text)
+    return DeliveryConfig(**raw | {"spool_dir": Path(raw["spool_dir"])})
+
+
+def _open_publisher(config: DeliveryConfig) -> Any:
+    from addons.delivery import DurablePublisher
+    from addons.spool import SpoolInUseError
+
+    deadline = time.monotonic() + SPOOL_LOCK_WAIT_S
+    while True:
+        try:
+            return DurablePublisher(config)
+        except SpoolInUseError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.1)
+
+
+def _report(sock: socket.socket, publisher: Any, stop: threading.Event) -> None:
+    last: dict[str, int] | None = None
+    while not stop.wait(COUNTERS_EVERY_S):
+        counts = publisher.counters()
+        if counts != last:
+            try:
+                sock.send(b"C" + json.dumps(counts).encode(), socket.MSG_DONTWAIT)
+                last = counts
+            except (BlockingIOError, OSError):
+                pass  # the gateway reads when it needs them; a skipped update is replaced by the next
+
+
+def child_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m addons.sidecar", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--fd", type=int, required=True, help="the SOCK_SEQPACKET socket from the gateway")
+    parser.add_argument("--config", required=True, help="DeliveryConfig as JSON")
+    parser.add_argument("--grace", type=float, default=5.0, help="grace period if the gateway vanishes")
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="[%(asctime)s] %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("kafka").setLevel(logging.WARNING if args.log_level != "debug" else logging.DEBUG)
+    # Delivery is background work: where cores are short, the proxy's requests go first. Events wait in
+    # the socket and the producer's batches meanwhile; nice 10 still gets ~10 % of a contended core.
+    os.nice(NICENESS)
+    # Ctrl-C in a terminal reaches the whole process group; the gateway decides when delivery stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sock = socket.socket(fileno=args.fd)
+    try:
+        publisher = _open_publisher(_config_from_json(args.config))
+    except Exception as exc:
+        sock.send(b"X" + f"cannot start event delivery: {exc}".encode())
+        return 1
+    sock.send(b"R")
+    stop = threading.Event()
+    reporter = threading.Thread(target=_report, args=(sock, publisher, stop), daemon=True)
+    reporter.start()
+    grace = args.grace
+    buffer = bytearray(MAX_EVENT_BYTES)
+    view = memoryview(buffer)
+    open_ = True
+    while open_:
+        flags = 0  # block for the first message of a round, then take what else is queued
+        while True:
+            try:
+                size = sock.recv_into(buffer, 0, flags)
+            except BlockingIOError:
+                break
+            if size == 0:
+                open_ = False  # the gateway closed its end, or died
+                break
+            flags = socket.MSG_DONTWAIT
+            kind = buffer[0]
+            if kind == ord("E"):
+                (key_len,) = _KEY_LEN.unpack_from(buffer, 1)
+                start = 1 + _KEY_LEN.size
+                publisher.publish(bytes(view[start : start + key_len]), bytes(view[start + key_len : size]))
+            elif kind == ord("S"):
+                (grace,) = _GRACE.unpack_from(buffer, 1)
+        if open_:
+            # Waking per event would cost more than delivering it; the producer batches for 50 ms anyway.
+            time.sleep(READ_EVERY_S)
+    publisher.close(grace)
+    stop.set()
+    reporter.join()
+    with contextlib.suppress(OSError):  # the gateway is gone; close() logged the counters
+        sock.send(b"C" + json.dumps(publisher.counters()).encode(), socket.MSG_DONTWAIT)
+    return 0
+
+
+if __name__ == "__main__":
+    code = child_main()
+    # Everything is delivered or spooled by now; kafka-python may leave a non-daemon thread behind (an
+    # aborted producer's), which would hold a normal exit until it gives up.
+    logging.shutdown()
+    os._exit(code)
