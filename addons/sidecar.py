@@ -63,10 +63,18 @@ class SidecarError(RuntimeError):
 class SidecarPublisher:
     """publish() is one non-blocking send on a local socket; close(timeout) lets the child deliver."""
 
-    def __init__(self, config: DeliveryConfig, *, grace_s: float = 5.0, log_level: str = "info") -> None:
+    def __init__(
+        self,
+        config: DeliveryConfig,
+        *,
+        grace_s: float = 5.0,
+        log_level: str = "info",
+        spool_lock_wait_s: float = SPOOL_LOCK_WAIT_S,
+    ) -> None:
         config.check()
         self.config = config
         self._grace_s = grace_s
+        self._spool_lock_wait_s = spool_lock_wait_s
         self._log_level = log_level
         self._mine, self._theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         for sock in (self._mine, self._theirs):
@@ -152,6 +160,7 @@ class SidecarPublisher:
     def counters(self) -> dict[str, int]:
         with self._lock:
             if not self._closed:
+                self._ensure_child(time.monotonic())
                 self._send_backlog()
                 self._read_counters()
             out = {
@@ -188,6 +197,8 @@ class SidecarPublisher:
             json.dumps(config),
             "--grace",
             str(self._grace_s),
+            "--spool-lock-wait",
+            str(self._spool_lock_wait_s),
             "--log-level",
             self._log_level,
         ]
@@ -214,6 +225,11 @@ class SidecarPublisher:
                     raise SidecarError(message[1:].decode("utf-8", "replace"))
         finally:
             self._mine.settimeout(None)
+
+    @property
+    def pid(self) -> int:
+        """The delivery process's pid (tests kill it)."""
+        return int(self._proc.pid)
 
     def _ensure_child(self, now: float) -> None:
         code = self._proc.poll()
@@ -287,11 +303,11 @@ def _config_from_json(text: str) -> DeliveryConfig:
     return DeliveryConfig(**raw | {"spool_dir": Path(raw["spool_dir"])})
 
 
-def _open_publisher(config: DeliveryConfig) -> Any:
+def _open_publisher(config: DeliveryConfig, lock_wait_s: float) -> Any:
     from addons.delivery import DurablePublisher
     from addons.spool import SpoolInUseError
 
-    deadline = time.monotonic() + SPOOL_LOCK_WAIT_S
+    deadline = time.monotonic() + lock_wait_s
     while True:
         try:
             return DurablePublisher(config)
@@ -319,6 +335,9 @@ def child_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="DeliveryConfig as JSON")
     parser.add_argument("--grace", type=float, default=5.0, help="grace period if the gateway vanishes")
     parser.add_argument("--log-level", default="info")
+    parser.add_argument(
+        "--spool-lock-wait", type=float, default=SPOOL_LOCK_WAIT_S, help="how long to wait for the spool lock"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="[%(asctime)s] %(levelname)s %(name)s: %(message)s"
@@ -332,7 +351,7 @@ def child_main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sock = socket.socket(fileno=args.fd)
     try:
-        publisher = _open_publisher(_config_from_json(args.config))
+        publisher = _open_publisher(_config_from_json(args.config), args.spool_lock_wait)
     except Exception as exc:
         sock.send(b"X" + f"cannot start event delivery: {exc}".encode())
         return 1
