@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import struct
@@ -86,7 +87,11 @@ class SidecarPublisher:
         self._child_counts: dict[str, int] = {}
         self._accepted = 0
         self._dropped = 0
-        self._closed = False
+        self._closing = False  # close() began: the child is told its grace period, events still go to it
+        self._closed = False  # the child takes no more events: they wait in _late, then go to disk here
+        self._child_done = False  # the child reported its publisher closed (message D)
+        self._child_gone = False
+        self._late_events: list[tuple[bytes, bytes]] = []
         self._next_check = 0.0
         self._last_spawn = 0.0
         self._proc = self._spawn()
@@ -101,7 +106,10 @@ class SidecarPublisher:
             with self._lock:
                 self._accepted += 1
                 if self._closed:
-                    self._late(key, value)
+                    if self._child_gone:
+                        self._late(key, value)
+                    else:  # the child may still hold the spool: to disk once it has exited
+                        self._late_events.append((key, value))
                     return
                 if len(message) > MAX_EVENT_BYTES:
                     self._drop(f"it is {len(message)} bytes, over the {MAX_EVENT_BYTES}-byte limit")
@@ -126,43 +134,69 @@ class SidecarPublisher:
             self._dropped += 1
 
     def close(self, timeout: float) -> None:
-        """Hand over what is queued, tell the child how long it has, and wait for it to finish."""
+        """Tell the child how long it has, keep handing it events while it delivers (exchanges on open
+        connections may still finish), then end the socket and wait for the child to exit."""
         deadline = time.monotonic() + max(timeout, 0.0)
         with self._lock:
-            if self._closed:
+            if self._closing:
                 return
-            self._closed = True
+            self._closing = True
             if self._proc.poll() is not None:  # died: a new child drains what is queued
                 self._proc = self._spawn()
-            self._mine.settimeout(max(0.0, deadline - time.monotonic()) + 5.0)
-            try:
-                while self._backlog:
-                    self._mine.send(self._backlog[0])
-                    self._backlog.popleft()
-                self._mine.send(b"S" + _GRACE.pack(max(0.0, deadline - time.monotonic())))
+            self._backlog.append(b"S" + _GRACE.pack(max(0.0, deadline - time.monotonic())))
+        handed_over = self._flush_backlog(deadline + 5.0) and self._wait_child_done(deadline + 15.0)
+        with self._lock:
+            self._closed = True
+            with contextlib.suppress(OSError):
                 self._mine.shutdown(socket.SHUT_WR)
-            except OSError as exc:  # the child takes nothing: keep the rest ourselves
-                log.error("delivery: the delivery process took no more events (%s); spooling here", exc)
-                self._proc.kill()
-                self._proc.wait()
-                self._spool_unread()
         try:
-            self._proc.wait(timeout=max(0.0, deadline - time.monotonic()) + 15.0)
+            self._proc.wait(timeout=5.0 if handed_over else 0.0)
         except subprocess.TimeoutExpired:
-            log.error("delivery: the delivery process did not stop in time; killing it")
+            log.error("delivery: the delivery process did not finish in time; killing it")
             self._proc.kill()
             self._proc.wait()
-        self._mine.setblocking(False)  # with a timeout set, even MSG_DONTWAIT reads would wait it out
-        self._read_counters()
+            handed_over = False
+        with self._lock:
+            self._child_gone = True
+            self._read_messages()
+            if not handed_over:
+                self._spool_unread()
+            late, self._late_events = self._late_events, []
+            for key, value in late:
+                self._late(key, value)
         self._mine.close()
         self._theirs.close()
 
+    def _flush_backlog(self, until: float) -> bool:
+        """Send the backlog (the stop message last) without holding the lock while the socket is full."""
+        while True:
+            with self._lock:
+                self._send_backlog()
+                if not self._backlog:
+                    return True
+            if time.monotonic() >= until or self._proc.poll() is not None:
+                log.error("delivery: the delivery process takes no more events; spooling here")
+                return False
+            select.select([], [self._mine], [], 0.2)
+
+    def _wait_child_done(self, until: float) -> bool:
+        while True:
+            with self._lock:
+                self._read_messages()
+                if self._child_done:
+                    return True
+            if time.monotonic() >= until or self._proc.poll() is not None:
+                log.error("delivery: the delivery process did not report its delivery finished")
+                return False
+            select.select([self._mine], [], [], 0.2)
+
     def counters(self) -> dict[str, int]:
         with self._lock:
-            if not self._closed:
+            if not self._closing:
                 self._ensure_child(time.monotonic())
                 self._send_backlog()
-                self._read_counters()
+            if not self._child_gone:
+                self._read_messages()
             out = {
                 "events_queued": 0,
                 "events_delivered": 0,
@@ -250,16 +284,19 @@ class SidecarPublisher:
                 return
             self._backlog.popleft()
 
-    def _read_counters(self) -> None:
+    def _read_messages(self) -> None:
+        """Take what the child sent: counters (C), delivery finished (D)."""
         while True:
             try:
                 message = self._mine.recv(COUNTERS_MAX_BYTES, socket.MSG_DONTWAIT)
-            except (BlockingIOError, OSError):
+            except OSError:
                 return
             if not message:
                 return
             if message[:1] == b"C":
                 self._child_counts = json.loads(message[1:])
+            elif message[:1] == b"D":
+                self._child_done = True
 
     def _drop(self, why: str) -> None:
         self._dropped += 1
@@ -329,6 +366,14 @@ def _report(sock: socket.socket, publisher: Any, stop: threading.Event) -> None:
                 pass  # the gateway reads when it needs them; a skipped update is replaced by the next
 
 
+def _finish(publisher: Any, grace: float, sock: socket.socket, stop: threading.Event) -> None:
+    publisher.close(grace)
+    stop.set()
+    with contextlib.suppress(OSError):  # the gateway is gone; close() logged the counters
+        sock.send(b"C" + json.dumps(publisher.counters()).encode())
+        sock.send(b"D")
+
+
 def child_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m addons.sidecar", description=__doc__.split("\n\n")[0])
     parser.add_argument("--fd", type=int, required=True, help="the SOCK_SEQPACKET socket from the gateway")
@@ -359,7 +404,7 @@ def child_main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     reporter = threading.Thread(target=_report, args=(sock, publisher, stop), daemon=True)
     reporter.start()
-    grace = args.grace
+    closer: threading.Thread | None = None
     buffer = bytearray(MAX_EVENT_BYTES)
     view = memoryview(buffer)
     open_ = True
@@ -379,16 +424,20 @@ def child_main(argv: list[str] | None = None) -> int:
                 (key_len,) = _KEY_LEN.unpack_from(buffer, 1)
                 start = 1 + _KEY_LEN.size
                 publisher.publish(bytes(view[start : start + key_len]), bytes(view[start + key_len : size]))
-            elif kind == ord("S"):
+            elif kind == ord("S") and closer is None:
+                # Deliver for the grace period while events keep arriving (exchanges still finishing
+                # on open connections); after it, the publisher appends them to the spool itself.
                 (grace,) = _GRACE.unpack_from(buffer, 1)
+                closer = threading.Thread(target=_finish, args=(publisher, grace, sock, stop), daemon=True)
+                closer.start()
         if open_:
             # Waking per event would cost more than delivering it; the producer batches for 50 ms anyway.
             time.sleep(READ_EVERY_S)
-    publisher.close(grace)
-    stop.set()
+    if closer is None:  # the gateway died without a word: deliver what we have within our grace
+        _finish(publisher, args.grace, sock, stop)
+    else:
+        closer.join()
     reporter.join()
-    with contextlib.suppress(OSError):  # the gateway is gone; close() logged the counters
-        sock.send(b"C" + json.dumps(publisher.counters()).encode(), socket.MSG_DONTWAIT)
     return 0
 
 

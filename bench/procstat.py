@@ -46,6 +46,15 @@ def rss_bytes(pid: int) -> int:
     raise ProcessLookupError(f"no VmRSS for pid {pid} (a zombie?)")
 
 
+def tree_rss_bytes(pid: int) -> int:
+    """RSS of `pid` and its descendants (the gateway with its delivery process)."""
+    total = 0
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError, ProcessLookupError):
+            total += rss_bytes(p)
+    return total
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

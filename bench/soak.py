@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from bench import targets
 from bench.loadgen import encode_request, run_load
-from bench.procstat import rss_bytes
+from bench.procstat import rss_bytes, tree_rss_bytes
 from bench.report import Outcome, Table, budget_table, verdict
 from bench.stats import growth, ms
 from bench.workload import HEADERS, chat_body
@@ -50,7 +50,7 @@ def run(quick: bool) -> Outcome:
             "req/s (leg)",
             "p99 ms (leg)",
             "events inserted",
-            "gateway RSS MiB",
+            "gateway RSS MiB (with its delivery process)",
             "consumer RSS MiB",
         ],
     )
@@ -77,7 +77,7 @@ def run(quick: bool) -> Outcome:
                 done += leg.completed + leg.errors
                 errors += leg.errors
                 inserted = wait_caught_up(cons, done, 120.0)
-                rss[checkpoint] = (rss_bytes(gw.pid), rss_bytes(cons.pid))
+                rss[checkpoint] = (tree_rss_bytes(gw.pid), rss_bytes(cons.pid))
                 table.add(
                     done,
                     errors,

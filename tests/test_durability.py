@@ -124,7 +124,10 @@ def replay(
     """Start a gateway on `data_dir` against a live Kafka, wait until it replayed `expect` events, stop it."""
     gw = start_gateway(emulator_url, kafka_bootstrap, topic, data_dir=data_dir, transparent=False)
     try:
-        wait_for(lambda: counters(gw)["events_replayed"] >= expect, 60, f"{expect} replayed events")
+        try:
+            wait_for(lambda: counters(gw)["events_replayed"] >= expect, 60, f"{expect} replayed events")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; counters {counters(gw)}; log:\n{gw.log_text()[-6000:]}") from None
         counts = counters(gw)
     finally:
         assert gw.stop() == 0, gw.log_text()
@@ -175,6 +178,9 @@ def test_kafka_stopped_30s_under_steady_traffic_loses_nothing_and_keeps_order(
         wait_for(lambda: counters(gw)["events_replayed"] > 0, 60, "replay after Kafka restarted")
         after = load.completed()
         load.wait_completed(after + 30)
+    except BaseException:
+        gw.kill()  # failed midway: leave no gateway (and delivery process) behind for later tests
+        raise
     finally:
         load.stop()
     wait_for(lambda: counters(gw)["events_delivered"] >= load.completed(), 60, "all events delivered")
