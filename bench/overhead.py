@@ -104,8 +104,9 @@ def results_table(tgts: list[targets.Target], pooled: dict[tuple[str, int], Meas
                 us(load.client_cpu_s / max(1, load.completed)),
             )
     table.notes.append(
-        "proxy CPU = utime+stime of the proxy process (all threads, the Kafka delivery thread included) "
-        "over the timed requests; 'direct' has no proxy. Client CPU is the load generator's own cost, "
+        "proxy CPU = utime+stime of the proxy process and its children (all threads; the gateway's "
+        "delivery process, so Kafka publishing, included) over the timed requests; 'direct' has no "
+        "proxy. Client CPU is the load generator's own cost, "
         "the same code for every target."
     )
     return table

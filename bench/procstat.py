@@ -10,7 +10,7 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of every thread of `pid` so far (the Kafka delivery thread included)."""
+    """User + system CPU time of every thread of `pid` so far."""
     stat = Path(f"/proc/{pid}/stat").read_text()
     # The command name (field 2) may contain spaces; the fields after its closing parenthesis do not.
     fields = stat[stat.rindex(")") + 2 :].split()
