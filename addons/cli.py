@@ -108,9 +108,9 @@ async def run_until_signal(m: Any) -> None:
 async def _serve(cfg: s.ProxySettings) -> None:
     from addons.gateway import Gateway
 
-    # The Kafka delivery thread shares the GIL with the event loop. Python hands the GIL over every 5 ms
-    # by default, so a request arriving while that thread runs could wait that long: the p99 budget
-    # (bare mitmdump + 1 ms) needs a shorter interval.
+    # Any other thread in this process shares the GIL with the event loop, and Python hands it over every
+    # 5 ms by default: a request arriving meanwhile could wait that long. Kafka delivery runs in its own
+    # process now (addons/sidecar.py), but the p99 budget (bare mitmdump + 1 ms) leaves no room for it.
     sys.setswitchinterval(0.0005)
     # What is loaded at start lives as long as the process: keep the cyclic collector from rescanning it.
     gc.freeze()

@@ -88,7 +88,7 @@ class SidecarPublisher:
         self._accepted = 0
         self._dropped = 0
         self._closing = False  # close() began: the child is told its grace period, events still go to it
-        self._closed = False  # the child takes no more events: they wait in _late, then go to disk here
+        self._closed = False  # the child takes no more: they wait in _late_events, then go to disk
         self._child_done = False  # the child reported its publisher closed (message D)
         self._child_gone = False
         self._late_events: list[tuple[bytes, bytes]] = []
@@ -127,7 +127,7 @@ class SidecarPublisher:
                     except BlockingIOError:
                         self._backlog.append(message)
                 if len(self._backlog) > self.config.max_pending_events:
-                    self._backlog.popleft()
+                    self._backlog.pop()  # the newest: what is queued keeps its order (and the stop message)
                     self._drop("the delivery process is not keeping up (is it stuck?)")
         except Exception:  # never let event delivery break the proxy
             log.exception("delivery: publish failed; event dropped")
