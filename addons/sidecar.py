@@ -374,6 +374,45 @@ def _finish(publisher: Any, grace: float, sock: socket.socket, stop: threading.E
         sock.send(b"D")
 
 
+def _serve(
+    sock: socket.socket, publisher: Any, stop: threading.Event, closers: list[threading.Thread]
+) -> None:
+    """Hand every event to the publisher until the gateway's end of the socket closes."""
+    buffer = bytearray(MAX_EVENT_BYTES)
+    view = memoryview(buffer)
+    resets = 0
+    while True:
+        flags = 0  # block for the first message of a round, then take what else is queued
+        while True:
+            try:
+                size = sock.recv_into(buffer, 0, flags)
+            except BlockingIOError:
+                break
+            except ConnectionResetError:
+                # The gateway died with our counters unread: Linux reports that once, then hands over
+                # the events still queued, then end-of-file.
+                resets += 1
+                if resets > 3:
+                    return
+                continue
+            if size == 0:
+                return  # the gateway closed its end, or died
+            flags = socket.MSG_DONTWAIT
+            kind = buffer[0]
+            if kind == ord("E"):
+                (key_len,) = _KEY_LEN.unpack_from(buffer, 1)
+                start = 1 + _KEY_LEN.size
+                publisher.publish(bytes(view[start : start + key_len]), bytes(view[start + key_len : size]))
+            elif kind == ord("S") and not closers:
+                # Deliver for the grace period while events keep arriving (exchanges still finishing
+                # on open connections); after it, the publisher appends them to the spool itself.
+                (grace,) = _GRACE.unpack_from(buffer, 1)
+                closers.append(threading.Thread(target=_finish, args=(publisher, grace, sock, stop)))
+                closers[0].start()
+        # Waking per event would cost more than delivering it; the producer batches for 50 ms anyway.
+        time.sleep(READ_EVERY_S)
+
+
 def child_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m addons.sidecar", description=__doc__.split("\n\n")[0])
     parser.add_argument("--fd", type=int, required=True, help="the SOCK_SEQPACKET socket from the gateway")
@@ -404,39 +443,15 @@ def child_main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     reporter = threading.Thread(target=_report, args=(sock, publisher, stop), daemon=True)
     reporter.start()
-    closer: threading.Thread | None = None
-    buffer = bytearray(MAX_EVENT_BYTES)
-    view = memoryview(buffer)
-    open_ = True
-    while open_:
-        flags = 0  # block for the first message of a round, then take what else is queued
-        while True:
-            try:
-                size = sock.recv_into(buffer, 0, flags)
-            except BlockingIOError:
-                break
-            if size == 0:
-                open_ = False  # the gateway closed its end, or died
-                break
-            flags = socket.MSG_DONTWAIT
-            kind = buffer[0]
-            if kind == ord("E"):
-                (key_len,) = _KEY_LEN.unpack_from(buffer, 1)
-                start = 1 + _KEY_LEN.size
-                publisher.publish(bytes(view[start : start + key_len]), bytes(view[start + key_len : size]))
-            elif kind == ord("S") and closer is None:
-                # Deliver for the grace period while events keep arriving (exchanges still finishing
-                # on open connections); after it, the publisher appends them to the spool itself.
-                (grace,) = _GRACE.unpack_from(buffer, 1)
-                closer = threading.Thread(target=_finish, args=(publisher, grace, sock, stop), daemon=True)
-                closer.start()
-        if open_:
-            # Waking per event would cost more than delivering it; the producer batches for 50 ms anyway.
-            time.sleep(READ_EVERY_S)
-    if closer is None:  # the gateway died without a word: deliver what we have within our grace
+    closers: list[threading.Thread] = []  # the one started by the stop message
+    try:
+        _serve(sock, publisher, stop, closers)
+    except Exception:  # deliver or spool what we hold, whatever went wrong with the socket
+        log.exception("delivery: reading events from the gateway failed; finishing")
+    if not closers:  # the gateway died without a word: deliver what we have within our grace
         _finish(publisher, args.grace, sock, stop)
     else:
-        closer.join()
+        closers[0].join()
     reporter.join()
     return 0
 
