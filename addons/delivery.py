@@ -39,6 +39,20 @@ IDLE_WAIT_S = 0.05
 WAKE_AT_QUEUED = 512
 
 
+# Names follow addons/metrics.py: `*_pending` are gauges, the rest counters.
+EVENT_COUNTERS = (
+    "events_queued",  # accepted by publish()
+    "events_delivered",  # acknowledged by Kafka, live or replayed
+    "events_spooled",  # written to the spool
+    "events_replayed",  # acknowledged by Kafka after replay from the spool
+    "events_dropped",  # lost on purpose: spool full, or publish after close
+    "events_maybe_duplicated",  # acknowledged after being given up on (and spooled)
+    "kafka_outages",
+)
+# What `counters()` reports: the above and the spool's state.
+COUNTER_NAMES = (*EVENT_COUNTERS, "spool_corrupt_records", "events_pending", "spool_bytes_pending")
+
+
 # mitmproxy options of the gateway addon (same names as the ProxySettings fields; defaults from there).
 DELIVERY_OPTIONS: tuple[tuple[str, type, str], ...] = (
     ("spool_dir", str, "Spool directory for events Kafka did not acknowledge in time; empty: default."),
@@ -202,19 +216,7 @@ class DurablePublisher:
         self._acked_ahead: set[Position] = set()
         self._last_persist = 0.0
         self._replay_started = 0
-        # Names follow addons/metrics.py: `*_pending` are gauges, the rest counters.
-        self._counts = dict.fromkeys(
-            (
-                "events_queued",  # accepted by publish()
-                "events_delivered",  # acknowledged by Kafka, live or replayed
-                "events_spooled",  # written to the spool
-                "events_replayed",  # acknowledged by Kafka after replay from the spool
-                "events_dropped",  # lost on purpose: spool full, or publish after close
-                "events_maybe_duplicated",  # acknowledged after being given up on (and spooled)
-                "kafka_outages",
-            ),
-            0,
-        )
+        self._counts = dict.fromkeys(EVENT_COUNTERS, 0)
         self._last_drop_log = 0.0
         self._drops_logged = 0
         # Events left from an earlier run go first, so new ones queue behind them.

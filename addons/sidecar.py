@@ -11,7 +11,7 @@ child had not read stays queued for the child started next. The child stops when
 end, on a graceful stop or when the gateway dies: it delivers or spools everything queued before exiting.
 
 Messages, gateway -> child: E<u16 key length><key><value> (an event), S<float64 grace seconds> (stop).
-Child -> gateway: R (ready), X<text> (could not start), C<json> (its counters).
+Child -> gateway: R (ready), X<text> (could not start), C<json> (its counters), D (delivery finished).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from addons.delivery import DeliveryConfig, spool_late
+from addons.delivery import COUNTER_NAMES, DeliveryConfig, spool_late
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class SidecarPublisher:
 
     def publish(self, key: bytes, value: bytes) -> None:
         try:
-            message = b"E" + _KEY_LEN.pack(len(key)) + key + value
+            message = event_message(key, value)
             with self._lock:
                 self._accepted += 1
                 if self._closed:
@@ -197,18 +197,7 @@ class SidecarPublisher:
                 self._send_backlog()
             if not self._child_gone:
                 self._read_messages()
-            out = {
-                "events_queued": 0,
-                "events_delivered": 0,
-                "events_spooled": 0,
-                "events_replayed": 0,
-                "events_dropped": 0,
-                "events_maybe_duplicated": 0,
-                "kafka_outages": 0,
-                "spool_corrupt_records": 0,
-                "events_pending": 0,
-                "spool_bytes_pending": 0,
-            } | self._child_counts
+            out = dict.fromkeys(COUNTER_NAMES, 0) | self._child_counts
             in_transit = max(0, self._accepted - self._dropped - out["events_queued"])
             out["events_pending"] += in_transit
             out["events_queued"] = self._accepted
@@ -286,13 +275,7 @@ class SidecarPublisher:
 
     def _read_messages(self) -> None:
         """Take what the child sent: counters (C), delivery finished (D)."""
-        while True:
-            try:
-                message = self._mine.recv(COUNTERS_MAX_BYTES, socket.MSG_DONTWAIT)
-            except OSError:
-                return
-            if not message:
-                return
+        for message in _queued(self._mine, COUNTERS_MAX_BYTES):
             if message[:1] == b"C":
                 self._child_counts = json.loads(message[1:])
             elif message[:1] == b"D":
@@ -305,26 +288,39 @@ class SidecarPublisher:
 
     def _spool_unread(self) -> None:
         """Every event still queued for the child (we hold its end too), then the backlog, to disk."""
-        queued = []
-        while True:
-            try:
-                message = self._theirs.recv(MAX_EVENT_BYTES, socket.MSG_DONTWAIT)
-            except OSError:
-                break
-            if not message:
-                break
-            queued.append(message)
-        for message in [*queued, *self._backlog]:
+        for message in [*_queued(self._theirs, MAX_EVENT_BYTES), *self._backlog]:
             if message[:1] == b"E":
-                key_len = _KEY_LEN.unpack_from(message, 1)[0]
-                start = 1 + _KEY_LEN.size
-                self._late(message[start : start + key_len], message[start + key_len :])
+                self._late(*split_event(message))
         self._backlog.clear()
 
     def _late(self, key: bytes, value: bytes) -> None:
         """After close the child has released the spool: an exchange finishing now goes to disk here."""
         if problem := spool_late(self.config, key, value):
             self._drop(problem)
+
+
+def event_message(key: bytes, value: bytes) -> bytes:
+    return b"E" + _KEY_LEN.pack(len(key)) + key + value
+
+
+def split_event(message: bytes | memoryview) -> tuple[bytes, bytes]:
+    """(key, value) of an event message, copied out of `message`."""
+    (key_len,) = _KEY_LEN.unpack_from(message, 1)
+    start = 1 + _KEY_LEN.size
+    return bytes(message[start : start + key_len]), bytes(message[start + key_len :])
+
+
+def _queued(sock: socket.socket, size: int) -> list[bytes]:
+    """The messages waiting on `sock`, without blocking."""
+    out = []
+    while True:
+        try:
+            message = sock.recv(size, socket.MSG_DONTWAIT)
+        except OSError:
+            return out
+        if not message:
+            return out
+        out.append(message)
 
 
 def _project_root() -> str:
@@ -362,7 +358,7 @@ def _report(sock: socket.socket, publisher: Any, stop: threading.Event) -> None:
             try:
                 sock.send(b"C" + json.dumps(counts).encode(), socket.MSG_DONTWAIT)
                 last = counts
-            except (BlockingIOError, OSError):
+            except OSError:
                 pass  # the gateway reads when it needs them; a skipped update is replaced by the next
 
 
@@ -400,9 +396,7 @@ def _serve(
             flags = socket.MSG_DONTWAIT
             kind = buffer[0]
             if kind == ord("E"):
-                (key_len,) = _KEY_LEN.unpack_from(buffer, 1)
-                start = 1 + _KEY_LEN.size
-                publisher.publish(bytes(view[start : start + key_len]), bytes(view[start + key_len : size]))
+                publisher.publish(*split_event(view[:size]))
             elif kind == ord("S") and not closers:
                 # Deliver for the grace period while events keep arriving (exchanges still finishing
                 # on open connections); after it, the publisher appends them to the spool itself.
