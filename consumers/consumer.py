@@ -105,7 +105,6 @@ class Consumer:
         self._inserts = 0
         self._inflight: Inflight | None = None
         self._held: dict[Any, list[Any]] = {}  # polled while a flush is in flight
-        self._held_count = 0
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="clickhouse-writer")
         crash = os.environ.get(CRASH_AFTER_INSERTS_ENV)
         self._crash_after = int(crash) if crash else None
@@ -225,7 +224,7 @@ class Consumer:
                     or any(len(held) >= self.cfg.batch_size for held in self._held.values())
                 ):
                     self._guarded(self._finish_flush)
-                self.metrics.buffered = self.planner.buffered() + self._held_count
+                self.metrics.buffered = self.planner.buffered() + sum(map(len, self._held.values()))
                 if now - last_lag >= 1.0:
                     self._update_lag()
                     last_lag = now
@@ -258,14 +257,12 @@ class Consumer:
             self.planner.add(tp, converted, now)
         else:
             self._held.setdefault(tp, []).extend(converted)
-            self._held_count += len(converted)
 
     def _release_held(self) -> None:
         now = self.clock()
         for tp, records in self._held.items():
             self.planner.add(tp, records, now)
         self._held.clear()
-        self._held_count = 0
 
     def _guarded(self, step: Callable[[], None]) -> bool:
         """Run one flush step; on failure pause and retry later, having committed nothing unwritten."""
@@ -411,7 +408,6 @@ class Consumer:
         finally:
             self._inflight = None
             self._release_held()
-            self.metrics.buffered = self.planner.buffered()
 
     def _send_dead_letter(self, record: Any, reason: str) -> Any:
         log.warning("dead letter %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason[:300])
@@ -448,7 +444,7 @@ class Consumer:
             if first is not None:
                 self._rewind[tp] = first
             self.planner.drop(tp, now)
-            self._held_count -= len(self._held.pop(tp, ()))
+            self._held.pop(tp, None)
         self.metrics.partitions = []
 
     def on_assigned(self, assigned: list[Any]) -> None:
