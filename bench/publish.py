@@ -12,7 +12,6 @@ Two views:
 from __future__ import annotations
 
 import contextlib
-import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from bench.report import Outcome, Table
 from bench.stats import us
 from cohere_gateway.events import encode
 from tests.fixtures.clickhouse import make_event
+from tests.fixtures.kafka import dead_bootstrap
 
 
 @dataclass(frozen=True)
@@ -38,13 +38,6 @@ QUICK = Sizes(events=300, gateway=overhead.Sizes(100, 5.0, 1, 10, concurrencies=
 
 
 IN_FLIGHT = 5000
-
-
-def dead_address() -> str:
-    """A loopback port nobody listens on: Kafka 'down' without waiting for a remote timeout."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{sock.getsockname()[1]}"
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
@@ -105,13 +98,13 @@ def run(quick: bool) -> Outcome:
         alone.add("msgspec encode only", us(encode_cost(sizes.events)), "—")
         cpu, rate = publisher_cost(kafka.bootstrap, topic, sizes.events, "events_delivered")
         alone.add("live: Kafka acks=all, idempotent", us(cpu), f"{rate:.0f}")
-        cpu, rate = publisher_cost(dead_address(), topic, sizes.events, "events_spooled")
+        cpu, rate = publisher_cost(dead_bootstrap(), topic, sizes.events, "events_spooled")
         alone.add("spool: Kafka down, fsync interval", us(cpu), f"{rate:.0f}")
         with targets.emulator() as direct, contextlib.ExitStack() as stack:
             gws = [
                 stack.enter_context(targets.gateway("off", direct.url, "", topic)),
                 stack.enter_context(targets.gateway("live", direct.url, kafka.bootstrap, topic)),
-                stack.enter_context(targets.gateway("spool", direct.url, dead_address(), topic)),
+                stack.enter_context(targets.gateway("spool", direct.url, dead_bootstrap(), topic)),
             ]
             pooled = overhead.run_rounds(gws, sizes.gateway)
     base = pooled[("off", 32)].cpu_per_request

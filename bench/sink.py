@@ -15,10 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
-import sys
-import tempfile
 import time
 import urllib.request
 import uuid
@@ -26,19 +22,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from bench import targets
 from bench.procstat import cpu_seconds
+from bench.stats import percentile
 from cohere_gateway.events import encode
-from consumers.backends import chdb_path
-from consumers.http_api import read_discovery
 from tests.fixtures.clickhouse import make_event
+from tests.fixtures.kafka import create_topic
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 BATCH_SIZE = 10_000
-
-
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def _landed(url: str) -> int:
@@ -67,95 +59,33 @@ def _messages(start: int, count: int, base: datetime) -> list[tuple[bytes, bytes
     return out
 
 
-def _inserted(url: str) -> int:
-    """The consumer's own count of events written (its /metrics), cheap enough to poll often."""
-    try:
-        with urllib.request.urlopen(f"{url}/metrics", timeout=10) as resp:
-            text = resp.read().decode()
-    except OSError:
-        return 0
-    for line in text.splitlines():
-        if line.startswith("cohere_gateway_consumer_events_inserted_total "):
-            return int(float(line.split()[1]))
-    return 0
-
-
-def _new_topic(bootstrap: str) -> str:
-    from kafka import KafkaAdminClient
-    from kafka.admin import NewTopic
-
-    topic = f"bench-sink-{uuid.uuid4().hex[:8]}"
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    admin.create_topics([NewTopic(topic, num_partitions=3, replication_factor=1)])
-    admin.close()
-    return topic
-
-
-def _start_consumer(bootstrap: str, topic: str, cpus: set[int] | None) -> tuple[subprocess.Popen, str]:
-    data_dir = Path(tempfile.mkdtemp(prefix="bench-sink-"))
-    cmd = [
-        sys.executable,
-        "-m",
-        "cohere_gateway.cli",
-        "consume",
-        "--kafka-bootstrap",
-        bootstrap,
-        "--topic",
-        topic,
-        "--group-id",
-        topic,
-        "--data-dir",
-        str(data_dir),
-        "--http-port",
-        "0",
-        "--batch-size",
-        str(BATCH_SIZE),
-        "--batch-wait-ms",
-        "200",
-        "--log-level",
-        "warning",
-    ]
-    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=pin)
-    try:
-        url = _wait(lambda: read_discovery(chdb_path(data_dir)), 60, "consumer start")["url"]
-    except BaseException:
-        proc.kill()
-        raise
-    return proc, url
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=60)
+def _consumer(bootstrap: str, topic: str, cpus: set[int] | None) -> Any:
+    flags = ("--batch-size", str(BATCH_SIZE), "--batch-wait-ms", "200", "--log-level", "warning")
+    return targets.consumer(bootstrap, topic, *flags, cpus=cpus)
 
 
 def drain(bootstrap: str, producer: Any, n: int, base: datetime, cpus: set[int] | None) -> dict[str, float]:
     """A fresh consumer drains `n` events already in a new topic: events/s from its first insert until
     all are visible through its read API, and the CPU it used meanwhile (every thread)."""
-    topic = _new_topic(bootstrap)
+    topic = create_topic(bootstrap, f"bench-sink-{uuid.uuid4().hex[:8]}")
     for key, value in _messages(0, n, base):
         producer.send(topic, key=key, value=value)
     producer.flush()
-    proc, url = _start_consumer(bootstrap, topic, cpus)
-    try:
-        _wait(lambda: _inserted(url) > 0, 120, "first insert", poll=0.01)
-        started, first, cpu0 = time.monotonic(), _inserted(url), cpu_seconds(proc.pid)
-        _wait(lambda: _inserted(url) >= n, 600, "all events inserted", poll=0.02)
-        _wait(lambda: _landed(url) >= n, 60, "all events visible")
-        took, cpu = time.monotonic() - started, cpu_seconds(proc.pid) - cpu0
-    finally:
-        _stop(proc)
+    with _consumer(bootstrap, topic, cpus) as cons:
+        _wait(lambda: cons.inserted() > 0, 120, "first insert", poll=0.01)
+        started, first, cpu0 = time.monotonic(), cons.inserted(), cpu_seconds(cons.pid)
+        _wait(lambda: cons.inserted() >= n, 600, "all events inserted", poll=0.02)
+        _wait(lambda: _landed(cons.api) >= n, 60, "all events visible")
+        took, cpu = time.monotonic() - started, cpu_seconds(cons.pid) - cpu0
     done = n - first
     return {"events_per_s": done / took, "cores": cpu / took, "cpu_us_per_event": 1e6 * cpu / done}
 
 
 def steady(bootstrap: str, producer: Any, rate: int, seconds: float, base: datetime) -> list[float]:
     """Produce at `rate` events/s in bursts of rate/10; each burst's send-to-visible time."""
-    topic = _new_topic(bootstrap)
-    proc, url = _start_consumer(bootstrap, topic, None)
+    topic = create_topic(bootstrap, f"bench-sink-{uuid.uuid4().hex[:8]}")
     latencies = []
-    try:
+    with _consumer(bootstrap, topic, None) as cons:
         sent = 0
         interval = 1.0 / rate
         next_send = time.monotonic()
@@ -167,12 +97,10 @@ def steady(bootstrap: str, producer: Any, rate: int, seconds: float, base: datet
             producer.flush()
             sent_at, sent = time.monotonic(), sent + len(batch)
             target = sent
-            _wait(lambda t=target: _landed(url) >= t, 60, "steady batch", poll=0.02)
+            _wait(lambda t=target: _landed(cons.api) >= t, 60, "steady batch", poll=0.02)
             latencies.append(time.monotonic() - sent_at)
             next_send += interval * len(batch)
             time.sleep(max(0.0, next_send - time.monotonic()))
-    finally:
-        _stop(proc)
     return latencies
 
 
@@ -198,8 +126,8 @@ def run_bench(bootstrap: str, quick: bool) -> dict[str, Any]:
         "one_core_cpu_us_per_event": round(one_core["cpu_us_per_event"], 1),
         "steady_rate": rate,
         "probes": len(latencies),
-        "visible_p50_ms": round(1000 * percentile(latencies, 0.5)),
-        "visible_p95_ms": round(1000 * percentile(latencies, 0.95)),
+        "visible_p50_ms": round(1000 * percentile(latencies, 50)),
+        "visible_p95_ms": round(1000 * percentile(latencies, 95)),
     }
 
 
@@ -209,21 +137,11 @@ def main() -> None:
     ap.add_argument("--kafka-bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS", ""))
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
-    broker_dir = None
-    bootstrap = args.kafka_bootstrap
-    if not bootstrap:
-        from cohere_gateway import localkafka
-        from tests.fixtures.kafka import free_port_pair
-
-        broker_dir = Path(tempfile.mkdtemp(prefix="bench-kafka-"))
-        bootstrap = localkafka.start(broker_dir, free_port_pair()).bootstrap
-    try:
-        result = run_bench(bootstrap, args.quick)
-    finally:
-        if broker_dir is not None:
-            from cohere_gateway import localkafka
-
-            localkafka.stop(broker_dir)
+    if args.kafka_bootstrap:
+        result = run_bench(args.kafka_bootstrap, args.quick)
+    else:
+        with targets.kafka() as kafka:
+            result = run_bench(kafka.bootstrap, args.quick)
     print(json.dumps(result, indent=2))
     if not args.no_record:
         stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")

@@ -7,7 +7,6 @@ Events are real encoded gateway events (~1 KB, as the gateway publishes them wit
 
 from __future__ import annotations
 
-import socket
 import sys
 import tempfile
 import time
@@ -18,6 +17,7 @@ from addons.spool import Spool
 from bench import targets
 from bench.report import Outcome, Table
 from cohere_gateway import events
+from tests.fixtures.kafka import dead_bootstrap
 from tests.test_events import make_event
 
 FULL = {"events": 50_000, "always": 2_000, "replay": 50_000}
@@ -63,12 +63,6 @@ def read_rate(items: list[tuple[bytes, bytes]]) -> float:
         spool.close()
     assert n == len(items)
     return n / took
-
-
-def dead_bootstrap() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{sock.getsockname()[1]}"
 
 
 def replay_rate(items: list[tuple[bytes, bytes]], kafka: targets.Kafka) -> tuple[float, float]:

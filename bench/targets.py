@@ -87,13 +87,18 @@ def process(
     port: int,
     prefix: str = "",
     env: dict[str, str] | None = None,
+    cpus: set[int] | None = None,
 ) -> Iterator[Target]:
-    """Run `args` until the block ends; it must listen on `port`."""
+    """Run `args` until the block ends; it must listen on `port`. `cpus` pins it to those cores."""
     with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
         log = Path(tmp) / "out.log"
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                [a.replace("{tmp}", tmp) for a in args], stdout=out, stderr=subprocess.STDOUT, env=env
+                [a.replace("{tmp}", tmp) for a in args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
             )
         try:
             wait_listening(port, proc, log)
@@ -184,7 +189,7 @@ class Consumer:
 
 
 @contextlib.contextmanager
-def consumer(bootstrap: str, topic: str, *flags: str) -> Iterator[Consumer]:
+def consumer(bootstrap: str, topic: str, *flags: str, cpus: set[int] | None = None) -> Iterator[Consumer]:
     """`cohere-gateway consume` into the embedded engine in a temporary directory."""
     port = free_port()
     script = Path(sys.executable).with_name("cohere-gateway")
@@ -205,7 +210,7 @@ def consumer(bootstrap: str, topic: str, *flags: str) -> Iterator[Consumer]:
         *flags,
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("COHERE_GATEWAY_")}
-    with process("consumer", args, port, env=env) as t:
+    with process("consumer", args, port, env=env, cpus=cpus) as t:
         assert t.pid is not None
         yield Consumer(t.pid, t.url)
 

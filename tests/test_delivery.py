@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +13,7 @@ from kafka import KafkaConsumer, TopicPartition
 from addons.delivery import DeliveryConfig, DurablePublisher, make_producer
 from addons.spool import HEADER, SpoolInUseError, encode_record
 from cohere_gateway import events
+from tests.fixtures.kafka import dead_bootstrap
 from tests.test_events import make_event
 
 
@@ -23,13 +23,6 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.05)
-
-
-def dead_bootstrap() -> str:
-    """An address where nothing listens: Kafka unreachable."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{sock.getsockname()[1]}"
 
 
 def read_topic(bootstrap: str, topic: str, timeout: float = 30.0) -> list[tuple[bytes, dict[str, Any]]]:

@@ -25,8 +25,8 @@ import pytest
 from addons.spool import HEADER
 from cohere_gateway import localkafka
 from tests.fixtures.gateway import GatewayProcess, start_gateway
-from tests.fixtures.kafka import create_topic, free_port_pair
-from tests.test_delivery import dead_bootstrap, read_topic, wait_for
+from tests.fixtures.kafka import create_topic, dead_bootstrap, free_port_pair
+from tests.test_delivery import read_topic, wait_for
 
 GATEWAYS = ("gw-a", "gw-b", "gw-c")
 # The cohere SDK's pydantic models warn on every response; the flood hides real failures.

@@ -17,7 +17,8 @@ from addons.delivery import DeliveryConfig, DurablePublisher
 from addons.sidecar import MAX_EVENT_BYTES, SidecarError, SidecarPublisher
 from addons.spool import Spool
 from cohere_gateway import events
-from tests.test_delivery import dead_bootstrap, read_topic, wait_for
+from tests.fixtures.kafka import dead_bootstrap
+from tests.test_delivery import read_topic, wait_for
 from tests.test_events import make_event
 
 
