@@ -126,9 +126,6 @@ class Gateway:
     def load(self, loader) -> None:  # loader: mitmproxy.addonmanager.Loader
         for name, kind, help_text in OPTIONS:
             loader.add_option(name, kind, _opt_default(name), help_text)
-        # mitmproxy's logging setup lets DEBUG records through to its handler; kafka-python logs at DEBUG
-        # on every send, and building those records cost a third of the gateway's CPU per request.
-        logging.getLogger("kafka").setLevel(logging.WARNING)
         # mitmproxy has no hook for the error pages it writes itself; its HTTP/1 layer looks this name up
         # at call time, so replacing it makes every error this process sends JSON.
         from mitmproxy.proxy.layers.http import _http1
