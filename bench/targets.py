@@ -23,6 +23,7 @@ from bench.workload import GATEWAY_PREFIX
 from tests.fixtures.emulator import start_emulator
 from tests.fixtures.gateway import free_port, start_gateway
 from tests.fixtures.kafka import create_topic, free_port_pair
+from tests.fixtures.processes import stop
 
 START_TIMEOUT_S = 30.0
 
@@ -104,12 +105,7 @@ def process(
             wait_listening(port, proc, log)
             yield Target(name, f"http://127.0.0.1:{port}", prefix, proc.pid)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc)
 
 
 def bare_mitmdump(upstream: str) -> contextlib.AbstractContextManager[Target]:

@@ -18,6 +18,7 @@ import pytest
 
 from tests.fixtures.browser import Browser
 from tests.fixtures.kafka import free_port_pair
+from tests.fixtures.processes import stop
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
@@ -89,12 +90,7 @@ def up(tmp_path: Path) -> Iterator[Up]:
     try:
         yield stack
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(90)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(proc, signal.SIGINT, 90)
 
 
 def wait_for_requests(stack: Up, n: int, timeout_s: float = 180) -> dict:
