@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from cohere_gateway.settings import ConsumerSettings
-from consumers import schema
+from consumers import kafka_fastpath, schema
 from consumers.backends import Backend, BackendUnavailable
 from consumers.batching import Batch, Planner, Range
 from consumers.dead_letters import dead_letter
@@ -154,6 +154,7 @@ class Consumer:
                 self._note_error(f"Kafka at {self.cfg.kafka_bootstrap} not reachable: {exc}; retrying")
                 stop.wait(backoff.next())
                 continue
+            kafka_fastpath.install(consumer)
             consumer.subscribe([self.cfg.topic], listener=_rebalance_listener(self))
             self.metrics.kafka_ready = True
             return consumer
