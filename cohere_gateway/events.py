@@ -33,7 +33,10 @@ RouteMode = Literal["gateway", "transparent", "compat"]
 Outcome = Literal["ok", "upstream_error", "gateway_error", "client_aborted", "upstream_timeout"]
 OUTCOMES: tuple[str, ...] = ("ok", "upstream_error", "gateway_error", "client_aborted", "upstream_timeout")
 
-NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
+# Counts are stored as UInt64 (msgspec bounds stop at int64) and timestamps compared across gateways, so
+# both limits are part of the contract, checked while decoding rather than found by a failed insert.
+NonNegInt = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+AwareDatetime = Annotated[datetime, msgspec.Meta(tz=True)]
 NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")]
 
@@ -42,7 +45,7 @@ class EventError(ValueError):
     """A message that is not a valid event; `str()` says which field and why."""
 
 
-class Usage(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=False):
+class Usage(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=False, ):
     """Token and unit counts as Cohere reports them.
 
     `input_tokens`/`output_tokens` are Cohere's *billed* units (what cost is computed from, and what
@@ -60,7 +63,7 @@ class Usage(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=False):
     embeddings: NonNegInt | None = None  # number of vectors returned by an embed call
 
 
-class Latency(msgspec.Struct, omit_defaults=True):
+class Latency(msgspec.Struct, omit_defaults=True, ):
     """Milliseconds. `upstream_ttfb_ms` is request-sent → first response byte from upstream;
     `ttft_ms` (streams only) is request-received → first generated token reaching the gateway;
     `gateway_overhead_ms` is time spent in the gateway itself (total minus time waiting on upstream)."""
@@ -71,11 +74,11 @@ class Latency(msgspec.Struct, omit_defaults=True):
     gateway_overhead_ms: NonNegFloat | None = None
 
 
-class Event(msgspec.Struct, kw_only=True, omit_defaults=False, forbid_unknown_fields=False):
+class Event(msgspec.Struct, kw_only=True, omit_defaults=False, forbid_unknown_fields=False, ):
     schema_version: str
     event_id: str
-    start_time: datetime
-    end_time: datetime
+    start_time: AwareDatetime
+    end_time: AwareDatetime
 
     account_id: Id
     gateway_id: Id
