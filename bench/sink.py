@@ -17,7 +17,6 @@ import json
 import os
 import time
 import urllib.request
-import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from bench.procstat import cpu_seconds
 from bench.stats import percentile
 from cohere_gateway.events import encode
 from tests.fixtures.clickhouse import make_event
-from tests.fixtures.kafka import create_topic
+from tests.fixtures.kafka import temporary_topic
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 BATCH_SIZE = 10_000
@@ -67,25 +66,24 @@ def _consumer(bootstrap: str, topic: str, cpus: set[int] | None) -> Any:
 def drain(bootstrap: str, producer: Any, n: int, base: datetime, cpus: set[int] | None) -> dict[str, float]:
     """A fresh consumer drains `n` events already in a new topic: events/s from its first insert until
     all are visible through its read API, and the CPU it used meanwhile (every thread)."""
-    topic = create_topic(bootstrap, f"bench-sink-{uuid.uuid4().hex[:8]}")
-    for key, value in _messages(0, n, base):
-        producer.send(topic, key=key, value=value)
-    producer.flush()
-    with _consumer(bootstrap, topic, cpus) as cons:
-        _wait(lambda: cons.inserted() > 0, 120, "first insert", poll=0.01)
-        started, first, cpu0 = time.monotonic(), cons.inserted(), cpu_seconds(cons.pid)
-        _wait(lambda: cons.inserted() >= n, 600, "all events inserted", poll=0.02)
-        _wait(lambda: _landed(cons.api) >= n, 60, "all events visible")
-        took, cpu = time.monotonic() - started, cpu_seconds(cons.pid) - cpu0
+    with temporary_topic(bootstrap, "bench-sink") as topic:
+        for key, value in _messages(0, n, base):
+            producer.send(topic, key=key, value=value)
+        producer.flush()
+        with _consumer(bootstrap, topic, cpus) as cons:
+            _wait(lambda: cons.inserted() > 0, 120, "first insert", poll=0.01)
+            started, first, cpu0 = time.monotonic(), cons.inserted(), cpu_seconds(cons.pid)
+            _wait(lambda: cons.inserted() >= n, 600, "all events inserted", poll=0.02)
+            _wait(lambda: _landed(cons.api) >= n, 60, "all events visible")
+            took, cpu = time.monotonic() - started, cpu_seconds(cons.pid) - cpu0
     done = n - first
     return {"events_per_s": done / took, "cores": cpu / took, "cpu_us_per_event": 1e6 * cpu / done}
 
 
 def steady(bootstrap: str, producer: Any, rate: int, seconds: float, base: datetime) -> list[float]:
     """Produce at `rate` events/s in bursts of rate/10; each burst's send-to-visible time."""
-    topic = create_topic(bootstrap, f"bench-sink-{uuid.uuid4().hex[:8]}")
     latencies = []
-    with _consumer(bootstrap, topic, None) as cons:
+    with temporary_topic(bootstrap, "bench-sink") as topic, _consumer(bootstrap, topic, None) as cons:
         sent = 0
         interval = 1.0 / rate
         next_send = time.monotonic()
