@@ -45,7 +45,7 @@ class EventError(ValueError):
     """A message that is not a valid event; `str()` says which field and why."""
 
 
-class Usage(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=False, ):
+class Usage(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=False):
     """Token and unit counts as Cohere reports them.
 
     `input_tokens`/`output_tokens` are Cohere's *billed* units (what cost is computed from, and what
@@ -63,7 +63,7 @@ class Usage(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=False, ):
     embeddings: NonNegInt | None = None  # number of vectors returned by an embed call
 
 
-class Latency(msgspec.Struct, omit_defaults=True, ):
+class Latency(msgspec.Struct, omit_defaults=True):
     """Milliseconds. `upstream_ttfb_ms` is request-sent → first response byte from upstream;
     `ttft_ms` (streams only) is request-received → first generated token reaching the gateway;
     `gateway_overhead_ms` is time spent in the gateway itself (total minus time waiting on upstream)."""
@@ -74,7 +74,7 @@ class Latency(msgspec.Struct, omit_defaults=True, ):
     gateway_overhead_ms: NonNegFloat | None = None
 
 
-class Event(msgspec.Struct, kw_only=True, omit_defaults=False, forbid_unknown_fields=False, ):
+class Event(msgspec.Struct, kw_only=True, omit_defaults=False, forbid_unknown_fields=False):
     schema_version: str
     event_id: str
     start_time: AwareDatetime
