@@ -313,16 +313,22 @@ class ServerBackend:
 
 class FaultInjectingBackend:
     """Test seam: while the file named by $COHERE_GATEWAY_TEST_CLICKHOUSE_DOWN_FILE exists, every
-    operation fails as if ClickHouse were down. The embedded engine cannot be made unreachable from
-    outside its process, so the fault tests use this; with a server, a stopped server does the same."""
+    operation fails as if ClickHouse were down; if the file names a table, only inserts into that table
+    fail (ClickHouse failing between two statements of one flush). The embedded engine cannot be made
+    unreachable from outside its process, so the fault tests use this; with a server, a stopped server
+    does the same."""
 
     def __init__(self, inner: Backend, flag: Path) -> None:
         self._inner = inner
         self._flag = flag
         self.description = inner.description
 
-    def _check(self) -> None:
-        if self._flag.exists():
+    def _check(self, table: str | None = None) -> None:
+        try:
+            only = self._flag.read_text().strip()
+        except FileNotFoundError:
+            return
+        if not only or only == table:
             raise BackendUnavailable(f"ClickHouse unavailable (fault injected via {self._flag})")
 
     def command(self, sql: str, params: dict[str, Any] | None = None) -> None:
@@ -336,7 +342,7 @@ class FaultInjectingBackend:
     def insert_json_rows(
         self, table: str, rows: bytes, dedup_token: str | None = None, columns: tuple[str, ...] = ()
     ) -> None:
-        self._check()
+        self._check(table)
         self._inner.insert_json_rows(table, rows, dedup_token, columns)
 
     def close(self) -> None:

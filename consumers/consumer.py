@@ -75,7 +75,7 @@ class Inflight:
     """A flush whose inserts run on the writer thread; committed by the loop once written."""
 
     batches: list[Batch]
-    dead_letters: list[Any]  # send futures of this flush's dead letters
+    rejected: list[tuple[Any, str]]  # (record, reason): dead letters, sent once the inserts succeeded
     written: Future[None]
 
 
@@ -352,18 +352,18 @@ class Consumer:
             for rng in unrecorded:
                 self.planner.mark_recorded(rng)
 
-        dead_letters = []
+        rejected = []
         inserts = []
         for batch in batches:
             lines = []
             for polled in batch.records:
                 if isinstance(polled.row, Rejected):
-                    dead_letters.append(self._send_dead_letter(polled.record, polled.row.reason))
+                    rejected.append((polled.record, polled.row.reason))
                 else:
                     lines.append(polled.row)
             if lines:
                 inserts.append((batch.range.dedup_token, len(lines), b"".join(lines)))
-        self._inflight = Inflight(batches, dead_letters, self._writer.submit(self._write, inserts))
+        self._inflight = Inflight(batches, rejected, self._writer.submit(self._write, inserts))
 
     def _write(self, inserts: list[tuple[str, int, bytes]]) -> None:
         for token, count, rows in inserts:
@@ -380,11 +380,14 @@ class Consumer:
         assert inflight is not None
         try:
             inflight.written.result()
-            if inflight.dead_letters:
+            # Dead letters go out only after the inserts succeeded: a flush that fails on storage is
+            # retried, and sending them before would send them once per attempt.
+            if inflight.rejected:
+                sent = [self._send_dead_letter(record, reason) for record, reason in inflight.rejected]
                 self._dlq_producer().flush(timeout=30)
-                for future in inflight.dead_letters:
+                for future in sent:
                     future.get(timeout=0)  # raises the send's KafkaError: then we must not commit
-                self.metrics.dead_letters += len(inflight.dead_letters)
+                self.metrics.dead_letters += len(sent)
 
             self._inserts += 1
             if self._crash_after is not None and self._inserts >= self._crash_after:

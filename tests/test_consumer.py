@@ -313,6 +313,41 @@ def test_clickhouse_unavailable_mid_run_loses_nothing(
     }
 
 
+def test_a_retried_flush_sends_its_dead_letters_once(
+    running: Callable[..., ConsumerProcess],
+    storage: Storage,
+    kafka_bootstrap: str,
+    kafka_topic: str,
+    tmp_path: Path,
+) -> None:
+    """ClickHouse fails between the intent log and the events insert (fault seam, as above), so the
+    same batch, with a poison message in it, is flushed again and again until it recovers."""
+    down = tmp_path / "clickhouse-down"
+    down.write_text("events")
+    consumer = running(env={FAULT_FILE_ENV: str(down)})
+    produce(kafka_bootstrap, kafka_topic, [*event_messages(0, 50), (b"k", b"this is not json")])
+    failures = "cohere_gateway_consumer_insert_failures_total"
+    wait_for(lambda: consumer.metric(failures) >= 3, "3 failed flushes")
+    assert consumer.metric("cohere_gateway_consumer_dead_letters_total") == 0
+    down.unlink()
+    wait_for(lambda: consumer.landed() == 50, "the 50 events")
+    wait_for(lambda: consumer.metric("cohere_gateway_consumer_dead_letters_total") == 1, "the dead letter")
+    assert consumer.stop() == 0
+
+    from kafka import KafkaConsumer
+
+    dlq = KafkaConsumer(
+        f"{kafka_topic}.dlq",
+        bootstrap_servers=kafka_bootstrap,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=3_000,
+    )
+    letters = [json.loads(m.value) for m in dlq]
+    dlq.close()
+    assert [letter["original"] for letter in letters] == ["this is not json"]
+    assert counts(storage)["raw"] == 50
+
+
 def test_sigterm_finishes_the_batch_in_hand(
     running: Callable[..., ConsumerProcess],
     storage: Storage,
