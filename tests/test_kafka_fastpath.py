@@ -11,9 +11,11 @@ import kafka
 import kafka.net.manager
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.consumer.fetcher import Fetcher
 from kafka.errors import CorruptRecordError
 from kafka.record import MemoryRecords
 from kafka.record.default_records import DefaultRecordBatchBuilder
+from kafka.record.legacy_records import LegacyRecordBatchBuilder
 from kafka.serializer import Deserializer
 
 from consumers import kafka_fastpath
@@ -68,6 +70,34 @@ def test_record_sizes_match_kafka_python() -> None:
     sizes = [r.size_in_bytes for r in MemoryRecords(_batch()).next_batch()]
     raw = kafka_fastpath.read_records(bytes(batch._buffer), batch._pos, batch._header_data[12])
     assert [r[5] for r in raw] == sizes
+
+
+def _legacy_batch(magic: int) -> bytes:
+    builder = LegacyRecordBatchBuilder(magic=magic, compression_type=0, batch_size=1 << 20)
+    for offset, ts, key, value, _headers in RECORDS:
+        assert builder.append(offset, ts if magic else None, key, value) is not None
+    return bytes(builder.build())
+
+
+@pytest.mark.parametrize(
+    "data",
+    [_batch(), _batch(1) + _batch(), _legacy_batch(0), _legacy_batch(1)],
+    ids=["v2", "v2-gzip-then-plain", "v0", "v1"],
+)
+@pytest.mark.parametrize("fetch_offset", [0, 3])
+def test_partition_records_match_kafka_python(data: bytes, fetch_offset: int) -> None:
+    """The whole unpacking loop, without a broker: positions, skipping to the fetch offset inside a
+    batch, and message formats v0/v1 (gone from Kafka 4 brokers), which take kafka-python's records."""
+    tp = TopicPartition("t", 0)
+
+    def read(cls: type) -> tuple[list[tuple[Any, ...]], int, int]:
+        records = cls(fetch_offset, tp, MemoryRecords(data))
+        taken = [tuple(r) for r in records.take()]
+        return taken, records.next_fetch_offset, records.records_read
+
+    stock = read(Fetcher.PartitionRecords)
+    assert stock[0] and stock[0][0][3] >= fetch_offset
+    assert read(kafka_fastpath.FastPartitionRecords) == stock
 
 
 def test_corrupt_batches_raise_corrupt_record_error() -> None:
