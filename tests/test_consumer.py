@@ -224,16 +224,7 @@ def test_events_land_and_poison_goes_to_the_dead_letter_topic(
     status, ready = consumer.get("/readyz")
     assert status == 200 and ready["ready"]
 
-    from kafka import KafkaConsumer
-
-    dlq = KafkaConsumer(
-        f"{kafka_topic}.dlq",
-        bootstrap_servers=kafka_bootstrap,
-        auto_offset_reset="earliest",
-        consumer_timeout_ms=10_000,
-    )
-    letters = [json.loads(m.value) for m in dlq][:4]
-    dlq.close()
+    letters = dead_letters(kafka_bootstrap, kafka_topic)[:4]
     reasons = sorted(letter["reason"] for letter in letters)
     assert any("not a JSON event" in r for r in reasons)
     assert any("major 2" in r and "upgrade" in r for r in reasons)
@@ -246,6 +237,19 @@ def test_events_land_and_poison_goes_to_the_dead_letter_topic(
     got = counts(storage)
     assert got["raw"] == got["agg_requests"] == got["distinct_ids"] == 301
     assert committed(kafka_bootstrap, f"{consumer_group(consumer)}", kafka_topic) == 305
+
+
+def dead_letters(bootstrap: str, topic: str) -> list[dict[str, Any]]:
+    """Every letter in the topic's dead-letter topic (read until none came for 5 s)."""
+    from kafka import KafkaConsumer
+
+    dlq = KafkaConsumer(
+        f"{topic}.dlq", bootstrap_servers=bootstrap, auto_offset_reset="earliest", consumer_timeout_ms=5_000
+    )
+    try:
+        return [json.loads(m.value) for m in dlq]
+    finally:
+        dlq.close()
 
 
 def consumer_group(consumer: ConsumerProcess) -> str:
@@ -334,16 +338,7 @@ def test_a_retried_flush_sends_its_dead_letters_once(
     wait_for(lambda: consumer.metric("cohere_gateway_consumer_dead_letters_total") == 1, "the dead letter")
     assert consumer.stop() == 0
 
-    from kafka import KafkaConsumer
-
-    dlq = KafkaConsumer(
-        f"{kafka_topic}.dlq",
-        bootstrap_servers=kafka_bootstrap,
-        auto_offset_reset="earliest",
-        consumer_timeout_ms=3_000,
-    )
-    letters = [json.loads(m.value) for m in dlq]
-    dlq.close()
+    letters = dead_letters(kafka_bootstrap, kafka_topic)
     assert [letter["original"] for letter in letters] == ["this is not json"]
     assert counts(storage)["raw"] == 50
 
