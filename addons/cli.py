@@ -18,6 +18,7 @@ import functools
 import gc
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -105,7 +106,7 @@ async def run_until_signal(m: Any) -> None:
     await m.run()
 
 
-async def _serve(cfg: s.ProxySettings) -> None:
+async def _serve(cfg: s.ProxySettings, metrics_dir: Path | None = None) -> None:
     from addons.gateway import Gateway
 
     # Any other thread in this process shares the GIL with the event loop, and Python hands it over every
@@ -120,7 +121,7 @@ async def _serve(cfg: s.ProxySettings) -> None:
     quiet = ["asyncio", "hpack", "quic"] + (["mitmproxy.proxy"] if cfg.log_level != "debug" else [])
     for name in quiet:
         logging.getLogger(name).setLevel(logging.WARNING)
-    m = lean_master(listen_modes(cfg), cfg.data_dir / "mitmproxy", cfg.log_level, Gateway())
+    m = lean_master(listen_modes(cfg), cfg.data_dir / "mitmproxy", cfg.log_level, Gateway(metrics_dir))
     await run_until_signal(m)
 
 
@@ -132,9 +133,17 @@ def _ensure_ca(confdir: Path) -> None:
     certs.CertStore.from_store(confdir, "mitmproxy", 2048)
 
 
+def _metrics_dir(cfg: s.ProxySettings) -> Path:
+    """Where the workers of one `--workers N` gateway share their counters (addons/metrics.py)."""
+    return cfg.data_dir / "worker-metrics"
+
+
 def _supervise(cfg: s.ProxySettings) -> int:
     """Run `cfg.workers` single-process gateways on one port; stop them together."""
     _ensure_ca(cfg.data_dir / "mitmproxy")
+    # Counters of an earlier run would be summed into this one's.
+    shutil.rmtree(_metrics_dir(cfg), ignore_errors=True)
+    _metrics_dir(cfg).mkdir(parents=True)
     spool_root = Path(cfg.spool_dir) if cfg.spool_dir else cfg.data_dir / "spool"
     workers = []
     for i in range(cfg.workers):
@@ -167,7 +176,7 @@ def proxy(worker: bool, **kwargs: object) -> None:
     SDK:          cohere.ClientV2(base_url="http://HOST:PORT/v1/ACCOUNT/GATEWAY/cohere")
     OpenAI SDK:   OpenAI(base_url="http://HOST:PORT/v1/ACCOUNT/GATEWAY/compat"), model="cohere/command-r"
     Forward mode: HTTPS_PROXY=http://HOST:TPORT SSL_CERT_FILE=DATA_DIR/mitmproxy/mitmproxy-ca-cert.pem
-    Health:       GET /healthz, Prometheus counters: GET /metrics (on --port; per worker process)
+    Health:       GET /healthz, Prometheus counters: GET /metrics (on --port; with --workers, summed)
     """
     cfg: s.ProxySettings = s.from_kwargs(s.ProxySettings, kwargs)
     if cfg.workers < 1:
@@ -189,4 +198,4 @@ def proxy(worker: bool, **kwargs: object) -> None:
             + (f", forward proxy on {cfg.host}:{cfg.transparent_port}" if cfg.transparent_port else ""),
             err=True,
         )
-    asyncio.run(_serve(cfg))
+    asyncio.run(_serve(cfg, _metrics_dir(cfg) if worker else None))

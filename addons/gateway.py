@@ -12,6 +12,7 @@ the sibling modules.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -29,7 +30,7 @@ from mitmproxy.proxy.mode_specs import RegularMode, ReverseMode
 from addons.capture import Exchange, build_event
 from addons.delivery import DELIVERY_OPTIONS, DeliveryConfig, default_spool_dir
 from addons.headers import check_gateway_token, check_singletons, key_fingerprint, parse_request_options
-from addons.metrics import Metrics
+from addons.metrics import Metrics, merge, read_snapshots, render, write_snapshot
 from addons.outcomes import classify_proxy_error, classify_status
 from addons.pricing import DEFAULT_PRICING, load_pricing
 from addons.publish import NullPublisher, Publisher
@@ -112,9 +113,15 @@ def _ms(seconds: float) -> str:
     return f"{max(0.0, seconds) * 1000:.3f}"
 
 
+# How often a worker of `proxy --workers N` shares its counters with the others (addons/metrics.py).
+METRICS_SHARE_S = 1.0
+
+
 class Gateway:
-    def __init__(self) -> None:
+    def __init__(self, metrics_dir: Path | None = None) -> None:
         self.metrics = Metrics()
+        self.metrics_dir = metrics_dir  # set in the workers of `proxy --workers N`: /metrics sums them
+        self._sharing: asyncio.Task[None] | None = None
         self.publisher: Publisher = NullPublisher()
         self.pricing = load_pricing(DEFAULT_PRICING)
         self.upstream = Upstream.parse(settings.DEFAULT_UPSTREAM)
@@ -166,6 +173,22 @@ class Gateway:
 
             raise exceptions.OptionsError(f"cannot start event delivery: {exc}") from None
 
+    def running(self) -> None:
+        if self.metrics_dir is not None:
+            self._sharing = asyncio.get_running_loop().create_task(self._share_metrics(self.metrics_dir))
+
+    async def _share_metrics(self, directory: Path) -> None:
+        failed = False
+        while True:
+            try:
+                write_snapshot(directory, self.metrics.snapshot(self.publisher.counters()))
+                failed = False
+            except OSError as exc:
+                if not failed:  # once per failure, not once a second
+                    log.warning("cannot share counters with the other workers: %s", exc)
+                failed = True
+            await asyncio.sleep(METRICS_SHARE_S)
+
     async def done(self) -> None:
         # Graceful stop (SIGTERM/SIGINT): accept no new connections, let in-flight exchanges finish (and
         # publish their events), then give the publisher what is left of the grace period to reach Kafka;
@@ -177,6 +200,11 @@ class Gateway:
         while self.in_flight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         await asyncio.to_thread(self.publisher.close, max(0.0, deadline - time.monotonic()))
+        if self._sharing is not None and self.metrics_dir is not None:
+            self._sharing.cancel()
+            # The last counts stay in the directory: the workers still running keep summing them.
+            with contextlib.suppress(OSError):
+                write_snapshot(self.metrics_dir, self.metrics.snapshot(self.publisher.counters()))
         log.info(orjson.dumps({"msg": "gateway stopped", **self.publisher.counters()}).decode())
 
     # --- requests ------------------------------------------------------------------------------------
@@ -455,14 +483,19 @@ class Gateway:
 
     def _serve_local(self, flow: http.HTTPFlow, route: LocalRoute) -> None:
         if route.path == "/metrics":
-            text = self.metrics.render(self.publisher.counters())
+            snap = self.metrics.snapshot(self.publisher.counters())
+            if self.metrics_dir is None:
+                text = render(snap)
+            else:
+                others = read_snapshots(self.metrics_dir, os.getpid())
+                text = render(merge([snap, *others]), workers=1 + len(others))
             flow.response = http.Response.make(200, text, {"content-type": "text/plain; version=0.0.4"})
             return
         flow.response = json_response(
             200,
             {
                 "status": "ok",
-                "pid": os.getpid(),  # with --workers, which process answered (each keeps its own counters)
+                "pid": os.getpid(),  # with --workers, which process answered (these counters are its own)
                 "upstream": f"{self.upstream.scheme}://{self.upstream.host_header}{self.upstream.prefix}",
                 "uptime_s": round(time.time() - self.started, 3),
                 "publisher": self.publisher.counters(),

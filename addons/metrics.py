@@ -1,10 +1,27 @@
-"""The gateway's counters and their Prometheus text exposition (served at /metrics)."""
+"""The gateway's counters and their Prometheus text exposition (served at /metrics).
+
+With `proxy --workers N` every worker process counts its own exchanges, and any of them may answer a
+scrape (the kernel picks). So each worker also writes its counters to a shared directory once a second
+(`write_snapshot`), and a scrape sums them all (`merge`): /metrics shows the whole gateway, whichever
+worker answers; the other workers' part is at most a second old.
+"""
 
 from __future__ import annotations
 
+import os
 from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import orjson
 
 from cohere_gateway.events import OUTCOMES
+
+# {"requests": {mode: n}, "exchanges": {outcome: n}, "rejected": {status: n}, "events_skipped": n,
+#  "publisher": {counter: n}}: plain JSON, so workers can share it through files.
+Snapshot = dict[str, Any]
+_GROUPS = ("requests", "exchanges", "rejected", "publisher")
 
 
 class Metrics:
@@ -16,32 +33,79 @@ class Metrics:
         self.rejected: Counter[int] = Counter()  # requests the gateway answered itself, by status
         self.events_skipped = 0  # cf-aig-collect-log: false
 
-    def render(self, publisher: dict[str, int]) -> str:
-        lines = [
-            "# HELP cohere_gateway_requests_total Requests routed to the upstream, by route mode.",
-            "# TYPE cohere_gateway_requests_total counter",
-        ]
-        for mode in ("gateway", "compat", "transparent"):
-            lines.append(f'cohere_gateway_requests_total{{route_mode="{mode}"}} {self.requests[mode]}')
+    def snapshot(self, publisher: dict[str, int]) -> Snapshot:
+        return {
+            "requests": dict(self.requests),
+            "exchanges": dict(self.exchanges),
+            "rejected": {str(status): n for status, n in self.rejected.items()},
+            "events_skipped": self.events_skipped,
+            "publisher": dict(publisher),
+        }
+
+
+def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
+    """The sum of several workers' snapshots."""
+    total: Snapshot = {group: Counter() for group in _GROUPS} | {"events_skipped": 0}
+    for snap in snapshots:
+        for group in _GROUPS:
+            total[group].update(snap.get(group, {}))
+        total["events_skipped"] += snap.get("events_skipped", 0)
+    return {group: dict(total[group]) for group in _GROUPS} | {"events_skipped": total["events_skipped"]}
+
+
+def write_snapshot(directory: Path, snap: Snapshot) -> None:
+    """This process's snapshot as `<pid>.json`, replaced atomically so a reader never sees half."""
+    tmp = directory / f".{os.getpid()}.json.tmp"
+    tmp.write_bytes(orjson.dumps(snap))
+    os.replace(tmp, directory / f"{os.getpid()}.json")
+
+
+def read_snapshots(directory: Path, skip_pid: int) -> list[Snapshot]:
+    """The other workers' snapshots; a file that cannot be read (being replaced, garbage) is skipped."""
+    out = []
+    for path in directory.glob("*.json"):
+        if path.stem == str(skip_pid):
+            continue
+        try:
+            out.append(orjson.loads(path.read_bytes()))
+        except (OSError, orjson.JSONDecodeError):
+            continue
+    return out
+
+
+def render(snap: Snapshot, workers: int | None = None) -> str:
+    requests, exchanges, rejected = snap["requests"], snap["exchanges"], snap["rejected"]
+    lines = [
+        "# HELP cohere_gateway_requests_total Requests routed to the upstream, by route mode.",
+        "# TYPE cohere_gateway_requests_total counter",
+    ]
+    for mode in ("gateway", "compat", "transparent"):
+        lines.append(f'cohere_gateway_requests_total{{route_mode="{mode}"}} {requests.get(mode, 0)}')
+    lines += [
+        "# HELP cohere_gateway_exchanges_total Finished exchanges, by outcome.",
+        "# TYPE cohere_gateway_exchanges_total counter",
+    ]
+    for outcome in OUTCOMES:
+        lines.append(f'cohere_gateway_exchanges_total{{outcome="{outcome}"}} {exchanges.get(outcome, 0)}')
+    lines += [
+        "# HELP cohere_gateway_rejected_total Requests answered by the gateway itself, by status.",
+        "# TYPE cohere_gateway_rejected_total counter",
+    ]
+    for status in sorted(rejected, key=int):
+        lines.append(f'cohere_gateway_rejected_total{{status="{status}"}} {rejected[status]}')
+    lines += [
+        "# HELP cohere_gateway_events_skipped_total Exchanges not logged (cf-aig-collect-log: false).",
+        "# TYPE cohere_gateway_events_skipped_total counter",
+        f"cohere_gateway_events_skipped_total {snap['events_skipped']}",
+    ]
+    for name, value in sorted(snap["publisher"].items()):
+        metric = f"cohere_gateway_{name}" + ("" if name.endswith("_pending") else "_total")
+        kind = "gauge" if name.endswith("_pending") else "counter"
+        lines += [f"# TYPE {metric} {kind}", f"{metric} {value}"]
+    if workers is not None:
         lines += [
-            "# HELP cohere_gateway_exchanges_total Finished exchanges, by outcome.",
-            "# TYPE cohere_gateway_exchanges_total counter",
+            "# HELP cohere_gateway_workers Worker processes whose counters are summed above.",
+            "# TYPE cohere_gateway_workers gauge",
+            f"cohere_gateway_workers {workers}",
         ]
-        for outcome in OUTCOMES:
-            lines.append(f'cohere_gateway_exchanges_total{{outcome="{outcome}"}} {self.exchanges[outcome]}')
-        lines += [
-            "# HELP cohere_gateway_rejected_total Requests answered by the gateway itself, by status.",
-            "# TYPE cohere_gateway_rejected_total counter",
-        ]
-        for status in sorted(self.rejected):
-            lines.append(f'cohere_gateway_rejected_total{{status="{status}"}} {self.rejected[status]}')
-        lines += [
-            "# HELP cohere_gateway_events_skipped_total Exchanges not logged (cf-aig-collect-log: false).",
-            "# TYPE cohere_gateway_events_skipped_total counter",
-            f"cohere_gateway_events_skipped_total {self.events_skipped}",
-        ]
-        for name, value in sorted(publisher.items()):
-            metric = f"cohere_gateway_{name}" + ("" if name.endswith("_pending") else "_total")
-            kind = "gauge" if name.endswith("_pending") else "counter"
-            lines += [f"# TYPE {metric} {kind}", f"{metric} {value}"]
-        return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n"

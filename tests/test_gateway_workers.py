@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 import urllib.request
 import uuid
 
@@ -39,6 +40,20 @@ def test_workers_share_the_port_and_every_exchange_is_one_event(
         assert sorted(e.client_event_id for e in events) == sorted(f"{tag}-{i}" for i in range(12))
         spools = sorted(p.name for p in (gw.data_dir / "spool").iterdir())
         assert spools == ["w0", "w1"]
+
+        # Whichever worker answers /metrics shows the whole gateway: its own counters plus the other's,
+        # which it shares once a second.
+        gateway_requests = 'cohere_gateway_requests_total{route_mode="gateway"}'
+
+        def scrapes() -> set[str]:
+            texts = [gw.get("/metrics").decode() for _ in range(8)]  # new connections: both workers answer
+            assert all("cohere_gateway_workers 2" in t for t in texts)
+            return {next(x for x in t.splitlines() if x.startswith(gateway_requests)) for t in texts}
+
+        deadline = time.monotonic() + 15
+        while (seen := scrapes()) != {f"{gateway_requests} 12"} and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert seen == {f"{gateway_requests} 12"}
     finally:
         reader.close()
         code = gw.stop(signal.SIGTERM)
