@@ -1,9 +1,9 @@
 """Faster reading for the consumer's kafka-python client: record batches and socket reads.
 
-Per event, kafka-python spent about 16 µs of the consumer's Python CPU when draining a backlog on this
-machine class, about half of it decoding records: a chain of pure-Python calls per record (a varint
-function per field, a record object, properties on the batch). Its network thread reads sockets
-4 KiB at a time, about 250 calls per MiB fetched. `read_records` decodes a whole batch in one loop
+The consumer's Python threads spent about 16 µs per event draining a backlog on this machine class, about
+half of it in kafka-python: decoding records through a chain of pure-Python calls per record (a varint
+function per field, a record object, properties on the batch), and reading sockets 4 KiB at a time,
+about 250 calls per MiB fetched. `read_records` decodes a whole batch in one loop
 with the one-byte varint case inline, `FastPartitionRecords` uses it in place of kafka-python's
 per-record loop, and `WideRecvTransport` reads whatever the socket holds into one reusable buffer.
 Together they take about 3 µs per event off (bench/RESULTS.md, sink).
