@@ -17,6 +17,11 @@ from .usage import Extracted, _dict, _str, extract_json, usage_from_cohere, usag
 
 MAX_PENDING_LINE = 4 * 1024 * 1024  # a line longer than this is not a well-formed event; stop buffering it
 
+# Events that carry generated tokens: text, and for tool use the plan and the call's arguments (a
+# response that calls a tool generates no text, and its time to first token is the plan's).
+_V2_TOKEN_EVENTS = (b"content-delta", b"tool-plan-delta", b"tool-call-delta")
+_V1_TOKEN_EVENTS = (b"text-generation", b"tool-calls-chunk")
+
 STREAM_CONTENT_TYPES = ("text/event-stream", "application/stream+json", "application/x-ndjson")
 
 
@@ -119,9 +124,8 @@ class StreamWatcher:
             self._handle(obj)
 
     def _is_token(self, data: bytes) -> bool:
-        if self.api_version == "v2":
-            return b"content-delta" in data
-        return b"text-generation" in data
+        markers = _V2_TOKEN_EVENTS if self.api_version == "v2" else _V1_TOKEN_EVENTS
+        return any(m in data for m in markers)
 
     def _wanted(self, data: bytes) -> bool:
         if self.api_version == "compat":

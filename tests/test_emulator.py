@@ -209,6 +209,90 @@ def test_v2_chat_stream_events_are_typed_and_end_with_usage(co2: cohere.ClientV2
     assert end.delta.usage.tokens.input_tokens == usage.raw_input_tokens
 
 
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+            "required": ["city"],
+        },
+    },
+}
+WEATHER_ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+TOOLS_TEXT = json.dumps([WEATHER_TOOL], separators=(",", ":"))
+
+
+def test_v2_tools_get_a_tool_call_and_tool_results_get_text(co2: cohere.ClientV2) -> None:
+    raw = co2.with_raw_response.chat(model="command-r", messages=WEATHER_ASK, tools=[WEATHER_TOOL])
+    V2ChatResponse.model_validate(raw.response.json())
+    reply = raw.data
+    assert reply.finish_reason == "TOOL_CALL"
+    assert reply.message.tool_plan and not reply.message.content
+    (call,) = reply.message.tool_calls
+    assert call.type == "function" and call.id
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "example", "days": 1}
+    # Tool definitions are billed as input; the plan and the arguments are the output.
+    assert reply.usage.billed_units.input_tokens == count_all([WEATHER_ASK[0]["content"], TOOLS_TEXT])
+    generated = [reply.message.tool_plan, call.function.arguments]
+    assert reply.usage.billed_units.output_tokens == count_all(generated)
+
+    # The tool's result comes back: now the model answers in text.
+    follow = co2.chat(
+        model="command-r",
+        tools=[WEATHER_TOOL],
+        messages=[
+            *WEATHER_ASK,
+            {"role": "assistant", "tool_plan": reply.message.tool_plan, "tool_calls": [call]},
+            {
+                "role": "tool",
+                "tool_call_id": call.id,
+                "content": [{"type": "document", "document": {"data": {"forecast": "sunny, 21C"}}}],
+            },
+        ],
+    )
+    assert follow.finish_reason == "COMPLETE"
+    assert follow.message.content[0].text == expected_reply(WEATHER_ASK[0]["content"])
+    # tool_choice NONE: text even though tools were offered.
+    plain = co2.chat(model="command-r", messages=WEATHER_ASK, tools=[WEATHER_TOOL], tool_choice="NONE")
+    assert plain.finish_reason == "COMPLETE" and not plain.message.tool_calls
+
+
+def test_v2_tool_call_streams_plan_call_and_arguments(co2: cohere.ClientV2) -> None:
+    events = list(co2.chat_stream(model="command-r", messages=WEATHER_ASK, tools=[WEATHER_TOOL]))
+    types = [e.type for e in events]
+    plan_n, args_n = types.count("tool-plan-delta"), types.count("tool-call-delta")
+    assert plan_n and args_n
+    assert types == [
+        "message-start",
+        *["tool-plan-delta"] * plan_n,
+        "tool-call-start",
+        *["tool-call-delta"] * args_n,
+        "tool-call-end",
+        "message-end",
+    ]
+    plan = "".join(e.delta.message.tool_plan for e in events if e.type == "tool-plan-delta")
+    arguments = "".join(
+        e.delta.message.tool_calls.function.arguments for e in events if e.type == "tool-call-delta"
+    )
+    start = events[types.index("tool-call-start")]
+    assert start.delta.message.tool_calls.function.name == "get_weather"
+    assert json.loads(arguments) == {"city": "example", "days": 1}
+    end = events[-1]
+    assert end.delta.finish_reason == "TOOL_CALL"
+    assert end.delta.usage.billed_units.output_tokens == count_all([plan, arguments]) == plan_n + args_n
+
+
+def test_v2_malformed_tools_are_400_saying_what_to_fix(emulator_url: str) -> None:
+    body = {"model": "command-r", "messages": WEATHER_ASK, "tools": [{"type": "function", "function": {}}]}
+    assert_cohere_error(post(emulator_url + "/v2/chat", body), 400, "tools[0].function.name")
+    body["tools"] = [{"name": "v1-style"}]
+    assert_cohere_error(post(emulator_url + "/v2/chat", body), 400, "tools[0]")
+
+
 def test_v2_stream_names_each_event_and_ends_with_done(emulator_url: str) -> None:
     body = {"model": "command-r", "messages": [{"role": "user", "content": "hi"}], "stream": True}
     text = post(emulator_url + "/v2/chat", body).text

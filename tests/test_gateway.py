@@ -220,6 +220,34 @@ def test_v2_endpoints_and_stream(v2: cohere.ClientV2, gateway_events: EventReade
     assert one_event(gateway_events, cid).usage.search_units == rr.meta.billed_units.search_units
 
 
+def test_v2_tool_calls_json_and_stream(v2: cohere.ClientV2, gateway_events: EventReader) -> None:
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "lookup_order",
+            "parameters": {"type": "object", "properties": {"order_id": {"type": "string"}}},
+        },
+    }
+    ask = [{"role": "user", "content": "Where is my order?"}]
+    cid = corr()
+    res = v2.chat(model="command-r-plus", messages=ask, tools=[tool], request_options=opts(cid))
+    assert res.finish_reason == "TOOL_CALL" and res.message.tool_calls[0].function.name == "lookup_order"
+    event = one_event(gateway_events, cid)
+    assert (event.finish_reason, event.outcome) == ("TOOL_CALL", "ok")
+    assert event.usage.input_tokens == res.usage.billed_units.input_tokens
+    assert event.usage.output_tokens == res.usage.billed_units.output_tokens
+
+    cid = corr()
+    stream = v2.chat_stream(model="command-r-plus", messages=ask, tools=[tool], request_options=opts(cid))
+    chunks = list(stream)
+    assert "tool-call-delta" in [c.type for c in chunks]
+    end = chunks[-1]
+    event = one_event(gateway_events, cid)
+    assert event.stream and event.finish_reason == end.delta.finish_reason == "TOOL_CALL"
+    assert event.usage.output_tokens == end.delta.usage.billed_units.output_tokens
+    assert event.latency.ttft_ms is not None  # the tool plan is the first generated text
+
+
 def test_async_client_stream(gateway: GatewayProcess, gateway_events: EventReader) -> None:
     cid = corr()
 

@@ -175,6 +175,29 @@ def test_first_token_time_is_the_first_generated_text() -> None:
     assert watcher.first_token_at == 2.0
 
 
+@pytest.mark.parametrize(
+    ("api", "framing", "start", "token"),
+    [
+        ("v2", "sse", b'event: message-start\ndata: {"type":"message-start","id":"x"}\n\n',
+         b'event: tool-plan-delta\ndata: {"type":"tool-plan-delta","delta":{"message":{}}}\n\n'),
+        ("v2", "sse", b'event: message-start\ndata: {"type":"message-start","id":"x"}\n\n',
+         b'event: tool-call-delta\ndata: {"type":"tool-call-delta","index":0}\n\n'),
+        ("v1", "ndjson", b'{"event_type":"stream-start","generation_id":"g"}\n',
+         b'{"event_type":"tool-calls-chunk","tool_call_delta":{"name":"f"}}\n'),
+    ],
+)  # fmt: skip
+def test_a_tool_call_is_generated_output_for_the_first_token_time(
+    api: str, framing: str, start: bytes, token: bytes
+) -> None:
+    now = [1.0]
+    watcher = StreamWatcher(api, "chat", framing, clock=lambda: now[0])
+    watcher.feed(start)
+    assert watcher.first_token_at is None
+    now[0] = 2.0
+    watcher.feed(token)
+    assert watcher.first_token_at == 2.0
+
+
 def test_aborted_stream_keeps_what_was_seen() -> None:
     watcher = StreamWatcher("v1", "chat", "ndjson")
     watcher.feed(v1_ndjson()[:150])

@@ -19,6 +19,7 @@ from cohere_gateway.emulator.errors import bad_request
 from cohere_gateway.emulator.results import JsonResult, Result, StreamResult
 from cohere_gateway.emulator.shapes import checked
 from cohere_gateway.emulator.tokens import ChatUsage, Reply, chat_usage, document_texts, generate_reply
+from cohere_gateway.emulator.tools import ToolCall, parse_v2_tools, should_call, tool_call, tool_texts
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,7 @@ def parse_v2(body: dict[str, Any]) -> ChatRequest:
     catalog.lookup(model, "chat")
     texts, last_user = message_texts(messages)
     texts.extend(document_texts(fields.optional_list(body, "documents")))
+    texts.extend(tool_texts(body))
     return ChatRequest(
         model=model,
         input_texts=tuple(texts),
@@ -184,24 +186,32 @@ def v2_usage(usage: ChatUsage) -> dict[str, Any]:
 
 def v2_chat(body: dict[str, Any], headers: Mapping[str, str]) -> Result:
     request = parse_v2(body)
-    reply = request.reply()
+    tools = parse_v2_tools(body)
+    call = tool_call(tools[0], request.seed) if should_call(body, tools, body["messages"]) else None
+    reply = call.reply() if call else request.reply()
     usage = v2_usage(chat_usage(request.input_texts, reply))
     response_id = new_id()
     if not request.stream:
-        return JsonResult(
-            checked(
-                V2ChatResponse,
-                {
-                    "id": response_id,
-                    "message": {"role": "assistant", "content": [{"type": "text", "text": reply.text}]},
-                    "finish_reason": reply.finish_reason,
-                    "usage": usage,
-                },
-            )
-        )
+        if call:
+            message = {"role": "assistant", "tool_plan": call.plan, "tool_calls": [_v2_tool_call(call)]}
+        else:
+            message = {"role": "assistant", "content": [{"type": "text", "text": reply.text}]}
+        response = {"id": response_id, "message": message, "finish_reason": reply.finish_reason}
+        return JsonResult(checked(V2ChatResponse, response | {"usage": usage}))
     start_message = {"role": "assistant", "content": [], "tool_plan": "", "tool_calls": [], "citations": []}
     events: list[dict[str, Any]] = [
         {"id": response_id, "type": "message-start", "delta": {"message": start_message}},
+        *(_v2_tool_call_events(call) if call else _v2_text_events(reply)),
+        {"type": "message-end", "delta": {"finish_reason": reply.finish_reason, "usage": usage}},
+    ]
+    first_of_each = {e["type"]: e for e in reversed(events)}
+    for event in first_of_each.values():
+        checked(V2ChatStreamResponse, event)
+    return StreamResult(events, "sse-named", event_key="type", done=True)
+
+
+def _v2_text_events(reply: Reply) -> list[dict[str, Any]]:
+    return [
         {
             "type": "content-start",
             "index": 0,
@@ -212,8 +222,31 @@ def v2_chat(body: dict[str, Any], headers: Mapping[str, str]) -> Result:
             for t in reply.tokens
         ),
         {"type": "content-end", "index": 0},
-        {"type": "message-end", "delta": {"finish_reason": reply.finish_reason, "usage": usage}},
     ]
-    for event in (*events[:2], *events[-2:]):
-        checked(V2ChatStreamResponse, event)
-    return StreamResult(events, "sse-named", event_key="type", done=True)
+
+
+def _v2_tool_call(call: ToolCall, arguments: str | None = None) -> dict[str, Any]:
+    function = {"name": call.name, "arguments": call.arguments if arguments is None else arguments}
+    return {"id": call.call_id, "type": "function", "function": function}
+
+
+def _v2_tool_call_events(call: ToolCall) -> list[dict[str, Any]]:
+    """As Cohere streams a tool call: the plan, then the call opened with empty arguments, the
+    arguments in pieces, and its end."""
+    return [
+        *({"type": "tool-plan-delta", "delta": {"message": {"tool_plan": t}}} for t in call.plan_tokens),
+        {
+            "type": "tool-call-start",
+            "index": 0,
+            "delta": {"message": {"tool_calls": _v2_tool_call(call, arguments="")}},
+        },
+        *(
+            {
+                "type": "tool-call-delta",
+                "index": 0,
+                "delta": {"message": {"tool_calls": {"function": {"arguments": piece}}}},
+            }
+            for piece in call.argument_tokens
+        ),
+        {"type": "tool-call-end", "index": 0},
+    ]
