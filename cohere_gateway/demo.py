@@ -60,6 +60,45 @@ def _chat_v2_stream(co2: cohere.ClientV2, _: cohere.Client, opts: dict[str, Any]
     return sum(1 for _ in stream)
 
 
+_ORDER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "lookup_order",
+        "description": "Where an order is",
+        "parameters": {"type": "object", "properties": {"order_id": {"type": "string"}}},
+    },
+}
+
+
+_ORDER_ASK = [{"role": "user", "content": "Where is my order 42?"}]
+# The same conversation after the tool ran: the model answers in text.
+_ORDER_ANSWERED = [
+    *_ORDER_ASK,
+    {
+        "role": "assistant",
+        "tool_plan": "I will use lookup_order to answer this.",
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "lookup_order", "arguments": '{"order_id":"42"}'},
+            }
+        ],
+    },
+    {
+        "role": "tool",
+        "tool_call_id": "call_1",
+        "content": [{"type": "document", "document": {"data": {"status": "shipped"}}}],
+    },
+]
+
+
+def _chat_v2_tools(co2: cohere.ClientV2, _: cohere.Client, opts: dict[str, Any]) -> object:
+    """Tool use, one request a call: the first turn (ends in TOOL_CALL) or the turn after the result."""
+    messages = random.choice((_ORDER_ASK, _ORDER_ANSWERED))
+    return co2.chat(model="command-a-03-2025", messages=messages, tools=[_ORDER_TOOL], request_options=opts)
+
+
 def _chat_v1(_: cohere.ClientV2, co: cohere.Client, opts: dict[str, Any]) -> object:
     return co.chat(message=random.choice(QUESTIONS), model="command-r-plus", request_options=opts)
 
@@ -108,6 +147,7 @@ def _generate(_: cohere.ClientV2, co: cohere.Client, opts: dict[str, Any]) -> ob
 CALLS = (
     Call("chat v2", 30, _chat_v2),
     Call("chat v2 stream", 20, _chat_v2_stream),
+    Call("chat v2 tools", 5, _chat_v2_tools),
     Call("chat v1", 10, _chat_v1),
     Call("chat v1 stream", 6, _chat_v1_stream),
     Call("embed", 12, _embed),
