@@ -293,6 +293,27 @@ def test_v2_malformed_tools_are_400_saying_what_to_fix(emulator_url: str) -> Non
     assert_cohere_error(post(emulator_url + "/v2/chat", body), 400, "tools[0]")
 
 
+def test_v2_documents_are_cited_in_json_and_stream(co2: cohere.ClientV2) -> None:
+    docs = [{"id": "faq-7", "data": {"title": "Gateways", "text": "A gateway logs every request."}}]
+    reply = co2.chat(model="command-r", messages=V2_MESSAGES, documents=docs)
+    (citation,) = reply.message.citations
+    text = reply.message.content[0].text
+    assert citation.text == text[citation.start : citation.end] and citation.text
+    (source,) = citation.sources
+    assert source.type == "document" and source.id == "faq-7"
+    assert source.document == {"id": "faq-7", "title": "Gateways", "text": "A gateway logs every request."}
+    # Documents are billed as input.
+    usage = expected_chat_usage(["Answer in one sentence.", "What does a gateway log?"], documents=docs)
+    assert reply.usage.billed_units.input_tokens == usage.billed_input_tokens
+
+    events = list(co2.chat_stream(model="command-r", messages=V2_MESSAGES, documents=["plain text doc"]))
+    types = [e.type for e in events]
+    assert types[-3:] == ["citation-start", "citation-end", "message-end"]
+    start = events[-3]
+    assert start.delta.message.citations.sources[0].id == "doc:0"
+    assert start.delta.message.citations.sources[0].document == {"id": "doc:0", "content": "plain text doc"}
+
+
 def test_v2_stream_names_each_event_and_ends_with_done(emulator_url: str) -> None:
     body = {"model": "command-r", "messages": [{"role": "user", "content": "hi"}], "stream": True}
     text = post(emulator_url + "/v2/chat", body).text

@@ -191,23 +191,56 @@ def v2_chat(body: dict[str, Any], headers: Mapping[str, str]) -> Result:
     reply = call.reply() if call else request.reply()
     usage = v2_usage(chat_usage(request.input_texts, reply))
     response_id = new_id()
+    citation = None if call else v2_citation(fields.optional_list(body, "documents"), reply)
     if not request.stream:
         if call:
             message = {"role": "assistant", "tool_plan": call.plan, "tool_calls": [_v2_tool_call(call)]}
         else:
             message = {"role": "assistant", "content": [{"type": "text", "text": reply.text}]}
+            if citation:
+                message["citations"] = [citation]
         response = {"id": response_id, "message": message, "finish_reason": reply.finish_reason}
         return JsonResult(checked(V2ChatResponse, response | {"usage": usage}))
     start_message = {"role": "assistant", "content": [], "tool_plan": "", "tool_calls": [], "citations": []}
     events: list[dict[str, Any]] = [
         {"id": response_id, "type": "message-start", "delta": {"message": start_message}},
         *(_v2_tool_call_events(call) if call else _v2_text_events(reply)),
+        *(
+            [
+                {"type": "citation-start", "index": 0, "delta": {"message": {"citations": citation}}},
+                {"type": "citation-end", "index": 0},
+            ]
+            if citation
+            else []
+        ),
         {"type": "message-end", "delta": {"finish_reason": reply.finish_reason, "usage": usage}},
     ]
     first_of_each = {e["type"]: e for e in reversed(events)}
     for event in first_of_each.values():
         checked(V2ChatStreamResponse, event)
     return StreamResult(events, "sse-named", event_key="type", done=True)
+
+
+def v2_citation(documents: list[Any], reply: Reply) -> dict[str, Any] | None:
+    """Cohere cites the documents a grounded answer draws on; the emulator cites the reply's first word
+    from the first document, with the document as Cohere echoes it (its id, `doc:N` when none given)."""
+    if not documents or not reply.tokens:
+        return None
+    doc = documents[0]
+    data = doc.get("data", doc) if isinstance(doc, dict) else doc
+    doc_id = doc["id"] if isinstance(doc, dict) and isinstance(doc.get("id"), str) else "doc:0"
+    if isinstance(data, dict):
+        document = {"id": doc_id, **{k: v for k, v in data.items() if k != "id"}}
+    else:
+        document = {"id": doc_id, "content": str(data)}
+    word = reply.tokens[0]
+    return {
+        "start": 0,
+        "end": len(word),
+        "text": word,
+        "sources": [{"type": "document", "id": doc_id, "document": document}],
+        "type": "TEXT_CONTENT",
+    }
 
 
 def _v2_text_events(reply: Reply) -> list[dict[str, Any]]:
