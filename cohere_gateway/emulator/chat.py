@@ -199,8 +199,13 @@ def v2_chat(body: dict[str, Any], headers: Mapping[str, str]) -> Result:
             message = {"role": "assistant", "content": [{"type": "text", "text": reply.text}]}
             if citation:
                 message["citations"] = [citation]
-        response = {"id": response_id, "message": message, "finish_reason": reply.finish_reason}
-        return JsonResult(checked(V2ChatResponse, response | {"usage": usage}))
+        response = {
+            "id": response_id,
+            "message": message,
+            "finish_reason": reply.finish_reason,
+            "usage": usage,
+        }
+        return JsonResult(checked(V2ChatResponse, response))
     start_message = {"role": "assistant", "content": [], "tool_plan": "", "tool_calls": [], "citations": []}
     events: list[dict[str, Any]] = [
         {"id": response_id, "type": "message-start", "delta": {"message": start_message}},
