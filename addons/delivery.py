@@ -146,16 +146,21 @@ def abort_producer(producer: Any) -> None:
         log.debug("delivery: error while aborting the producer", exc_info=True)
 
 
+def open_spool(config: DeliveryConfig) -> Spool:
+    return Spool(
+        config.spool_dir,
+        max_bytes=config.spool_max_bytes,
+        fsync=config.spool_fsync,
+        fsync_interval_ms=config.spool_fsync_interval_ms,
+        segment_bytes=config.spool_segment_bytes,
+    )
+
+
 def spool_late(config: DeliveryConfig, key: bytes, value: bytes) -> str | None:
     """Append one event to the spool of a publisher that has closed (it released the spool, which a
     successor may own by now); None when it is on disk, else why it could not be."""
     try:
-        spool = Spool(
-            config.spool_dir,
-            max_bytes=config.spool_max_bytes,
-            fsync=config.spool_fsync,
-            segment_bytes=config.spool_segment_bytes,
-        )
+        spool = open_spool(config)
     except (OSError, SpoolInUseError) as exc:
         return f"it arrived after shutdown and the spool is unavailable ({exc})"
     try:
@@ -193,13 +198,7 @@ class DurablePublisher:
         config.check()
         self.config = config
         self._factory = producer_factory
-        self._spool = Spool(
-            config.spool_dir,
-            max_bytes=config.spool_max_bytes,
-            fsync=config.spool_fsync,
-            fsync_interval_ms=config.spool_fsync_interval_ms,
-            segment_bytes=config.spool_segment_bytes,
-        )
+        self._spool = open_spool(config)
         self._timeout_s = config.delivery_timeout_ms / 1000
         self._hard_cap = HARD_CAP_FACTOR * config.max_pending_events
         self._cond = threading.Condition(threading.RLock())  # RLock: futures may call back synchronously
