@@ -31,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -169,26 +170,32 @@ class SidecarPublisher:
 
     def _flush_backlog(self, until: float) -> bool:
         """Send the backlog (the stop message last) without holding the lock while the socket is full."""
-        while True:
-            with self._lock:
-                self._send_backlog()
-                if not self._backlog:
-                    return True
-            if time.monotonic() >= until or self._proc.poll() is not None:
-                log.error("delivery: the delivery process takes no more events; spooling here")
-                return False
-            select.select([], [self._mine], [], 0.2)
+
+        def sent() -> bool:
+            self._send_backlog()
+            return not self._backlog
+
+        return self._wait_child(sent, until, writable=True, failure="takes no more events; spooling here")
 
     def _wait_child_done(self, until: float) -> bool:
+        def done() -> bool:
+            self._read_messages()
+            return self._child_done
+
+        return self._wait_child(done, until, writable=False, failure="did not report its delivery finished")
+
+    def _wait_child(self, step: Callable[[], bool], until: float, *, writable: bool, failure: str) -> bool:
+        """Run `step` under the lock until it returns True, waiting on the socket between tries; False
+        (and logged) once `until` passes or the child exits first."""
         while True:
             with self._lock:
-                self._read_messages()
-                if self._child_done:
+                if step():
                     return True
             if time.monotonic() >= until or self._proc.poll() is not None:
-                log.error("delivery: the delivery process did not report its delivery finished")
+                log.error("delivery: the delivery process %s", failure)
                 return False
-            select.select([self._mine], [], [], 0.2)
+            ready = ([], [self._mine]) if writable else ([self._mine], [])
+            select.select(*ready, [], 0.2)
 
     def counters(self) -> dict[str, int]:
         with self._lock:
