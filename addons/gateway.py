@@ -30,7 +30,7 @@ from mitmproxy.proxy.mode_specs import RegularMode, ReverseMode
 from addons.capture import Exchange, build_event
 from addons.delivery import DELIVERY_OPTIONS, DeliveryConfig, default_spool_dir
 from addons.headers import check_gateway_token, check_singletons, key_fingerprint, parse_request_options
-from addons.metrics import Metrics, merge, read_snapshots, render, write_snapshot
+from addons.metrics import Metrics, Snapshot, merge, read_snapshots, render, write_snapshot
 from addons.outcomes import classify_proxy_error, classify_status
 from addons.pricing import DEFAULT_PRICING, load_pricing
 from addons.publish import NullPublisher, Publisher
@@ -181,13 +181,16 @@ class Gateway:
         failed = False
         while True:
             try:
-                write_snapshot(directory, self.metrics.snapshot(self.publisher.counters()))
+                write_snapshot(directory, self._snapshot())
                 failed = False
             except OSError as exc:
                 if not failed:  # once per failure, not once a second
                     log.warning("cannot share counters with the other workers: %s", exc)
                 failed = True
             await asyncio.sleep(METRICS_SHARE_S)
+
+    def _snapshot(self) -> Snapshot:
+        return self.metrics.snapshot(self.publisher.counters())
 
     async def done(self) -> None:
         # Graceful stop (SIGTERM/SIGINT): accept no new connections, let in-flight exchanges finish (and
@@ -204,7 +207,7 @@ class Gateway:
             self._sharing.cancel()
             # The last counts stay in the directory: the workers still running keep summing them.
             with contextlib.suppress(OSError):
-                write_snapshot(self.metrics_dir, self.metrics.snapshot(self.publisher.counters()))
+                write_snapshot(self.metrics_dir, self._snapshot())
         log.info(orjson.dumps({"msg": "gateway stopped", **self.publisher.counters()}).decode())
 
     # --- requests ------------------------------------------------------------------------------------
@@ -483,7 +486,7 @@ class Gateway:
 
     def _serve_local(self, flow: http.HTTPFlow, route: LocalRoute) -> None:
         if route.path == "/metrics":
-            snap = self.metrics.snapshot(self.publisher.counters())
+            snap = self._snapshot()
             if self.metrics_dir is None:
                 text = render(snap)
             else:

@@ -45,12 +45,13 @@ class Metrics:
 
 def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
     """The sum of several workers' snapshots."""
-    total: Snapshot = {group: Counter() for group in _GROUPS} | {"events_skipped": 0}
+    groups: dict[str, Counter[str]] = {group: Counter() for group in _GROUPS}
+    skipped = 0
     for snap in snapshots:
-        for group in _GROUPS:
-            total[group].update(snap.get(group, {}))
-        total["events_skipped"] += snap.get("events_skipped", 0)
-    return {group: dict(total[group]) for group in _GROUPS} | {"events_skipped": total["events_skipped"]}
+        for group, counts in groups.items():
+            counts.update(snap.get(group, {}))
+        skipped += snap.get("events_skipped", 0)
+    return {group: dict(counts) for group, counts in groups.items()} | {"events_skipped": skipped}
 
 
 def write_snapshot(directory: Path, snap: Snapshot) -> None:
