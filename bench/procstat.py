@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -31,12 +32,16 @@ def process_tree(pid: int) -> list[int]:
     return found
 
 
-def tree_cpu_seconds(pid: int) -> float:
+def _tree_sum(pid: int, measure: Callable[[int], float]) -> float:
     total = 0.0
     for p in process_tree(pid):
-        with contextlib.suppress(OSError):  # exited between listing and reading
-            total += cpu_seconds(p)
+        with contextlib.suppress(OSError, ProcessLookupError):  # exited between listing and reading
+            total += measure(p)
     return total
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    return _tree_sum(pid, cpu_seconds)
 
 
 def rss_bytes(pid: int) -> int:
@@ -48,11 +53,7 @@ def rss_bytes(pid: int) -> int:
 
 def tree_rss_bytes(pid: int) -> int:
     """RSS of `pid` and its descendants (the gateway with its delivery process)."""
-    total = 0
-    for p in process_tree(pid):
-        with contextlib.suppress(OSError, ProcessLookupError):
-            total += rss_bytes(p)
-    return total
+    return int(_tree_sum(pid, rss_bytes))
 
 
 def cpu_model() -> str:

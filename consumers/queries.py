@@ -11,7 +11,12 @@ from importlib import resources
 from typing import Any
 
 from consumers.backends import Backend
-from consumers.rows import format_time
+
+
+def format_time(ts: datetime) -> str:
+    """ClickHouse's DateTime64(3) text form, in UTC."""
+    return ts.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.") + f"{ts.microsecond // 1000:03d}"
+
 
 GROUP_FIELDS = ("account_id", "gateway_id", "model", "endpoint", "outcome", "none")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")

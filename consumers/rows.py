@@ -22,11 +22,6 @@ class Rejected:
     reason: str
 
 
-def format_time(ts: datetime) -> str:
-    """ClickHouse's DateTime64(3) text form, in UTC."""
-    return ts.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.") + f"{ts.microsecond // 1000:03d}"
-
-
 def check_storable(event: Event) -> str | None:
     """Limits of the ClickHouse column types that the contract does not state (it does state that
     timestamps carry a timezone, end_time >= start_time and counts fit in UInt64)."""
