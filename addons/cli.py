@@ -110,8 +110,9 @@ async def _serve(cfg: s.ProxySettings, metrics_dir: Path | None = None) -> None:
     from addons.gateway import Gateway
 
     # Any other thread in this process shares the GIL with the event loop, and Python hands it over every
-    # 5 ms by default: a request arriving meanwhile could wait that long. Kafka delivery runs in its own
-    # process now (addons/sidecar.py), but the p99 budget (bare mitmdump + 1 ms) leaves no room for it.
+    # 5 ms by default: a request arriving meanwhile could wait that long. Since Kafka delivery moved to
+    # its own process (addons/sidecar.py) no such thread runs in normal operation; the setting stays
+    # because every benchmark in bench/RESULTS.md ran with it.
     sys.setswitchinterval(0.0005)
     # What is loaded at start lives as long as the process: keep the cyclic collector from rescanning it.
     gc.freeze()

@@ -44,16 +44,22 @@ def test_workers_share_the_port_and_every_exchange_is_one_event(
         # Whichever worker answers /metrics shows the whole gateway: its own counters plus the other's,
         # which it shares once a second.
         gateway_requests = 'cohere_gateway_requests_total{route_mode="gateway"}'
+        wanted = {(f"{gateway_requests} 12", "cohere_gateway_workers 2")}
 
-        def scrapes() -> set[str]:
-            texts = [gw.get("/metrics").decode() for _ in range(8)]  # new connections: both workers answer
-            assert all("cohere_gateway_workers 2" in t for t in texts)
-            return {next(x for x in t.splitlines() if x.startswith(gateway_requests)) for t in texts}
+        def scrapes() -> set[tuple[str, str]]:
+            texts = [gw.get("/metrics").decode().splitlines() for _ in range(8)]  # new connections
+            return {
+                (
+                    next(x for x in t if x.startswith(gateway_requests)),
+                    next(x for x in t if x.startswith("cohere_gateway_workers ")),
+                )
+                for t in texts
+            }
 
         deadline = time.monotonic() + 15
-        while (seen := scrapes()) != {f"{gateway_requests} 12"} and time.monotonic() < deadline:
+        while (seen := scrapes()) != wanted and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert seen == {f"{gateway_requests} 12"}
+        assert seen == wanted
     finally:
         reader.close()
         code = gw.stop(signal.SIGTERM)
