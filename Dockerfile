@@ -1,5 +1,5 @@
 # The gateway and the consumer: one image, the `cohere-gateway` command; docker-compose.yml picks the subcommand.
-FROM python:3.11-slim AS build
+FROM python:3.13-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY cohere_gateway ./cohere_gateway
@@ -7,7 +7,7 @@ COPY addons ./addons
 COPY consumers ./consumers
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
-FROM python:3.11-slim
+FROM python:3.13-slim
 RUN useradd --create-home --uid 10001 gateway && mkdir /data && chown gateway /data
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels

@@ -1,14 +1,15 @@
 # One entry point for people and CI. `make test` and `make up` set up everything they need first.
-PYTHON ?= python3.11
+# The newest Python >= 3.12 on PATH or in pyenv (infra/find-python says what to install if none).
+PYTHON ?= $(shell infra/find-python)
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test up demo lint kafka-jars clean
+.PHONY: install test up demo lint kafka-jars system-deps clean
 
 # The venv is rebuilt only when the dependency list changes.
 $(STAMP): pyproject.toml
-	@command -v $(PYTHON) >/dev/null || { echo "Python 3.11 is required (found none as $(PYTHON))"; exit 1; }
+	@test -n "$(PYTHON)" || { infra/find-python >/dev/null; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
@@ -20,7 +21,10 @@ install: $(STAMP)
 kafka-jars: $(STAMP)
 	$(BIN)/python -c "from cohere_gateway import localkafka as k; k.java_major_version(); k.ensure_jars(print)"
 
-test: install kafka-jars
+system-deps:
+	@infra/system-deps
+
+test: system-deps install kafka-jars
 	$(BIN)/pytest
 
 # The main job: the whole pipeline on this machine. `make demo` also runs the Cohere emulator as upstream
