@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -71,6 +72,7 @@ class ConsumerProcess:
         batch_wait_ms: int = 200,
     ) -> None:
         self.data_dir = data_dir
+        self.embedded = storage.embedded
         args = [sys.executable, "-m", "cohere_gateway.cli", "consume", *storage.cli_args]
         args[args.index("--data-dir") + 1] = str(data_dir)
         args += [
@@ -97,12 +99,21 @@ class ConsumerProcess:
 
     def api_url(self) -> str:
         if not self.url:
-            info = wait_for(
-                lambda: read_discovery(chdb_path(self.data_dir)) or self._check_alive(),
-                "the consumer's discovery file",
-            )
-            self.url = info["url"]
+            if self.embedded:
+                info = wait_for(
+                    lambda: read_discovery(chdb_path(self.data_dir)) or self._check_alive(),
+                    "the consumer's discovery file",
+                )
+                self.url = info["url"]
+            else:  # a server's consumers write no discovery file (they own no directory): the log says
+                self.url = wait_for(
+                    lambda: self._logged_api_url() or self._check_alive(), "the consumer's read API"
+                )
         return self.url
+
+    def _logged_api_url(self) -> str | None:
+        found = re.search(r"read API on (http://\S+)", self.log.read_text(errors="replace"))
+        return found.group(1) if found else None
 
     def _check_alive(self) -> None:
         if self.proc.poll() is not None:
