@@ -1,6 +1,7 @@
 """The consumer end to end: a real Kafka broker, `cohere-gateway consume` as a real subprocess, real
-ClickHouse (chdb, or the server at CLICKHOUSE_URL). Fault seams, used where no real fault can be made
-here, are named in the tests that use them."""
+ClickHouse, each test against both backends (embedded chdb, and a real server through clickhouse-connect;
+the read API is the consumer's own). Fault seams, used where no real fault can be made here, are named
+in the tests that use them."""
 
 from __future__ import annotations
 
@@ -39,14 +40,16 @@ def wait_for(condition: Callable[[], Any], what: str, timeout: float = 60.0) -> 
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-def produce(bootstrap: str, topic: str, messages: list[tuple[bytes | None, bytes | None]]) -> None:
+def produce(
+    bootstrap: str, topic: str, messages: list[tuple[bytes | None, bytes | None]], partitions: int = 3
+) -> None:
     from kafka import KafkaProducer
 
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
     try:
-        # Round-robin over the 3 partitions: the 4 account/gateway keys alone may hash to only two.
+        # Round-robin over the partitions: the 4 account/gateway keys alone may hash to only two.
         for i, (key, value) in enumerate(messages):
-            producer.send(topic, key=key, value=value, partition=i % 3)
+            producer.send(topic, key=key, value=value, partition=i % partitions)
         producer.flush(timeout=30)
     finally:
         producer.close()
@@ -195,13 +198,13 @@ def expected_errors(start: int, count: int) -> int:
     return sum(make_event(i, BASE).outcome != "ok" for i in range(start, start + count))
 
 
-def committed(bootstrap: str, group: str, topic: str) -> int:
-    """Sum of the group's committed offsets over the topic's 3 partitions (without joining the group)."""
+def committed(bootstrap: str, group: str, topic: str, partitions: int = 3) -> int:
+    """Sum of the group's committed offsets over the topic's partitions (without joining the group)."""
     from kafka import KafkaConsumer, TopicPartition
 
     reader = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
     try:
-        return sum(reader.committed(TopicPartition(topic, p)) or 0 for p in range(3))
+        return sum(reader.committed(TopicPartition(topic, p)) or 0 for p in range(partitions))
     finally:
         reader.close(autocommit=False)
 
