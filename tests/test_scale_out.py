@@ -2,7 +2,9 @@
 topic of a real Kafka broker and write to one real ClickHouse server through clickhouse-connect. A member
 is killed with SIGKILL mid-run; the server itself is stopped for 30 s mid-run. Every event lands exactly
 once: raw rows, committed offsets, and the per-minute aggregates, compared with a recomputation from the
-raw events. No fault seam: the faults are real process deaths."""
+raw events. The faults are real process deaths: SIGKILL from outside, and the consumer's test hook that
+SIGKILLs itself between an insert and its commit (no other moment can be hit on purpose from outside).
+"""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from consumers.consumer import CRASH_AFTER_INSERTS_ENV
 from tests.fixtures.clickhouse import Storage, local_server, server_database
 from tests.fixtures.kafka import create_topic
 from tests.test_consumer import (
@@ -31,6 +34,7 @@ from tests.test_storage import assert_aggregates_match_raw
 PARTITIONS = 6
 OUTAGE_S = 30.0
 INSERTED = "cohere_gateway_consumer_events_inserted_total"
+Start = Callable[..., ConsumerProcess]  # (storage, group, name, env=None): a member started
 
 
 @pytest.fixture
@@ -41,13 +45,11 @@ def topic(kafka_bootstrap: str) -> str:
 
 
 @pytest.fixture
-def fleet(
-    kafka_bootstrap: str, topic: str, tmp_path: Path
-) -> Iterator[Callable[[Storage, str, str], ConsumerProcess]]:
+def fleet(kafka_bootstrap: str, topic: str, tmp_path: Path) -> Iterator[Start]:
     started: list[ConsumerProcess] = []
 
-    def start(storage: Storage, group: str, name: str) -> ConsumerProcess:
-        proc = ConsumerProcess(storage, kafka_bootstrap, topic, group, tmp_path / name)
+    def start(storage: Storage, group: str, name: str, env: dict[str, str] | None = None) -> ConsumerProcess:
+        proc = ConsumerProcess(storage, kafka_bootstrap, topic, group, tmp_path / name, env=env)
         started.append(proc)
         return proc
 
@@ -60,13 +62,14 @@ def fleet(
 
 
 def partitions(consumer: ConsumerProcess) -> set[int]:
-    _, ready = consumer.get("/readyz")
+    try:
+        _, ready = consumer.get("/readyz")
+    except OSError:  # a member that just died (on purpose) has no API any more
+        return set()
     return set(ready["partitions"]) if isinstance(ready, dict) else set()
 
 
-def join_one_by_one(
-    start: Callable[[Storage, str, str], ConsumerProcess], storage: Storage, group: str, names: str
-) -> list[ConsumerProcess]:
+def join_one_by_one(start: Start, storage: Storage, group: str, names: str) -> list[ConsumerProcess]:
     members: list[ConsumerProcess] = []
     for name in names:
         member = start(storage, group, name)
@@ -108,7 +111,7 @@ def produce_paced(bootstrap: str, topic: str, start: int, count: int, chunk: int
 
 @pytest.mark.timeout(300)
 def test_three_consumers_share_six_partitions_and_a_kill_9_mid_run_loses_and_doubles_nothing(
-    fleet: Callable[[Storage, str, str], ConsumerProcess],
+    fleet: Start,
     clickhouse_server_url: str,
     kafka_bootstrap: str,
     topic: str,
@@ -129,23 +132,28 @@ def test_three_consumers_share_six_partitions_and_a_kill_9_mid_run_loses_and_dou
         wait_for(lambda: b.metric(INSERTED) > before, "b to write events of the running traffic")
         b.proc.send_signal(signal.SIGKILL)
         assert b.proc.wait(timeout=30) == -signal.SIGKILL
-        b_again = fleet(storage, group, "b-again")  # its partitions move on (session timeout), then back
+        # Its replacement dies too, at the worst moment: its first batch written, not committed. The
+        # next owner of those partitions re-cuts that range from the shared intent log.
+        b2 = fleet(storage, group, "b2", {CRASH_AFTER_INSERTS_ENV: "1"})
+        wait_for(lambda: b2.proc.poll() is not None or partitions(b2), "b2 to join", 90)
         traffic.join(timeout=120)
         assert not traffic.is_alive()
+        produce(kafka_bootstrap, topic, event_messages(1300, 60), PARTITIONS)  # work on every partition
+        assert b2.proc.wait(timeout=90) == -signal.SIGKILL
+        b3 = fleet(storage, group, "b3")
 
-        wait_for(lambda: counts(storage)["raw_final"] == 1300, "all 1300 events", 120)
+        wait_for(lambda: counts(storage)["raw_final"] == 1360, "all 1360 events", 120)
         wait_for(
-            lambda: committed(kafka_bootstrap, group, topic, PARTITIONS) == 1300, "every offset committed"
+            lambda: committed(kafka_bootstrap, group, topic, PARTITIONS) == 1360, "every offset committed"
         )
-        assert partitions(b_again)  # the restarted member took part again
-        for member in (a, c, b_again):
+        for member in (a, c, b3):
             assert member.stop() == 0
-        assert_landed_exactly_once(storage, 1300)
+        assert_landed_exactly_once(storage, 1360)
 
 
 @pytest.mark.timeout(300)
 def test_clickhouse_server_down_30s_mid_run_consumers_pause_and_resume_losing_nothing(
-    fleet: Callable[[Storage, str, str], ConsumerProcess], kafka_bootstrap: str, topic: str, tmp_path: Path
+    fleet: Start, kafka_bootstrap: str, topic: str, tmp_path: Path
 ) -> None:
     """Its own server (not the session's): this test stops it, and restarts it on the same port and data."""
     group = f"outage-{uuid.uuid4().hex[:8]}"
