@@ -296,7 +296,12 @@ def stop(data_dir: Path, timeout: float = STOP_TIMEOUT_S) -> bool:
 
 
 def status(data_dir: Path, port: int, host: str = "127.0.0.1") -> Status:
-    pid = _read_pid(Path(data_dir).resolve())
+    """Whether the server for `data_dir` runs and answers; on the ports it was started with, if it runs."""
+    data_dir = Path(data_dir).resolve()
+    pid = _read_pid(data_dir)
+    if pid is not None and (data_dir / "config.xml").exists():
+        cfg = _read_config(data_dir)
+        host, port = _client_host(cfg["host"]), int(cfg["http_port"])
     address = f"http://{_url_host(host)}:{port}"
     return Status(pid, pid is not None, pid is not None and ping(host, port), address)
 
