@@ -27,6 +27,7 @@ import orjson
 from mitmproxy import ctx, http
 from mitmproxy.proxy.mode_specs import RegularMode, ReverseMode
 
+from addons import mitmproxy_seam
 from addons.capture import Exchange, build_event
 from addons.delivery import DELIVERY_OPTIONS, DeliveryConfig, default_spool_dir
 from addons.headers import check_gateway_token, check_singletons, key_fingerprint, parse_request_options
@@ -133,11 +134,9 @@ class Gateway:
     def load(self, loader) -> None:  # loader: mitmproxy.addonmanager.Loader
         for name, kind, help_text in OPTIONS:
             loader.add_option(name, kind, _opt_default(name), help_text)
-        # mitmproxy has no hook for the error pages it writes itself; its HTTP/1 layer looks this name up
-        # at call time, so replacing it makes every error this process sends JSON.
-        from mitmproxy.proxy.layers.http import _http1
-
-        _http1.make_error_response = json_error_page
+        # mitmproxy has no hook for the error pages it writes itself: every error this process sends is
+        # JSON only through this seam.
+        mitmproxy_seam.install_error_pages(json_error_page)
 
     def configure(self, updated: set[str]) -> None:
         opts = ctx.options
