@@ -22,6 +22,11 @@ ENV_PREFIX = "COHERE_GATEWAY_"
 DEFAULT_DATA_DIR = Path(".cohere-gateway")
 DEFAULT_TOPIC = "cohere-gateway.events"
 DEFAULT_UPSTREAM = "https://api.cohere.ai"
+DEFAULT_PARTITIONS = 6
+PARTITIONS_HELP = (
+    "Partitions of the event topic, created with this many if missing (a consumer group shares at most "
+    "this many consumers). An existing topic is left as it is: fewer partitions are logged, not changed."
+)
 
 
 def setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None) -> Any:
@@ -62,6 +67,7 @@ class ConsumerSettings:
 
     kafka_bootstrap: str = setting("127.0.0.1:9092", "Kafka bootstrap servers, HOST:PORT[,HOST:PORT].")
     topic: str = setting(DEFAULT_TOPIC, "Topic the gateway writes events to.")
+    partitions: int = setting(DEFAULT_PARTITIONS, PARTITIONS_HELP)
     group_id: str = setting(
         "cohere-gateway-consumer", "Kafka consumer group; run several to share partitions."
     )
@@ -175,6 +181,7 @@ class UpSettings:
     kafka: str = setting("", "Bootstrap servers of an existing Kafka. Empty: start the local broker.")
     kafka_port: int = setting(9092, "Port of the local broker when --kafka is empty (controller: port+1).")
     topic: str = setting(DEFAULT_TOPIC, "Kafka topic of the events.")
+    partitions: int = setting(DEFAULT_PARTITIONS, PARTITIONS_HELP)
     clickhouse: str = setting("", "ClickHouse server URL. Empty: the embedded engine under --data-dir.")
     data_dir: Path = setting(DEFAULT_DATA_DIR, "Where Kafka, ClickHouse, the spool, the CA and logs live.")
 
