@@ -2,8 +2,9 @@
 
 Each command's settings are a frozen dataclass; each field is a CLI flag (`--kafka-bootstrap`) and an
 environment variable with the project prefix (`COHERE_GATEWAY_KAFKA_BOOTSTRAP`), the flag winning.
-The helper commands whose flags would collide with the gateway's (`--port` of `emulator` and `kafka`)
-read `COHERE_GATEWAY_EMULATOR_*` / `COHERE_GATEWAY_KAFKA_*` instead. `cli.py` builds the click options
+The helper commands whose flags would collide with the gateway's (`--port` of `emulator`, `kafka` and
+`clickhouse`) read `COHERE_GATEWAY_EMULATOR_*` / `COHERE_GATEWAY_KAFKA_*` / `COHERE_GATEWAY_CLICKHOUSE_*`
+instead. `cli.py` builds the click options
 from these classes, so help text, defaults and env names are written once, here.
 """
 
@@ -57,6 +58,25 @@ class KafkaSettings:
     port: int = setting(9092, "Port of the local broker's client listener (the controller uses port+1).")
     data_dir: Path = setting(
         DEFAULT_DATA_DIR / "kafka", "Where the local broker keeps its log, pid file and output."
+    )
+
+
+@dataclass(frozen=True)
+class ClickHouseSettings:
+    """`clickhouse start|stop|status`: a local ClickHouse server (the chdb engine serving ClickHouse's
+    HTTP and native protocols) for the clickhouse-connect path, without Docker."""
+
+    env_prefix = ENV_PREFIX + "CLICKHOUSE_"
+
+    port: int = setting(8123, "Port of the server's HTTP interface (what --clickhouse URLs point at).")
+    tcp_port: int = setting(9000, "Port of the server's native protocol (clickhouse-client).")
+    host: str = setting(
+        "127.0.0.1", "Interface the server listens on; beyond loopback it needs a --password."
+    )
+    user: str = setting("gateway", "User clients log in as (any name but 'default').")
+    password: str = setting("", "That user's password (only its SHA-256 is written). Empty: none.")
+    data_dir: Path = setting(
+        DEFAULT_DATA_DIR / "clickhouse-server", "Where the server keeps its data, config, pid and output."
     )
 
 
