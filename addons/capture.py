@@ -1,7 +1,14 @@
-"""One exchange's state while it is in flight, and the event built from it when it ends."""
+"""One exchange's state while it is in flight, and the event built from it when it ends.
+
+Every string an event takes from a request (model, user agent, path, metadata, ids) is bounded and
+sanitised here, where the event is built: no client byte can make it fail to encode, and no client
+can make it larger than delivery accepts (`MAX_EVENT_BYTES`, below the Kafka producer's and broker's
+limits).
+"""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from cohere_gateway.events import (
@@ -9,6 +16,7 @@ from cohere_gateway.events import (
     SCHEMA_VERSION,
     Event,
     Latency,
+    encode,
     truncate,
     utc_from_timestamp,
 )
@@ -18,6 +26,25 @@ from .pricing import PricingTable, compute_cost
 from .routing import Route
 from .streaming import StreamWatcher
 from .usage import Extracted
+
+# kafka-python refuses a record over its max_request_size (1 MiB, as the broker's message.max.bytes)
+# counting key and batch overhead; the consumer's dead letter wraps an event in more. Half of it leaves
+# room for all of that.
+MAX_EVENT_BYTES = 512 * 1024
+MAX_MODEL = 256
+MAX_USER_AGENT = 256
+MAX_PATH = 1024
+MAX_FIELD = 256  # ids and short fields from upstream responses
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e\xa0-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def clean(text: str | None, limit: int) -> str | None:
+    """`text` with control characters and lone surrogates replaced by U+FFFD, at most `limit` characters."""
+    if text is None:
+        return None
+    if not text.isascii() or not text.isprintable():
+        text = _UNPRINTABLE.sub("\ufffd", text)
+    return truncate(text, limit)
 
 
 @dataclass(slots=True)
@@ -40,6 +67,8 @@ class Exchange:
     response_payload: list[bytes] | None = None  # streamed bodies kept for payload logging
     payload_kept: int = 0
     finished: bool = False  # the event is built exactly once, whichever hook ends the exchange
+    recorded: bool = True  # False: refused before authentication, no event at all
+    failed_hook: str | None = None  # a response hook raised: the response is replaced by a 500
     headers_sent_at: float | None = field(default=None)
 
 
@@ -76,8 +105,10 @@ def build_event(
     response_body: str | None = None,
     error_message: str | None = None,
 ) -> Event:
-    model = x.model or extracted.model
-    cost, cost_source = compute_cost(pricing, x.route.endpoint, model, extracted.usage, x.options.custom_cost)
+    model = clean(x.model or extracted.model, MAX_MODEL)
+    # A client's own cost applies to what it was served (2xx); an error costs what pricing says.
+    custom = x.options.custom_cost if 200 <= status < 300 and outcome == "ok" else None
+    cost, cost_source = compute_cost(pricing, x.route.endpoint, model, extracted.usage, custom)
     keep_payload = x.options.collect_payload
     return Event(
         schema_version=SCHEMA_VERSION,
@@ -89,29 +120,42 @@ def build_event(
         route_mode=x.route.mode,  # type: ignore[arg-type]
         api_version=x.route.api_version,
         endpoint=x.route.endpoint,
-        method=x.method,
-        path=x.route.path,
+        method=clean(x.method, 16) or "",
+        path=clean(x.route.path, MAX_PATH) or "",
         model=model,
         stream=x.stream,
         status_code=status,
         outcome=outcome,  # type: ignore[arg-type]
         error_type=error_type,
-        error_message=truncate(error_message or extracted.error_message, MAX_ERROR_MESSAGE)
+        error_message=clean(error_message or extracted.error_message, MAX_ERROR_MESSAGE)
         if outcome != "ok"
         else None,
         usage=extracted.usage,
-        finish_reason=extracted.finish_reason,
+        finish_reason=clean(extracted.finish_reason, MAX_FIELD),
         latency=latency(x, end, response_start, response_end),
         request_bytes=x.request_bytes,
         response_bytes=response_bytes,
-        user_agent=truncate(x.user_agent, 256),
+        user_agent=clean(x.user_agent, MAX_USER_AGENT),
         api_key_fingerprint=x.key_fingerprint,
-        response_id=extracted.response_id,
-        generation_id=extracted.generation_id,
+        response_id=clean(extracted.response_id, MAX_FIELD),
+        generation_id=clean(extracted.generation_id, MAX_FIELD),
         client_event_id=x.options.client_event_id,
-        metadata=x.options.metadata,
+        metadata={
+            clean(k, MAX_FIELD) or "": clean(v, MAX_FIELD) or "" for k, v in x.options.metadata.items()
+        },
         cost_usd=cost,
         cost_source=cost_source,  # type: ignore[arg-type]
-        request_body=x.request_body if keep_payload else None,
-        response_body=response_body if keep_payload else None,
+        request_body=clean(x.request_body, len(x.request_body)) if keep_payload and x.request_body else None,
+        response_body=clean(response_body, len(response_body)) if keep_payload and response_body else None,
     )
+
+
+def fit_event(event: Event, limit: int = MAX_EVENT_BYTES) -> bytes | None:
+    """The encoded event, without its bodies if it is over `limit` bytes with them; None if even that is
+    too large (every other field is bounded, so only a misconfiguration gets there)."""
+    value = encode(event)
+    if len(value) <= limit:
+        return value
+    event.request_body = event.response_body = None
+    value = encode(event)
+    return value if len(value) <= limit else None

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from addons.spool import FSYNC_MODES, FsyncMode, Position, Spool, SpoolInUseError
+from cohere_gateway import settings
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +54,16 @@ EVENT_COUNTERS = (
 COUNTER_NAMES = (*EVENT_COUNTERS, "spool_corrupt_records", "events_pending", "spool_bytes_pending")
 
 
-# mitmproxy options of the gateway addon (same names as the ProxySettings fields; defaults from there).
-DELIVERY_OPTIONS: tuple[tuple[str, type, str], ...] = (
-    ("spool_dir", str, "Spool directory for events Kafka did not acknowledge in time; empty: default."),
-    ("spool_max_bytes", int, "Size cap of the spool; beyond it new events are dropped and counted."),
-    ("spool_fsync", str, "always | interval | never: when spooled events are fsynced."),
-    ("spool_fsync_interval_ms", int, "Flush/fsync period of the spool (interval, never)."),
-    ("delivery_timeout_ms", int, "Unacknowledged after this long: the event (and later ones) is spooled."),
-    ("max_pending_events", int, "Most events held in memory awaiting Kafka; beyond it they are spooled."),
-    ("shutdown_grace_s", float, "On shutdown, how long to keep delivering before spooling the rest."),
+# mitmproxy options of the gateway addon (ProxySettings fields: names, types and help from there).
+DELIVERY_OPTIONS: tuple[tuple[str, type, str], ...] = settings.addon_options(
+    "spool_dir",
+    "spool_max_bytes",
+    "spool_fsync",
+    "spool_fsync_interval_ms",
+    "delivery_timeout_ms",
+    "max_pending_events",
+    "dead_letter_max_bytes",
+    "shutdown_grace_s",
 )
 
 
@@ -82,6 +84,7 @@ class DeliveryConfig:
     spool_fsync_interval_ms: int = 100
     delivery_timeout_ms: int = 5000
     max_pending_events: int = 10_000
+    dead_letter_max_bytes: int = 104_857_600
     spool_segment_bytes: int | None = None
 
     @classmethod
@@ -97,6 +100,7 @@ class DeliveryConfig:
             spool_fsync_interval_ms=int(options.spool_fsync_interval_ms),
             delivery_timeout_ms=int(options.delivery_timeout_ms),
             max_pending_events=int(options.max_pending_events),
+            dead_letter_max_bytes=int(options.dead_letter_max_bytes),
         )
 
     def check(self) -> None:

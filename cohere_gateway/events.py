@@ -168,10 +168,11 @@ def utc_from_timestamp(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
 
 
-def api_key_fingerprint(key: str) -> str:
+def api_key_fingerprint(key: str | bytes) -> str:
     """Identifies a key across events without storing it: the first 16 hex digits of its SHA-256,
     like the short fingerprints Cohere's dashboard shows. Keys are high-entropy, so this is not reversible."""
-    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()[:16]
+    raw = key if isinstance(key, bytes) else key.encode("utf-8", "surrogateescape")
+    return "sha256:" + hashlib.sha256(raw).hexdigest()[:16]
 
 
 def truncate(text: str | None, limit: int = MAX_ERROR_MESSAGE) -> str | None:

@@ -127,7 +127,32 @@ class ProxySettings:
     gateway_token: str = setting(
         "", "If set, requests must send `cf-aig-authorization: Bearer <token>` (401 otherwise)."
     )
-    max_request_bytes: int = setting(10_485_760, "Largest request body accepted; larger ones get 413.")
+    max_request_bytes: int = setting(
+        10_485_760, "Largest request body accepted, compressed or decoded; larger ones get 413."
+    )
+    max_header_bytes: int = setting(
+        65_536, "Largest request head (request line and headers) accepted; larger ones get 431."
+    )
+    max_headers: int = setting(100, "Most header fields a request may carry; more get 431.")
+    max_connections: int = setting(
+        1024, "Most client connections open at once (per worker); further ones are closed at once."
+    )
+    idle_timeout_s: float = setting(
+        180.0,
+        "A connection with no traffic either way for this long is closed (raise it for very long "
+        "non-streamed generations).",
+    )
+    allow_http2: bool = setting(
+        False, "Offer HTTP/2 (ALPN h2) to TLS clients; off: clients speak HTTP/1.1 to the gateway."
+    )
+    max_custom_cost: float = setting(
+        1000.0, "Largest cf-aig-custom-cost value (USD) accepted; larger or non-finite ones get 400."
+    )
+    protect_local_endpoints: bool = setting(
+        True,
+        "With --gateway-token, /metrics and the details of /healthz need the token too "
+        '(/healthz alone still answers {"status": "ok"} for health checks).',
+    )
     log_payloads: bool = setting(False, "Store request and response bodies in events (truncated).")
     payload_max_bytes: int = setting(16_384, "Bodies stored in events are truncated to this many characters.")
     spool_dir: str = setting(
@@ -150,6 +175,11 @@ class ProxySettings:
     )
     max_pending_events: int = setting(
         10_000, "Most events held in memory awaiting Kafka; beyond it events go to the spool."
+    )
+    dead_letter_max_bytes: int = setting(
+        104_857_600,
+        "Size cap of <spool-dir>/dead-letters.jsonl, where events Kafka refuses for good are kept "
+        "(delivery moves on past them); beyond it they are dropped (and counted).",
     )
     shutdown_grace_s: float = setting(
         10.0, "On SIGTERM/SIGINT, how long to keep delivering to Kafka before spooling the rest."
@@ -177,6 +207,13 @@ class UpSettings:
     topic: str = setting(DEFAULT_TOPIC, "Kafka topic of the events.")
     clickhouse: str = setting("", "ClickHouse server URL. Empty: the embedded engine under --data-dir.")
     data_dir: Path = setting(DEFAULT_DATA_DIR, "Where Kafka, ClickHouse, the spool, the CA and logs live.")
+
+
+def addon_options(*names: str) -> tuple[tuple[str, type, str], ...]:
+    """(name, type, help) of ProxySettings fields, as the gateway addon registers them with mitmproxy."""
+    hints = typing.get_type_hints(ProxySettings)
+    by_name = {f.name: f for f in dataclasses.fields(ProxySettings)}
+    return tuple((name, hints[name], by_name[name].metadata["help"]) for name in names)
 
 
 def env_name(cls: type, name: str) -> str:
