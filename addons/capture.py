@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from cohere_gateway.events import (
     MAX_ERROR_MESSAGE,
+    MAX_EVENT_BYTES,
     SCHEMA_VERSION,
     Event,
     Latency,
@@ -27,10 +28,6 @@ from .routing import Route
 from .streaming import StreamWatcher
 from .usage import Extracted
 
-# kafka-python refuses a record over its max_request_size (1 MiB, as the broker's message.max.bytes)
-# counting key and batch overhead; the consumer's dead letter wraps an event in more. Half of it leaves
-# room for all of that.
-MAX_EVENT_BYTES = 512 * 1024
 MAX_MODEL = 256
 MAX_USER_AGENT = 256
 MAX_PATH = 1024

@@ -28,6 +28,11 @@ DEFAULT_TOPIC = "cohere-gateway.events"
 # Longest error message kept in an event; Cohere's messages are short, upstream HTML error pages are not.
 MAX_ERROR_MESSAGE = 1024
 MAX_METADATA_ENTRIES = 5
+# Kafka's default limits (broker message.max.bytes, producer max.request.size) are about 1 MiB per
+# record including key and batch overhead; the gateway builds events of at most half of that, which
+# leaves room for the overhead and for the consumer's dead-letter envelope around an event.
+KAFKA_MAX_MESSAGE_BYTES = 1 << 20
+MAX_EVENT_BYTES = KAFKA_MAX_MESSAGE_BYTES // 2
 
 RouteMode = Literal["gateway", "transparent", "compat"]
 Outcome = Literal["ok", "upstream_error", "gateway_error", "client_aborted", "upstream_timeout"]
