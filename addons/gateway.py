@@ -206,7 +206,8 @@ class Gateway:
         # mitmproxy's own options that the gateway's safety depends on, set from the gateway's. Each is
         # set only when it differs: setting an option triggers another configure().
         wanted = self._mitmproxy_options(opts)
-        changed = {k: v for k, v in wanted.items() if getattr(opts, k) != v}
+        # (An option of an addon not loaded, e.g. in a test context, is left alone.)
+        changed = {k: v for k, v in wanted.items() if k in opts and getattr(opts, k) != v}
         if changed:
             opts.update(**changed)
 
@@ -407,6 +408,11 @@ class Gateway:
 
     def _forward(self, flow: http.HTTPFlow, x: Exchange, content: bytes) -> None:
         opts = ctx.options
+        headers = flow.request.headers
+        if "content-length" not in headers and "transfer-encoding" not in headers:
+            # An HTTP/2 request has no framing header; mitmproxy writes it upstream as HTTP/1.1 without
+            # one, so its body would be read as the next request. The body is whole here: say its length.
+            headers["content-length"] = str(len(flow.request.raw_content or b""))
         body, x.model, x.stream = request_fields(content or None)
         if x.route.mode == "compat" and body is not None and x.model:
             provider, slash, name = x.model.partition("/")
