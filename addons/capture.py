@@ -35,6 +35,33 @@ MAX_FIELD = 256  # ids and short fields from upstream responses
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e\xa0-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 
+# What credentials look like inside logged bodies: an Authorization-style "Bearer/Token <value>", a JSON
+# field named like a credential, and Cohere API keys (40 letters and digits).
+_SECRET_PATTERNS = (
+    (re.compile(r"(?i)\b(bearer|token|basic)(\s+)[A-Za-z0-9._~+/=-]{8,}"), r"\1\2[REDACTED]"),
+    (
+        re.compile(
+            r'(?i)("(?:api[_-]?key|authorization|token|secret|password|cf-aig-authorization)"\s*:\s*")[^"]*"'
+        ),
+        r'\1[REDACTED]"',
+    ),
+    (re.compile(r"(?<![A-Za-z0-9])[A-Za-z0-9]{40}(?![A-Za-z0-9])"), "[REDACTED]"),
+)
+REDACTED = "[REDACTED]"
+
+
+def redact(text: str | None, secrets: tuple[str, ...] = ()) -> str | None:
+    """`text` with this exchange's own credentials and anything shaped like one replaced."""
+    if not text:
+        return text
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, REDACTED)
+    for pattern, replacement in _SECRET_PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
 def clean(text: str | None, limit: int) -> str | None:
     """`text` with control characters and lone surrogates replaced by U+FFFD, at most `limit` characters."""
     if text is None:
@@ -66,6 +93,7 @@ class Exchange:
     finished: bool = False  # the event is built exactly once, whichever hook ends the exchange
     recorded: bool = True  # False: refused before authentication, no event at all
     failed_hook: str | None = None  # a response hook raised: the response is replaced by a 500
+    secrets: tuple[str, ...] = ()  # this request's credentials, redacted from logged bodies
     headers_sent_at: float | None = field(default=None)
 
 
@@ -142,9 +170,13 @@ def build_event(
         },
         cost_usd=cost,
         cost_source=cost_source,  # type: ignore[arg-type]
-        request_body=clean(x.request_body, len(x.request_body)) if keep_payload and x.request_body else None,
-        response_body=clean(response_body, len(response_body)) if keep_payload and response_body else None,
+        request_body=_payload(x.request_body, x.secrets) if keep_payload else None,
+        response_body=_payload(response_body, x.secrets) if keep_payload else None,
     )
+
+
+def _payload(body: str | None, secrets: tuple[str, ...]) -> str | None:
+    return clean(redact(body, secrets), len(body)) if body else None
 
 
 def fit_event(event: Event, limit: int = MAX_EVENT_BYTES) -> bytes | None:

@@ -36,6 +36,7 @@ from addons.bodies import DECODE_INLINE_BYTES, check_content_encoding, decode_bo
 from addons.capture import Exchange, build_event, fit_event
 from addons.delivery import DELIVERY_OPTIONS, DeliveryConfig, default_spool_dir
 from addons.headers import (
+    SECRET_HEADERS,
     RequestOptions,
     check_gateway_token,
     check_request_head,
@@ -66,6 +67,7 @@ from cohere_gateway.events import new_event_id, truncate
 log = logging.getLogger("cohere_gateway.gateway")
 
 STATE = "cohere_gateway"  # key of the Exchange in flow.metadata
+SECRET_HEADER_BYTES = frozenset(name.encode() for name in SECRET_HEADERS)
 OVERHEAD_HEADER = "x-cohere-gateway-overhead-ms"
 LOG_ID_HEADER = "cf-aig-log-id"
 
@@ -432,6 +434,15 @@ class Gateway:
             flow.request.headers["accept-encoding"] = "identity"
         if opts.log_payloads and x.options.collect_payload:
             x.request_body = truncate(content.decode("utf-8", "replace"), opts.payload_max_bytes)
+            x.secrets = tuple(
+                s
+                for s in (
+                    opts.gateway_token,
+                    *(header_text(v).partition(" ")[2].strip() or header_text(v) for k, v in
+                      flow.request.headers.fields if k.lower() in SECRET_HEADER_BYTES),
+                )
+                if s
+            )  # fmt: skip
         self.metrics.requests[x.route.mode] += 1
         x.forwarded_at = time.time()
 

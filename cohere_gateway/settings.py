@@ -88,6 +88,20 @@ class ConsumerSettings:
     aggregate_retention_days: int = setting(400, "Per-minute aggregates older than this are dropped (TTL).")
     http_host: str = setting("127.0.0.1", "Interface of the read API (/readyz, /metrics, /api/...).")
     http_port: int = setting(8091, "Port of the read API; 0 picks a free port, -1 disables it.")
+    api_token: str = setting(
+        "",
+        "Token the read API and dashboard require (HTTP Basic password, any user name, or "
+        "'Authorization: Bearer <token>'). Required when --http-host is not a loopback address.",
+    )
+    allowed_hosts: str = setting(
+        "",
+        "Host header values the read API answers, comma-separated (DNS rebinding guard); '*' any. "
+        "Empty: localhost, 127.0.0.1, [::1] and --http-host.",
+    )
+    read_clickhouse: str = setting(
+        "",
+        "ClickHouse server URL the read API queries with, e.g. a read-only user's. Empty: --clickhouse.",
+    )
     log_level: str = setting("info", "Log level.", choices=("debug", "info", "warning", "error"))
 
 
@@ -104,6 +118,7 @@ class ReportSettings:
     json: bool = setting(False, "Print JSON instead of a table.")
     clickhouse: str = setting("", "ClickHouse server URL (as for consume). Empty: the embedded engine.")
     data_dir: Path = setting(DEFAULT_DATA_DIR, "Data directory of the embedded engine.")
+    api_token: str = setting("", "The consumer's --api-token, when its read API has one.")
 
 
 @dataclass(frozen=True)

@@ -707,3 +707,86 @@ def test_mitmproxy_internals_are_where_the_gateway_expects_them() -> None:
     assert callable(_http1.make_error_response)
     assert "buf" in _http1.Http1Connection.__annotations__
     assert callable(_http1.Http1Server.read_headers)
+
+
+# --- 8: the read side ----------------------------------------------------------------------------------
+
+
+def read_api_get(url: str, path: str, **headers: str) -> tuple[int, dict[str, str], bytes]:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url + path, headers=headers), timeout=5) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+def test_the_read_api_beyond_loopback_needs_a_token_and_checks_the_host() -> None:
+    """The consumer's real HTTP server; no storage behind it (the refusals come first, and the one
+    authorised request asks for a dashboard file), so no backend is opened."""
+    import base64
+
+    from consumers.http_api import ReadApi, allowed_host_set
+    from consumers.metrics import Metrics
+
+    with pytest.raises(ValueError, match="api-token"):
+        ReadApi(None, Metrics(), "0.0.0.0", 0)  # type: ignore[arg-type]
+    api = ReadApi(None, Metrics(), "0.0.0.0", 0, token="rt", allowed_hosts=allowed_host_set("", "0.0.0.0"))  # type: ignore[arg-type]
+    api.start()
+    try:
+        port = api.url.rsplit(":", 1)[1]
+        local_url = f"http://127.0.0.1:{port}"
+        assert read_api_get(local_url, "/healthz")[0] == 200  # health checks need no token
+        status, headers, _ = read_api_get(local_url, "/api/summary")
+        assert status == 401 and headers["WWW-Authenticate"].startswith("Basic")
+        assert read_api_get(local_url, "/metrics")[0] == 401
+        assert read_api_get(local_url, "/api/summary", Authorization="Bearer wrong")[0] == 401
+        basic = "Basic " + base64.b64encode(b"anyone:rt").decode()
+        assert read_api_get(local_url, "/static/none.js", Authorization=basic)[0] == 404  # past the guard
+        assert read_api_get(local_url, "/static/none.js", Authorization="Bearer rt")[0] == 404
+        # DNS rebinding: a page on evil.example resolving to this address sends its own Host
+        status, _, body = read_api_get(
+            local_url, "/static/none.js", Host="evil.example", Authorization="Bearer rt"
+        )
+        assert status == 421 and b"allowed-hosts" in body
+    finally:
+        api.stop()
+
+
+def test_report_and_api_survive_hostile_names_null_costs_and_huge_windows(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from consumers import queries, report
+
+    row = {"key": "[/x]", "requests": 1, "errors": 0, "error_rate": 0.0, "input_tokens": 1,
+           "output_tokens": 1, "cost_usd": None}  # fmt: skip
+    report.render({"since": "2026-01-01T00:00:00", "until": "2026-01-01T01:00:00", "by": "model",
+                   "groups": [row], "total": {**row, "key": "TOTAL"}})  # fmt: skip
+    out = capsys.readouterr().out
+    assert "[/x]" in out and "unknown" in out
+    for bad in ("99999999999d", "1e9w", "100000000w"):
+        with pytest.raises(queries.QueryError):
+            queries.parse_duration(bad)
+    assert queries.parse_duration("3650d").days == 3650
+
+
+def test_logged_payloads_have_credentials_redacted(upstream: CaptureUpstream, kafka_bootstrap: str) -> None:
+    topic = create_topic(kafka_bootstrap, f"redact-{uuid.uuid4().hex[:8]}")
+    g = start_gateway(upstream.url + PREFIX, kafka_bootstrap, topic, transparent=False, gateway_token=TOKEN,
+                      log_payloads=True)  # fmt: skip
+    reader = EventReader(kafka_bootstrap, topic)
+    try:
+        cohere_key = "A" * 20 + "b1" * 10
+        message = f"my key is {cohere_key}, {API_KEY}, {TOKEN}"
+        tool = {"api_key": "hunter2", "auth": "Bearer sk-live-0123456789"}
+        body = json.dumps({"model": "command-r", "message": message, "tool": tool}).encode()
+        cid = "redact-" + uuid.uuid4().hex
+        status, _, _ = post(g, f"cf-aig-event-id: {cid}\r\n".encode(), body)
+        assert status == 200
+        event = reader.wait_until(lambda e: e.client_event_id == cid)[0]
+        assert event.request_body is not None and "[REDACTED]" in event.request_body
+        for secret in (cohere_key, API_KEY, TOKEN, "hunter2", "sk-live-0123456789"):
+            assert secret not in event.request_body, secret
+        assert event.response_body is not None and "hi" in event.response_body
+    finally:
+        reader.close()
+        g.stop()
