@@ -28,6 +28,11 @@ DEFAULT_TOPIC = "cohere-gateway.events"
 # Longest error message kept in an event; Cohere's messages are short, upstream HTML error pages are not.
 MAX_ERROR_MESSAGE = 1024
 MAX_METADATA_ENTRIES = 5
+# Kafka's default limits (broker message.max.bytes, producer max.request.size) are about 1 MiB per
+# record including key and batch overhead; the gateway builds events of at most half of that, which
+# leaves room for the overhead and for the consumer's dead-letter envelope around an event.
+KAFKA_MAX_MESSAGE_BYTES = 1 << 20
+MAX_EVENT_BYTES = KAFKA_MAX_MESSAGE_BYTES // 2
 
 RouteMode = Literal["gateway", "transparent", "compat"]
 Outcome = Literal["ok", "upstream_error", "gateway_error", "client_aborted", "upstream_timeout"]
@@ -168,10 +173,11 @@ def utc_from_timestamp(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
 
 
-def api_key_fingerprint(key: str) -> str:
+def api_key_fingerprint(key: str | bytes) -> str:
     """Identifies a key across events without storing it: the first 16 hex digits of its SHA-256,
     like the short fingerprints Cohere's dashboard shows. Keys are high-entropy, so this is not reversible."""
-    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()[:16]
+    raw = key if isinstance(key, bytes) else key.encode("utf-8", "surrogateescape")
+    return "sha256:" + hashlib.sha256(raw).hexdigest()[:16]
 
 
 def truncate(text: str | None, limit: int = MAX_ERROR_MESSAGE) -> str | None:

@@ -32,14 +32,23 @@ class NotFound(LookupError):
     """The query is well-formed but names nothing stored."""
 
 
+# Longest window a query may ask for: beyond any retention, and far from datetime's overflow.
+MAX_DURATION = timedelta(days=3660)
+
+
 def parse_duration(text: str) -> timedelta:
-    """'30m', '1h', '7d', '90s', '2w'."""
-    m = _DURATION.match(text)
+    """'30m', '1h', '7d', '90s', '2w'; at most MAX_DURATION."""
+    m = _DURATION.fullmatch(text)
     if not m:
         raise QueryError(
-            f"duration {text!r} not understood: use a number and a unit s/m/h/d/w, e.g. 30m, 1h, 7d"
+            f"duration {text[:40]!r} not understood: use a number and a unit s/m/h/d/w, e.g. 30m, 1h, 7d"
         )
-    return timedelta(seconds=float(m.group(1)) * _UNIT_SECONDS[m.group(2)])
+    seconds = float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+    if seconds > MAX_DURATION.total_seconds():
+        raise QueryError(
+            f"duration {text[:40]!r} is longer than the {MAX_DURATION.days} days a query may span"
+        )
+    return timedelta(seconds=seconds)
 
 
 @cache

@@ -18,8 +18,9 @@ def fetch_summary(cfg: ReportSettings) -> dict[str, Any]:
     queries.parse_duration(cfg.since)  # fail before any I/O on a bad window
     if not cfg.clickhouse and (info := read_discovery(chdb_path(cfg.data_dir))):
         url = f"{info['url']}/api/summary?{urlencode({'since': cfg.since, 'by': cfg.by})}"
+        headers = {"Authorization": f"Bearer {cfg.api_token}"} if cfg.api_token else {}
         try:
-            with urllib.request.urlopen(url, timeout=30) as resp:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as resp:
                 return json.loads(resp.read())
         except urllib.error.HTTPError as exc:
             detail = json.loads(exc.read() or b"{}").get("error", exc.reason)
@@ -48,8 +49,13 @@ def _fmt_ms(value: float | None) -> str:
     return "-" if value is None else f"{value:,.0f}"
 
 
+def _fmt_cost(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:.4f}"
+
+
 def render(data: dict[str, Any]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     title = f"cohere-gateway: {data['since'][:19]} .. {data['until'][:19]} UTC"
@@ -72,13 +78,13 @@ def render(data: dict[str, Any]) -> None:
         rows.append({**data["total"], "key": "TOTAL"})
     for row in rows:
         table.add_row(
-            row["key"] or "(none)",
+            escape(row["key"]) if row["key"] else "(none)",  # names are client-chosen: no markup
             f"{row['requests']:,}",
             f"{row['errors']:,}",
             f"{100 * row['error_rate']:.1f}",
             f"{row['input_tokens']:,}",
             f"{row['output_tokens']:,}",
-            f"{row['cost_usd']:.4f}",
+            _fmt_cost(row["cost_usd"]),
             _fmt_ms(row.get("latency_ms_p50")),
             _fmt_ms(row.get("latency_ms_p95")),
             _fmt_ms(row.get("latency_ms_p99")),
