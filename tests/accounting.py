@@ -34,8 +34,16 @@ def _sums(events: list[Event]) -> dict[str, Any]:
         "errors": sum(ev.outcome != "ok" for ev in events),
         "input_tokens": sum(ev.usage.input_tokens or 0 for ev in events),
         "output_tokens": sum(ev.usage.output_tokens or 0 for ev in events),
-        "cost_usd": sum(costs),  # TODO(item 2)
+        "cost_usd": sum(costs) if costs else None,
         "unpriced_requests": len(unpriced),
+        "unpriced_input_tokens": sum(ev.usage.input_tokens or 0 for ev in unpriced),
+        "unpriced_output_tokens": sum(ev.usage.output_tokens or 0 for ev in unpriced),
+        "cost_complete": not unpriced,
+        "cached_tokens": sum(ev.usage.cached_tokens or 0 for ev in events),
+        "search_units": sum(ev.usage.search_units or 0 for ev in events),
+        "images": sum(ev.usage.images or 0 for ev in events),
+        "image_tokens": sum(ev.usage.image_tokens or 0 for ev in events),
+        "implied_model_requests": sum(ev.model_implied for ev in events),
     }
 
 
@@ -85,7 +93,27 @@ def close(actual: Any, expected: Any) -> bool:
 
 
 # The fields of totals, time series and breakdowns the tests compare (latency quantiles are estimates).
-FIELDS = ("requests", "errors", "streams", "input_tokens", "output_tokens", "cost_usd")
+FIELDS = (
+    "requests",
+    "errors",
+    "input_tokens",
+    "output_tokens",
+    "cost_usd",
+    "unpriced_requests",
+    "cost_complete",
+    "search_units",
+    "images",
+    "image_tokens",
+)
+# Totals (and the summary) carry more than the time series and breakdowns.
+TOTAL_FIELDS = (
+    *FIELDS,
+    "streams",
+    "unpriced_input_tokens",
+    "unpriced_output_tokens",
+    "cached_tokens",
+    "implied_model_requests",
+)
 
 
 def mismatches(
