@@ -77,7 +77,22 @@ def build_event(
     error_message: str | None = None,
 ) -> Event:
     model = x.model or extracted.model
-    cost, cost_source = compute_cost(pricing, x.route.endpoint, model, extracted.usage, x.options.custom_cost)
+    implied = (
+        model is None and (model := pricing.implied_model(x.route.api_version, x.route.endpoint)) is not None
+    )
+    # Cohere bills no request it answered with an error status, nor one it never received.
+    billed = status < 400 and not (
+        status == 0 and (x.forwarded_at is None or error_type == "connection_failed")
+    )
+    cost, cost_source = compute_cost(
+        pricing,
+        x.route.endpoint,
+        model,
+        extracted.usage,
+        x.options.custom_cost,
+        at=utc_from_timestamp(x.start),
+        billed=billed,
+    )
     keep_payload = x.options.collect_payload
     return Event(
         schema_version=SCHEMA_VERSION,
@@ -92,6 +107,7 @@ def build_event(
         method=x.method,
         path=x.route.path,
         model=model,
+        model_implied=implied,
         stream=x.stream,
         status_code=status,
         outcome=outcome,  # type: ignore[arg-type]
