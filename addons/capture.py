@@ -131,9 +131,24 @@ def build_event(
     error_message: str | None = None,
 ) -> Event:
     model = clean(x.model or extracted.model, MAX_MODEL)
+    implied = (
+        model is None and (model := pricing.implied_model(x.route.api_version, x.route.endpoint)) is not None
+    )
+    # Cohere bills no request it answered with an error status, nor one it never received.
+    billed = status < 400 and not (
+        status == 0 and (x.forwarded_at is None or error_type == "connection_failed")
+    )
     # A client's own cost applies to what it was served (2xx); an error costs what pricing says.
     custom = x.options.custom_cost if 200 <= status < 300 and outcome == "ok" else None
-    cost, cost_source = compute_cost(pricing, x.route.endpoint, model, extracted.usage, custom)
+    cost, cost_source = compute_cost(
+        pricing,
+        x.route.endpoint,
+        model,
+        extracted.usage,
+        custom,
+        at=utc_from_timestamp(x.start),
+        billed=billed,
+    )
     keep_payload = x.options.collect_payload
     return Event(
         schema_version=SCHEMA_VERSION,
@@ -148,6 +163,7 @@ def build_event(
         method=clean(x.method, 16) or "",
         path=clean(x.route.path, MAX_PATH) or "",
         model=model,
+        model_implied=implied,
         stream=x.stream,
         status_code=status,
         outcome=outcome,  # type: ignore[arg-type]

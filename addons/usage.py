@@ -51,6 +51,8 @@ def usage_from_cohere(block: Any) -> Usage:
         cached_tokens=_int(block.get("cached_tokens")),
         search_units=_int(billed.get("search_units")),
         classifications=_int(billed.get("classifications")),
+        images=_int(billed.get("images")),
+        image_tokens=_int(billed.get("image_tokens")),
     )
 
 

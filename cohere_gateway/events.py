@@ -20,7 +20,7 @@ from typing import Annotated, Literal
 import msgspec
 
 SCHEMA_MAJOR = 1
-SCHEMA_MINOR = 0
+SCHEMA_MINOR = 1
 SCHEMA_VERSION = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
 
 DEFAULT_TOPIC = "cohere-gateway.events"
@@ -66,6 +66,8 @@ class Usage(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=False):
     search_units: NonNegInt | None = None
     classifications: NonNegInt | None = None
     embeddings: NonNegInt | None = None  # number of vectors returned by an embed call
+    images: NonNegInt | None = None  # 1.1: `billed_units.images` (Embed v3 image inputs)
+    image_tokens: NonNegInt | None = None  # 1.1: `billed_units.image_tokens` (Embed v4 image inputs)
 
 
 class Latency(msgspec.Struct, omit_defaults=True):
@@ -93,6 +95,9 @@ class Event(msgspec.Struct, kw_only=True, omit_defaults=False, forbid_unknown_fi
     method: str
     path: str  # upstream path, without query string
     model: str | None = None
+    # 1.1: the request named no model, `model` is the one Cohere uses by default for this endpoint, and the
+    # cost (if any) was computed at that model's price.
+    model_implied: bool = False
     stream: bool = False
 
     status_code: Annotated[int, msgspec.Meta(ge=0, le=999)]  # 0: no response (connect failure, abort)

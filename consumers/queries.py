@@ -99,10 +99,38 @@ def _ints(row: dict[str, Any], *names: str) -> dict[str, Any]:
     return row
 
 
+# Counts a row may carry; JSONEachRow quotes them (64-bit).
+COUNTS = (
+    "requests",
+    "errors",
+    "streams",
+    "input_tokens",
+    "output_tokens",
+    "cached_tokens",
+    "search_units",
+    "classifications",
+    "embeddings",
+    "images",
+    "image_tokens",
+    "unpriced_requests",
+    "unpriced_input_tokens",
+    "unpriced_output_tokens",
+    "implied_model_requests",
+)
+
+
+def _costed(row: dict[str, Any]) -> dict[str, Any]:
+    """Counts as numbers, and `cost_complete`: false when any request of the row has no known cost, so
+    `cost_usd` (the priced requests' cost, or null when none was priced) is a lower bound."""
+    _ints(row, *COUNTS)
+    row["cost_complete"] = row.get("unpriced_requests", 0) == 0
+    return row
+
+
 def totals(backend: Backend, window: Window, by: str = "model") -> list[dict[str, Any]]:
     rows = backend.query(sql("totals"), window.params() | {"by": _check_by(by)})
     for row in rows:
-        _ints(row, "requests", "errors", "streams", "input_tokens", "output_tokens")
+        _costed(row)
         row["error_rate"] = row["errors"] / row["requests"] if row["requests"] else 0.0
         _spread_quantiles(row, "latency_ms")
         _spread_quantiles(row, "ttft_ms")
@@ -114,7 +142,7 @@ def timeseries(backend: Backend, window: Window, by: str = "none", step_s: int =
         raise QueryError(f"step must be a whole number of minutes (60, 300, ...), got {step_s} s")
     rows = backend.query(sql("timeseries"), window.params() | {"by": _check_by(by), "step_s": step_s})
     for row in rows:
-        _ints(row, "requests", "errors", "input_tokens", "output_tokens")
+        _costed(row)
         _spread_quantiles(row, "latency_ms")
     return rows
 
@@ -128,14 +156,14 @@ def errors(backend: Backend, window: Window) -> list[dict[str, Any]]:
 
 def top_api_keys(backend: Backend, window: Window, limit: int = 10) -> list[dict[str, Any]]:
     rows = backend.query(sql("top_api_keys"), window.params() | {"limit": limit})
-    return [_ints(r, "requests", "errors", "input_tokens", "output_tokens") for r in rows]
+    return [_costed(r) for r in rows]
 
 
 def top_metadata(backend: Backend, window: Window, key: str, limit: int = 10) -> list[dict[str, Any]]:
     if not key:
         raise QueryError("top_metadata needs a metadata key, e.g. key=user")
     rows = backend.query(sql("top_metadata"), window.params() | {"key": key, "limit": limit})
-    return [_ints(r, "requests", "errors", "input_tokens", "output_tokens") for r in rows]
+    return [_costed(r) for r in rows]
 
 
 def recent(
@@ -158,9 +186,7 @@ def recent(
         "metadata_key": metadata_key,
         "metadata_value": metadata_value,
     }
-    return [
-        _ints(r, "usage_input_tokens", "usage_output_tokens") for r in backend.query(sql("recent"), params)
-    ]
+    return [_ints(r, *(k for k in r if k.startswith("usage_"))) for r in backend.query(sql("recent"), params)]
 
 
 def event(backend: Backend, window: Window, event_id: str = "") -> dict[str, Any]:

@@ -45,12 +45,15 @@ def run_report(cfg: ReportSettings) -> None:
     render(data)
 
 
+def _fmt_cost(row: dict[str, Any]) -> str:
+    """A cost with unpriced requests in it is a lower bound (≥), or unknown when none was priced."""
+    if row.get("cost_usd") is None:
+        return "unknown"
+    return ("≥ " if row.get("unpriced_requests") else "") + f"{row['cost_usd']:.4f}"
+
+
 def _fmt_ms(value: float | None) -> str:
     return "-" if value is None else f"{value:,.0f}"
-
-
-def _fmt_cost(value: float | None) -> str:
-    return "unknown" if value is None else f"{value:.4f}"
 
 
 def render(data: dict[str, Any]) -> None:
@@ -68,6 +71,7 @@ def render(data: dict[str, Any]) -> None:
         "tokens in",
         "tokens out",
         "cost $",
+        "unpriced",
         "p50 ms",
         "p95 ms",
         "p99 ms",
@@ -84,7 +88,8 @@ def render(data: dict[str, Any]) -> None:
             f"{100 * row['error_rate']:.1f}",
             f"{row['input_tokens']:,}",
             f"{row['output_tokens']:,}",
-            _fmt_cost(row["cost_usd"]),
+            _fmt_cost(row),
+            f"{row.get('unpriced_requests', 0):,}",
             _fmt_ms(row.get("latency_ms_p50")),
             _fmt_ms(row.get("latency_ms_p95")),
             _fmt_ms(row.get("latency_ms_p99")),
@@ -93,3 +98,10 @@ def render(data: dict[str, Any]) -> None:
     if not console.is_terminal:  # piped or captured: rich would squeeze the table into 80 columns
         console = Console(width=160)
     console.print(table if rows else f"{title}: no requests in this window.")
+    total = data["total"] or {}
+    if total.get("unpriced_requests"):
+        unpriced_tokens = total.get("unpriced_input_tokens", 0) + total.get("unpriced_output_tokens", 0)
+        console.print(
+            f"cost incomplete: {total['unpriced_requests']:,} of {total['requests']:,} requests have no "
+            f"known cost ({unpriced_tokens:,} tokens); the cost shown is what the priced requests cost."
+        )
