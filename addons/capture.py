@@ -13,6 +13,8 @@ from cohere_gateway.events import (
     utc_from_timestamp,
 )
 
+from .cache import CacheState
+from .gateway_config import GatewayPolicy
 from .headers import RequestOptions
 from .pricing import PricingTable, compute_cost
 from .routing import Route
@@ -41,6 +43,8 @@ class Exchange:
     payload_kept: int = 0
     finished: bool = False  # the event is built exactly once, whichever hook ends the exchange
     headers_sent_at: float | None = field(default=None)
+    policy: GatewayPolicy = field(default_factory=GatewayPolicy)  # this gateway's configuration
+    cache: CacheState | None = None  # None: the cache does not apply to this request
 
 
 def _ms(seconds: float) -> float:
@@ -79,6 +83,10 @@ def build_event(
     model = x.model or extracted.model
     cost, cost_source = compute_cost(pricing, x.route.endpoint, model, extracted.usage, x.options.custom_cost)
     keep_payload = x.options.collect_payload
+    cache_status = x.cache.status if x.cache is not None else None
+    saved: float | None = None
+    if cache_status == "HIT":  # upstream was not called: nothing was billed, what it would have cost is saved
+        saved, cost, cost_source = cost, 0.0, "cache"
     return Event(
         schema_version=SCHEMA_VERSION,
         event_id=x.event_id,
@@ -112,6 +120,8 @@ def build_event(
         metadata=x.options.metadata,
         cost_usd=cost,
         cost_source=cost_source,  # type: ignore[arg-type]
+        cache_status=cache_status,  # type: ignore[arg-type]
+        saved_cost_usd=saved,
         request_body=x.request_body if keep_payload else None,
         response_body=response_body if keep_payload else None,
     )

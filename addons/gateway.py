@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 
 if __package__ in (None, ""):  # loaded by path (`mitmdump -s addons/gateway.py`) from a source checkout
@@ -27,10 +28,12 @@ import orjson
 from mitmproxy import ctx, http
 from mitmproxy.proxy.mode_specs import RegularMode, ReverseMode
 
+from addons import cache as rcache
+from addons import gateway_config as gwconfig
 from addons import mitmproxy_seam
 from addons.capture import Exchange, build_event
 from addons.delivery import DELIVERY_OPTIONS, DeliveryConfig, default_spool_dir
-from addons.headers import check_gateway_token, check_singletons, key_fingerprint, parse_request_options
+from addons.headers import check_singletons, key_fingerprint, parse_request_options
 from addons.metrics import Metrics, Snapshot, merge, read_snapshots, render, write_snapshot
 from addons.outcomes import classify_proxy_error, classify_status
 from addons.pricing import DEFAULT_PRICING, load_pricing
@@ -84,7 +87,12 @@ OPTIONS: tuple[tuple[str, type, str], ...] = (
     ("log_payloads", bool, "Store request/response bodies in events (truncated)."),
     ("payload_max_bytes", int, "Bodies stored in events are truncated to this many characters."),
     *DELIVERY_OPTIONS,
+    *settings.option_specs(settings.ProxySettings, "config", "cache_ttl", "cache_url", "cache_max_bytes"),
 )
+# Options the `*/*` defaults of the per-gateway configuration come from.
+_POLICY_OPTIONS = frozenset({"config", "gateway_token", "log_payloads", "payload_max_bytes", "cache_ttl"})
+_CACHE_OPTIONS = frozenset({"cache_url", "cache_max_bytes", "confdir"})
+CONFIG_CHECK_S = 1.0  # how often the configuration file is checked for changes
 
 
 def json_response(status: int, body: dict, headers: dict[str, str] | None = None) -> http.Response:
@@ -128,6 +136,9 @@ class Gateway:
         self.upstream = Upstream.parse(settings.DEFAULT_UPSTREAM)
         self.started = time.time()
         self.in_flight = 0  # exchanges started and not finished: shutdown waits for them
+        self.config = gwconfig.ConfigWatcher(None, gwconfig.GatewayPolicy())
+        self.cache = rcache.ResponseCache(None)
+        self._watching: asyncio.Task[None] | None = None
 
     # --- configuration -------------------------------------------------------------------------------
 
@@ -151,9 +162,54 @@ class Gateway:
             # Close first: the new publisher takes over the old one's spool directory (and its lock).
             self.publisher.close(5.0)
             self.publisher = self._make_publisher()
+        if updated & _POLICY_OPTIONS:
+            self._configure_policy(opts, "config" in updated)
+        if updated & _CACHE_OPTIONS:
+            self._configure_cache(opts)
         if "connection_strategy" in updated and opts.connection_strategy != "lazy":
             # eager would connect to the host a client CONNECTs to before the addon decides where it goes
             opts.connection_strategy = "lazy"
+
+    def _configure_policy(self, opts, reload_file: bool) -> None:
+        from mitmproxy import exceptions
+
+        ttl = opts.cache_ttl
+        if ttl and not gwconfig.MIN_CACHE_TTL_S <= ttl <= gwconfig.MAX_CACHE_TTL_S:
+            raise exceptions.OptionsError(
+                f"cache_ttl must be 0 or {gwconfig.MIN_CACHE_TTL_S}..{gwconfig.MAX_CACHE_TTL_S} seconds"
+            )
+        base = gwconfig.GatewayPolicy(
+            tokens=(opts.gateway_token,) if opts.gateway_token else (),
+            log_payloads=opts.log_payloads,
+            payload_max_bytes=opts.payload_max_bytes,
+            cache=gwconfig.CachePolicy(enabled=bool(ttl), ttl_s=ttl or gwconfig.CLIENT_KEY_TTL_S),
+        )
+        if not reload_file:
+            self.config.set_base(base)
+            return
+        try:
+            self.config = gwconfig.ConfigWatcher(Path(opts.config) if opts.config else None, base)
+        except gwconfig.ConfigError as exc:
+            raise exceptions.OptionsError(f"invalid configuration: {exc}") from None
+
+    def _configure_cache(self, opts) -> None:
+        from mitmproxy import exceptions
+
+        conf = Path(opts.confdir).expanduser()
+        directory = (conf.parent if conf.name == "mitmproxy" else conf) / "cache"
+        try:
+            store = rcache.open_store(opts.cache_url, directory, opts.cache_max_bytes)
+        except (ValueError, OSError, ImportError) as exc:
+            raise exceptions.OptionsError(f"cannot open the response cache: {exc}") from None
+        self.cache = rcache.ResponseCache(store)
+
+    async def _watch_config(self) -> None:
+        while True:
+            await asyncio.sleep(CONFIG_CHECK_S)
+            try:
+                await asyncio.to_thread(self.config.check)
+            except Exception:  # the watcher logs bad files itself; this is a bug, never fatal
+                log.exception("checking the configuration file failed")
 
     def _make_publisher(self) -> Publisher:
         bootstrap = ctx.options.kafka_bootstrap.strip()
@@ -173,6 +229,7 @@ class Gateway:
             raise exceptions.OptionsError(f"cannot start event delivery: {exc}") from None
 
     def running(self) -> None:
+        self._watching = asyncio.get_running_loop().create_task(self._watch_config())
         if self.metrics_dir is not None:
             self._sharing = asyncio.get_running_loop().create_task(self._share_metrics(self.metrics_dir))
 
@@ -202,6 +259,9 @@ class Gateway:
         while self.in_flight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         await asyncio.to_thread(self.publisher.close, max(0.0, deadline - time.monotonic()))
+        if self._watching is not None:
+            self._watching.cancel()
+        await self.cache.close()
         if self._sharing is not None and self.metrics_dir is not None:
             self._sharing.cancel()
             # The last counts stay in the directory: the workers still running keep summing them.
@@ -257,10 +317,16 @@ class Gateway:
         try:
             check_singletons(k.decode("latin-1") for k, _ in headers.fields)
             x.options = parse_request_options(headers.items())
-            check_gateway_token(x.options.authorization, opts.gateway_token)
             if route.mode == "transparent":
                 x.account_id = x.options.account_id or x.account_id
                 x.gateway_id = x.options.gateway_id or x.gateway_id
+            x.policy = self.config.current.resolve(x.account_id, x.gateway_id)
+            gwconfig.check_token(x.options.authorization, x.policy.tokens)
+            gwconfig.check_metadata(x.options.metadata, x.policy)
+            decision = rcache.decide(x.policy.cache, rcache.parse_cache_headers(headers.items()), req.method)
+            if decision.status is not None:
+                status = "BYPASS" if decision.status == "BYPASS" else None
+                x.cache = rcache.CacheState(decision.ttl_s, status, decision.client_key)
             length = headers.get("content-length", "")
             if length.isdigit() and int(length) > opts.max_request_bytes:
                 raise RouteError(
@@ -278,10 +344,10 @@ class Gateway:
         req.path = up.prefix + route.path + route.query
         req.host_header = up.host_header
 
-    def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         x: Exchange | None = flow.metadata.get(STATE)
         if x is None or flow.response is not None:
-            return
+            return None
         opts = ctx.options
         raw = flow.request.raw_content or b""
         x.request_bytes = len(raw)
@@ -293,7 +359,7 @@ class Gateway:
                 ),
                 x,
             )
-            return
+            return None
         body, x.model, x.stream = request_fields(flow.request.content if raw else None)
         if x.route.mode == "compat" and body is not None and x.model:
             provider, slash, name = x.model.partition("/")
@@ -303,7 +369,7 @@ class Gateway:
                     RouteError(400, f"model {x.model[:80]!r}: this gateway serves cohere/<model> only"),
                     x,
                 )
-                return
+                return None
             if slash:
                 x.model = name
                 body["model"] = name
@@ -311,10 +377,43 @@ class Gateway:
         if x.stream:
             # the stream is read as it passes; a compressed one could not be
             flow.request.headers["accept-encoding"] = "identity"
-        if opts.log_payloads and x.options.collect_payload:
-            x.request_body = truncate(flow.request.get_text(strict=False), opts.payload_max_bytes)
+        if x.policy.log_payloads and x.options.collect_payload:
+            x.request_body = truncate(flow.request.get_text(strict=False), x.policy.payload_max_bytes)
+        if x.cache is not None and x.cache.status is None and self.cache.store is not None:
+            return self._cache_lookup(flow, x, flow.request.content if raw else b"")
+        if x.cache is not None and x.cache.status is None:  # no store configured (cache_url=none)
+            x.cache = None
+        self._forward(x)
+        return None
+
+    def _forward(self, x: Exchange) -> None:
         self.metrics.requests[x.route.mode] += 1
         x.forwarded_at = time.time()
+
+    async def _cache_lookup(self, flow: http.HTTPFlow, x: Exchange, body: bytes) -> None:
+        c = x.cache
+        assert c is not None
+        c.key = rcache.cache_key(
+            account_id=x.account_id,
+            gateway_id=x.gateway_id,
+            key_fingerprint=x.key_fingerprint,
+            path=x.route.path,
+            query=x.route.query,
+            model=x.model,
+            body=body,
+            client_key=c.client_key,
+        )
+        c.status, entry, c.leader = await self.cache.get_or_lead(c.key)
+        self.cache.counters[c.status.lower()] += 1
+        if entry is None:
+            c.chunks = [] if c.leader else None
+            self._forward(x)
+            return
+        flow.response = http.Response.make(
+            entry.status,
+            entry.body,
+            [*entry.headers, (rcache.STATUS_HEADER, "HIT"), (LOG_ID_HEADER, x.event_id)],
+        )
 
     # --- responses -----------------------------------------------------------------------------------
 
@@ -324,20 +423,25 @@ class Gateway:
         if x is None or resp is None or x.forwarded_at is None:
             return
         resp.headers[LOG_ID_HEADER] = x.event_id
+        if x.cache is not None and x.cache.status is not None:
+            resp.headers[rcache.STATUS_HEADER] = x.cache.status
         if not is_stream_response(resp.headers.get("content-type", ""), x.stream) or resp.headers.get(
             "content-encoding", "identity"
         ) not in ("identity", ""):
             return
         fmt = "sse" if "event-stream" in resp.headers.get("content-type", "") else "ndjson"
         watcher = x.watcher = StreamWatcher(x.route.api_version, x.route.endpoint, fmt)
-        keep = ctx.options.log_payloads and x.options.collect_payload
-        limit = ctx.options.payload_max_bytes
+        keep = x.policy.log_payloads and x.options.collect_payload
+        limit = x.policy.payload_max_bytes
+        cached = x.cache if x.cache is not None and x.cache.leader else None
         if keep:
             x.response_payload = []
 
         def tap(chunk: bytes) -> bytes:
             if chunk:
                 watcher.feed(chunk)
+                if cached is not None:
+                    cached.collect(chunk, x.policy.cache.max_entry_bytes)
                 if keep and x.payload_kept < limit:
                     x.response_payload.append(chunk[: limit - x.payload_kept])  # type: ignore[union-attr]
                     x.payload_kept += len(chunk)
@@ -354,9 +458,14 @@ class Gateway:
     def response(self, flow: http.HTTPFlow) -> None:
         x: Exchange | None = flow.metadata.get(STATE)
         resp = flow.response
+        if x is not None and x.cache is not None and x.cache.leader and resp is not None:
+            self._cache_store(x, resp)
         if x is None or x.finished or resp is None:
             return
         now = time.time()
+        if x.forwarded_at is None and x.cache is not None and x.cache.status == "HIT":
+            self._finish_hit(x, resp, now)
+            return
         if x.forwarded_at is None:  # answered by the gateway itself
             self._finish(
                 x,
@@ -379,8 +488,8 @@ class Gateway:
         except ValueError:  # undecodable content-encoding: we learn nothing, the client still gets it
             content = None
         extracted = extract_body(x.route.api_version, x.route.endpoint, content)
-        if ctx.options.log_payloads and x.options.collect_payload and content is not None:
-            payload = truncate(content.decode("utf-8", "replace"), ctx.options.payload_max_bytes)
+        if x.policy.log_payloads and x.options.collect_payload and content is not None:
+            payload = truncate(content.decode("utf-8", "replace"), x.policy.payload_max_bytes)
         # cf-aig-log-id was set in responseheaders; only now is the gateway's own time known
         resp.headers[OVERHEAD_HEADER] = _ms((x.forwarded_at - x.start) + (now - (resp.timestamp_end or now)))
         self._finish(
@@ -404,7 +513,7 @@ class Gateway:
         payload: str | None = None
         if x.response_payload is not None:
             payload = truncate(
-                b"".join(x.response_payload).decode("utf-8", "replace"), ctx.options.payload_max_bytes
+                b"".join(x.response_payload).decode("utf-8", "replace"), x.policy.payload_max_bytes
             )
         self._finish(
             x,
@@ -421,6 +530,9 @@ class Gateway:
 
     def error(self, flow: http.HTTPFlow) -> None:
         x: Exchange | None = flow.metadata.get(STATE)
+        if x is not None and x.cache is not None and x.cache.leader:  # a cut answer is never stored
+            x.cache.leader = False
+            self.cache.finish(x.cache.key or "", None)
         if x is None or x.finished:
             return
         msg = flow.error.msg if flow.error else "unknown error"
@@ -444,6 +556,53 @@ class Gateway:
             error_message=msg,
         )
 
+    # --- the response cache --------------------------------------------------------------------------
+
+    def _cache_store(self, x: Exchange, resp: http.Response) -> None:
+        """The leader's complete answer: store it if it is a whole 2xx, release the followers either way."""
+        c = x.cache
+        assert c is not None and c.key is not None
+        c.leader = False
+        entry = None
+        if x.watcher is not None:
+            w = x.watcher
+            done = w.ended and w.extracted.error_message is None and w.extracted.finish_reason != "ERROR"
+            body = b"".join(c.chunks) if c.chunks is not None and done else None
+        else:
+            try:
+                body = resp.content
+            except ValueError:  # undecodable content-encoding
+                body = None
+        if body is not None and rcache.storable(resp.status_code, len(body), x.policy.cache):
+            entry = rcache.make_entry(resp.status_code, resp.headers.items(), body, c.ttl_s, time.time())
+        self.cache.finish(c.key, entry)
+
+    def _finish_hit(self, x: Exchange, resp: http.Response, now: float) -> None:
+        body = resp.content or b""
+        ctype = resp.headers.get("content-type", "")
+        if is_stream_response(ctype, x.stream):
+            watcher = StreamWatcher(
+                x.route.api_version, x.route.endpoint, "sse" if "event-stream" in ctype else "ndjson"
+            )
+            watcher.feed(body)
+            watcher.finish()
+            extracted = watcher.extracted
+        else:
+            extracted = extract_body(x.route.api_version, x.route.endpoint, body)
+        payload = None
+        if x.policy.log_payloads and x.options.collect_payload:
+            payload = truncate(body.decode("utf-8", "replace"), x.policy.payload_max_bytes)
+        self._finish(
+            x,
+            status=resp.status_code,
+            outcome="ok",
+            error_type=None,
+            extracted=extracted,
+            end=now,
+            response_bytes=len(body),
+            response_body=payload,
+        )
+
     # --- helpers -------------------------------------------------------------------------------------
 
     def _finish(self, x: Exchange, **kw) -> None:
@@ -451,7 +610,7 @@ class Gateway:
         self.in_flight -= 1
         outcome = kw["outcome"]
         self.metrics.exchanges[outcome] += 1
-        if not x.options.collect_log:
+        if not x.options.collect_log and x.policy.allow_log_opt_out:
             self.metrics.events_skipped += 1
             return
         try:

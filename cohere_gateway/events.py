@@ -20,7 +20,7 @@ from typing import Annotated, Literal
 import msgspec
 
 SCHEMA_MAJOR = 1
-SCHEMA_MINOR = 0
+SCHEMA_MINOR = 1
 SCHEMA_VERSION = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
 
 DEFAULT_TOPIC = "cohere-gateway.events"
@@ -109,7 +109,11 @@ class Event(msgspec.Struct, kw_only=True, omit_defaults=False, forbid_unknown_fi
     metadata: dict[str, str] = msgspec.field(default_factory=dict)
 
     cost_usd: NonNegFloat | None = None
-    cost_source: Literal["pricing", "custom", "unknown_model", "not_billable"] | None = None
+    cost_source: Literal["pricing", "custom", "unknown_model", "not_billable", "cache"] | None = None
+    # 1.1: the response cache. On a HIT `usage` is the usage the stored answer reports (what the hit
+    # saved), `cost_usd` is 0 with cost_source "cache" and `saved_cost_usd` what it would have cost.
+    cache_status: Literal["HIT", "MISS", "EXPIRED", "BYPASS"] | None = None
+    saved_cost_usd: NonNegFloat | None = None
 
     request_body: str | None = None  # only when payload logging is on, truncated
     response_body: str | None = None
