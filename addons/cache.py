@@ -19,7 +19,7 @@ import logging
 import re
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -333,11 +333,18 @@ class ResponseCache:
     whose answer cannot be stored releases its followers, who then go upstream themselves.
     """
 
-    def __init__(self, store: Store | None, clock=time.time) -> None:
+    def __init__(
+        self,
+        store: Store | None,
+        counters: Counter[str] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.store = store
         self.clock = clock
-        self.counters: Counter[str] = Counter()
-        self._leaders: dict[str, asyncio.Future[Entry | None]] = {}
+        self.counters: Counter[str] = Counter() if counters is None else counters
+        # key -> (the leader's answer to come, when it started); a stored answer stays here until the
+        # store has it, so an identical request in between is a hit rather than a second upstream call
+        self._leaders: dict[str, tuple[asyncio.Future[Entry | None], float]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._last_error_log = 0.0
 
@@ -370,29 +377,34 @@ class ResponseCache:
         status, entry = await self.lookup(key)
         if entry is not None:
             return status, entry, False
-        pending = self._leaders.get(key)
-        if pending is not None:
+        lead = self._leaders.get(key)
+        if lead is not None and time.monotonic() - lead[1] > COALESCE_WAIT_S:
+            lead = None  # a leader that never finished (a bug): do not let it hold the key forever
+        if lead is not None:
+            pending = lead[0]
+            self.counters["coalesced"] += 1  # waited for a leader instead of calling upstream too
             try:
                 entry = await asyncio.wait_for(asyncio.shield(pending), COALESCE_WAIT_S)
             except TimeoutError:
                 entry = None
             if entry is not None:
-                self.counters["coalesced"] += 1
                 return "HIT", entry, False
             return status, None, False
-        self._leaders[key] = asyncio.get_running_loop().create_future()
+        self._leaders[key] = (asyncio.get_running_loop().create_future(), time.monotonic())
         return status, None, True
 
     def finish(self, key: str, entry: Entry | None) -> None:
         """The leader's answer: store it (in the background: the client does not wait) and hand it to
         the followers; None releases them."""
-        pending = self._leaders.pop(key, None)
-        if pending is not None and not pending.done():
-            pending.set_result(entry)
-        if entry is not None and self.store is not None:
-            task = asyncio.get_running_loop().create_task(self._store(key, entry))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        lead = self._leaders.get(key)
+        if lead is not None and not lead[0].done():
+            lead[0].set_result(entry)
+        if entry is None or self.store is None:
+            self._leaders.pop(key, None)
+            return
+        task = asyncio.get_running_loop().create_task(self._store(key, entry))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _store(self, key: str, entry: Entry) -> None:
         assert self.store is not None
@@ -402,11 +414,13 @@ class ResponseCache:
             self.counters["stored"] += 1
         except Exception as exc:
             self._failed("write", exc)
+        finally:
+            self._leaders.pop(key, None)
 
     async def close(self) -> None:
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=STORE_TIMEOUT_S)
-        for pending in self._leaders.values():
+        for pending, _ in self._leaders.values():
             if not pending.done():
                 pending.set_result(None)
         if self.store is not None:

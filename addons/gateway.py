@@ -137,7 +137,7 @@ class Gateway:
         self.started = time.time()
         self.in_flight = 0  # exchanges started and not finished: shutdown waits for them
         self.config = gwconfig.ConfigWatcher(None, gwconfig.GatewayPolicy())
-        self.cache = rcache.ResponseCache(None)
+        self.cache = rcache.ResponseCache(None, self.metrics.cache)
         self._watching: asyncio.Task[None] | None = None
 
     # --- configuration -------------------------------------------------------------------------------
@@ -201,7 +201,7 @@ class Gateway:
             store = rcache.open_store(opts.cache_url, directory, opts.cache_max_bytes)
         except (ValueError, OSError, ImportError) as exc:
             raise exceptions.OptionsError(f"cannot open the response cache: {exc}") from None
-        self.cache = rcache.ResponseCache(store)
+        self.cache = rcache.ResponseCache(store, self.metrics.cache)
 
     async def _watch_config(self) -> None:
         while True:
@@ -409,11 +409,9 @@ class Gateway:
             c.chunks = [] if c.leader else None
             self._forward(x)
             return
-        flow.response = http.Response.make(
-            entry.status,
-            entry.body,
-            [*entry.headers, (rcache.STATUS_HEADER, "HIT"), (LOG_ID_HEADER, x.event_id)],
-        )
+        fields = [*entry.headers, (rcache.STATUS_HEADER, "HIT"), (LOG_ID_HEADER, x.event_id)]
+        headers = http.Headers([(k.encode("latin-1"), v.encode("latin-1")) for k, v in fields])
+        flow.response = http.Response.make(entry.status, entry.body, headers)
 
     # --- responses -----------------------------------------------------------------------------------
 

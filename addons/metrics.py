@@ -21,7 +21,9 @@ from cohere_gateway.events import OUTCOMES
 # {"requests": {mode: n}, "exchanges": {outcome: n}, "rejected": {status: n}, "events_skipped": n,
 #  "publisher": {counter: n}}: plain JSON, so workers can share it through files.
 Snapshot = dict[str, Any]
-_GROUPS = ("requests", "exchanges", "rejected", "publisher")
+_GROUPS = ("requests", "exchanges", "rejected", "publisher", "cache")
+# The response cache's counters (addons/cache.py), always rendered so a dashboard sees zeros.
+CACHE_COUNTERS = ("hit", "miss", "expired", "bypass", "coalesced", "stored", "store_errors")
 
 
 class Metrics:
@@ -32,6 +34,7 @@ class Metrics:
         self.exchanges: Counter[str] = Counter()  # by outcome
         self.rejected: Counter[int] = Counter()  # requests the gateway answered itself, by status
         self.events_skipped = 0  # cf-aig-collect-log: false
+        self.cache: Counter[str] = Counter()  # filled by addons/cache.py's ResponseCache
 
     def snapshot(self, publisher: dict[str, int]) -> Snapshot:
         return {
@@ -40,6 +43,7 @@ class Metrics:
             "rejected": {str(status): n for status, n in self.rejected.items()},
             "events_skipped": self.events_skipped,
             "publisher": dict(publisher),
+            "cache": dict(self.cache),
         }
 
 
@@ -99,6 +103,13 @@ def render(snap: Snapshot, workers: int | None = None) -> str:
         "# TYPE cohere_gateway_events_skipped_total counter",
         f"cohere_gateway_events_skipped_total {snap['events_skipped']}",
     ]
+    cache = snap.get("cache", {})
+    lines += [
+        "# HELP cohere_gateway_cache_total Response cache lookups by result, entries stored, store errors.",
+        "# TYPE cohere_gateway_cache_total counter",
+    ]
+    for name in CACHE_COUNTERS:
+        lines.append(f'cohere_gateway_cache_total{{result="{name}"}} {cache.get(name, 0)}')
     for name, value in sorted(snap["publisher"].items()):
         metric = f"cohere_gateway_{name}" + ("" if name.endswith("_pending") else "_total")
         kind = "gauge" if name.endswith("_pending") else "counter"
