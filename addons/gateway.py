@@ -197,10 +197,14 @@ class Gateway:
 
         conf = Path(opts.confdir).expanduser()
         directory = (conf.parent if conf.name == "mitmproxy" else conf) / "cache"
+        store = None
         try:
             store = rcache.open_store(opts.cache_url, directory, opts.cache_max_bytes)
-        except (ValueError, OSError, ImportError) as exc:
+        except ValueError as exc:
             raise exceptions.OptionsError(f"cannot open the response cache: {exc}") from None
+        except Exception as exc:  # a full or broken disk: serve without a cache rather than not at all
+            self.metrics.cache["store_errors"] += 1
+            log.error("cannot open the response cache, running without one: %r", exc)
         self.cache = rcache.ResponseCache(store, self.metrics.cache)
 
     async def _watch_config(self) -> None:
