@@ -9,6 +9,7 @@ from cohere_gateway.events import (
     SCHEMA_VERSION,
     Event,
     Latency,
+    Usage,
     truncate,
     utc_from_timestamp,
 )
@@ -84,9 +85,11 @@ def build_event(
     cost, cost_source = compute_cost(pricing, x.route.endpoint, model, extracted.usage, x.options.custom_cost)
     keep_payload = x.options.collect_payload
     cache_status = x.cache.status if x.cache is not None else None
-    saved: float | None = None
-    if cache_status == "HIT":  # upstream was not called: nothing was billed, what it would have cost is saved
-        saved, cost, cost_source = cost, 0.0, "cache"
+    usage, saved = extracted.usage, Usage()
+    saved_cost: float | None = None
+    if cache_status == "HIT":  # upstream was not called: nothing billed, the stored answer's usage saved
+        usage, saved = Usage(), usage
+        saved_cost, cost, cost_source = cost, 0.0, "cache"
     return Event(
         schema_version=SCHEMA_VERSION,
         event_id=x.event_id,
@@ -107,7 +110,7 @@ def build_event(
         error_message=truncate(error_message or extracted.error_message, MAX_ERROR_MESSAGE)
         if outcome != "ok"
         else None,
-        usage=extracted.usage,
+        usage=usage,
         finish_reason=extracted.finish_reason,
         latency=latency(x, end, response_start, response_end),
         request_bytes=x.request_bytes,
@@ -121,7 +124,10 @@ def build_event(
         cost_usd=cost,
         cost_source=cost_source,  # type: ignore[arg-type]
         cache_status=cache_status,  # type: ignore[arg-type]
-        saved_cost_usd=saved,
+        saved_input_tokens=saved.input_tokens,
+        saved_output_tokens=saved.output_tokens,
+        saved_search_units=saved.search_units,
+        saved_cost_usd=saved_cost,
         request_body=x.request_body if keep_payload else None,
         response_body=response_body if keep_payload else None,
     )

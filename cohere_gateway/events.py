@@ -110,10 +110,14 @@ class Event(msgspec.Struct, kw_only=True, omit_defaults=False, forbid_unknown_fi
 
     cost_usd: NonNegFloat | None = None
     cost_source: Literal["pricing", "custom", "unknown_model", "not_billable", "cache"] | None = None
-    # 1.1: the response cache. On a HIT `usage` is the usage the stored answer reports (what the hit
-    # saved), `cost_usd` is 0 with cost_source "cache" and `saved_cost_usd` what it would have cost.
+    # 1.1, the response cache. A HIT was not billed: `usage` is empty, `cost_usd` 0 with cost_source
+    # "cache", and the usage the stored answer reports (what the hit saved) is in saved_*, so sums of
+    # usage and cost stay what upstream billed.
     cache_status: Literal["HIT", "MISS", "EXPIRED", "BYPASS"] | None = None
-    saved_cost_usd: NonNegFloat | None = None
+    saved_input_tokens: NonNegInt | None = None
+    saved_output_tokens: NonNegInt | None = None
+    saved_search_units: NonNegInt | None = None
+    saved_cost_usd: NonNegFloat | None = None  # None: what it would have cost is unknown
 
     request_body: str | None = None  # only when payload logging is on, truncated
     response_body: str | None = None
