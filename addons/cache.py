@@ -161,15 +161,28 @@ def canonical_body(raw: bytes) -> bytes:
         return raw
 
 
+# Request headers that change the answer's bytes for the same body: v1 chat streams SSE instead of
+# NDJSON when asked with the non-standard `Accepts: text/event-stream` (wire-facts), Accept is the
+# standard way to ask, and Cohere-Version selects an older API behaviour.
+VARY_HEADERS = ("accepts", "accept", "cohere-version")
+
+
+def tenant_of(api_key: str | None) -> str:
+    """The whole SHA-256 of the caller's API key: the events' 64-bit fingerprint is fine to tell keys
+    apart in a dashboard, but tenant isolation should not rest on one a caller can see."""
+    return hashlib.sha256(api_key.encode()).hexdigest() if api_key else "-"
+
+
 def cache_key(
     *,
     account_id: str,
     gateway_id: str,
-    key_fingerprint: str | None,
+    tenant: str,
     path: str,
     query: str,
     model: str | None,
     body: bytes,
+    vary: tuple[str, ...] = (),
     client_key: str | None = None,
 ) -> str:
     """SHA-256 over length-prefixed parts, so no two different part lists hash alike."""
@@ -178,9 +191,10 @@ def cache_key(
         b"v1",
         account_id.encode(),
         gateway_id.encode(),
-        (key_fingerprint or "-").encode(),
+        tenant.encode(),
         path.encode(),
         query.encode(),
+        *(v.encode("utf-8", "surrogateescape") for v in vary),
     ]
     if client_key is not None:
         parts += [b"client-key", client_key.encode()]

@@ -33,7 +33,7 @@ from addons import gateway_config as gwconfig
 from addons import mitmproxy_seam
 from addons.capture import Exchange, build_event
 from addons.delivery import DELIVERY_OPTIONS, DeliveryConfig, default_spool_dir
-from addons.headers import check_singletons, key_fingerprint, parse_request_options
+from addons.headers import api_key_of, check_singletons, key_fingerprint, parse_request_options
 from addons.metrics import Metrics, Snapshot, merge, read_snapshots, render, write_snapshot
 from addons.outcomes import classify_proxy_error, classify_status
 from addons.pricing import DEFAULT_PRICING, load_pricing
@@ -397,14 +397,16 @@ class Gateway:
     async def _cache_lookup(self, flow: http.HTTPFlow, x: Exchange, body: bytes) -> None:
         c = x.cache
         assert c is not None
+        headers = flow.request.headers
         c.key = rcache.cache_key(
             account_id=x.account_id,
             gateway_id=x.gateway_id,
-            key_fingerprint=x.key_fingerprint,
+            tenant=rcache.tenant_of(api_key_of(headers.get("authorization"), headers.get("x-api-key"))),
             path=x.route.path,
             query=x.route.query,
             model=x.model,
             body=body,
+            vary=tuple(headers.get(name, "").strip().lower() for name in rcache.VARY_HEADERS),
             client_key=c.client_key,
         )
         c.status, entry, c.leader = await self.cache.get_or_lead(c.key)
@@ -414,8 +416,8 @@ class Gateway:
             self._forward(x)
             return
         fields = [*entry.headers, (rcache.STATUS_HEADER, "HIT"), (LOG_ID_HEADER, x.event_id)]
-        headers = http.Headers([(k.encode("latin-1"), v.encode("latin-1")) for k, v in fields])
-        flow.response = http.Response.make(entry.status, entry.body, headers)
+        replay = http.Headers([(k.encode("latin-1"), v.encode("latin-1")) for k, v in fields])
+        flow.response = http.Response.make(entry.status, entry.body, replay)
 
     # --- responses -----------------------------------------------------------------------------------
 

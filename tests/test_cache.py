@@ -149,6 +149,11 @@ def test_cohere_v1_chat_and_ndjson_stream(gw: GatewayProcess, emulator_requests:
     assert events[0] == events[1] and events[0][-1]["event_type"] == "stream-end"
     assert st.seen == ["MISS", "HIT", "MISS", "HIT"]
     assert len(emulator_requests.for_path("/v1/chat")) == 2
+    # the same body asking for SSE (Cohere's `Accepts` header) is another answer, not the NDJSON one
+    body = {"message": text + "s", "model": "command-r", "stream": True}
+    sse = [post(gw, "/cohere/v1/chat", body, Accepts="text/event-stream") for _ in "ab"]
+    assert [r[1]["cf-aig-cache-status"] for r in sse] == ["MISS", "HIT"]
+    assert all(r[1]["Content-Type"].startswith("text/event-stream") and b"data: " in r[2] for r in sse)
 
 
 def test_cohere_async_client(gw: GatewayProcess, emulator_requests: EmulatorRequests) -> None:

@@ -15,7 +15,7 @@ from addons.routing import RouteError
 from tests.fixtures.redis import start_redis
 
 KEY_ARGS = dict(
-    account_id="a", gateway_id="g", key_fingerprint="sha256:1", path="/v2/chat", query="", model="m"
+    account_id="a", gateway_id="g", tenant=c.tenant_of("key-1"), path="/v2/chat", query="", model="m"
 )
 
 
@@ -23,8 +23,9 @@ def test_key_covers_tenant_gateway_path_model_and_canonical_body() -> None:
     base = c.cache_key(**KEY_ARGS, body=b'{"model": "m", "messages": [1, 2]}')
     assert base == c.cache_key(**KEY_ARGS, body=b'{"messages":[1,2],"model":"m"}')  # canonical JSON
     for change in (
-        {"key_fingerprint": "sha256:2"},
-        {"key_fingerprint": None},
+        {"tenant": c.tenant_of("key-2")},
+        {"tenant": c.tenant_of(None)},
+        {"vary": ("text/event-stream", "")},
         {"gateway_id": "g2"},
         {"account_id": "a2"},
         {"path": "/v2/embed"},
@@ -39,7 +40,7 @@ def test_key_covers_tenant_gateway_path_model_and_canonical_body() -> None:
 def test_client_key_replaces_body_but_stays_in_its_tenant() -> None:
     one = c.cache_key(**KEY_ARGS, body=b"{}", client_key="answer-a")
     assert one == c.cache_key(**(KEY_ARGS | {"model": "x"}), body=b'{"other":1}', client_key="answer-a")
-    other_tenant = KEY_ARGS | {"key_fingerprint": "sha256:2"}
+    other_tenant = KEY_ARGS | {"tenant": c.tenant_of("key-2")}
     assert one != c.cache_key(**other_tenant, body=b"{}", client_key="answer-a")
     assert one != c.cache_key(**(KEY_ARGS | {"gateway_id": "h"}), body=b"{}", client_key="answer-a")
 
