@@ -87,3 +87,14 @@ def render(data: dict[str, Any]) -> None:
     if not console.is_terminal:  # piped or captured: rich would squeeze the table into 80 columns
         console = Console(width=160)
     console.print(table if rows else f"{title}: no requests in this window.")
+    if data.get("cache"):
+        console.print(cache_line(data["cache"]))
+
+
+def cache_line(c: dict[str, Any]) -> str:
+    unknown = c["saved_cost_unknown"]
+    cost = f"${c['saved_cost_usd']:.4f}" + (f" (+{unknown:,} hits of unknown cost)" if unknown else "")
+    return (
+        f"cache: {c['hits']:,} hits of {c['lookups']:,} lookups ({100 * c['hit_rate']:.1f} %), saved "
+        f"{c['saved_input_tokens']:,} tokens in, {c['saved_output_tokens']:,} out, {cost}"
+    )
