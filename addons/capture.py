@@ -17,11 +17,14 @@ from cohere_gateway.events import (
     SCHEMA_VERSION,
     Event,
     Latency,
+    Usage,
     encode,
     truncate,
     utc_from_timestamp,
 )
 
+from .cache import CacheState
+from .gateway_config import GatewayPolicy
 from .headers import RequestOptions
 from .pricing import PricingTable, compute_cost
 from .routing import Route
@@ -95,6 +98,8 @@ class Exchange:
     failed_hook: str | None = None  # a response hook raised: the response is replaced by a 500
     secrets: tuple[str, ...] = ()  # this request's credentials, redacted from logged bodies
     headers_sent_at: float | None = field(default=None)
+    policy: GatewayPolicy = field(default_factory=GatewayPolicy)  # this gateway's configuration
+    cache: CacheState | None = None  # None: the cache does not apply to this request
 
 
 def _ms(seconds: float) -> float:
@@ -150,6 +155,12 @@ def build_event(
         billed=billed,
     )
     keep_payload = x.options.collect_payload
+    cache_status = x.cache.status if x.cache is not None else None
+    usage, saved = extracted.usage, Usage()
+    saved_cost: float | None = None
+    if cache_status == "HIT":  # upstream was not called: nothing billed, the stored answer's usage saved
+        usage, saved = Usage(), usage
+        saved_cost, cost, cost_source = cost, 0.0, "cache"
     return Event(
         schema_version=SCHEMA_VERSION,
         event_id=x.event_id,
@@ -171,7 +182,7 @@ def build_event(
         error_message=clean(error_message or extracted.error_message, MAX_ERROR_MESSAGE)
         if outcome != "ok"
         else None,
-        usage=extracted.usage,
+        usage=usage,
         finish_reason=clean(extracted.finish_reason, MAX_FIELD),
         latency=latency(x, end, response_start, response_end),
         request_bytes=x.request_bytes,
@@ -188,6 +199,11 @@ def build_event(
         cost_source=cost_source,  # type: ignore[arg-type]
         request_body=_payload(x.request_body, x.secrets) if keep_payload else None,
         response_body=_payload(response_body, x.secrets) if keep_payload else None,
+        cache_status=cache_status,  # type: ignore[arg-type]
+        saved_input_tokens=saved.input_tokens,
+        saved_output_tokens=saved.output_tokens,
+        saved_search_units=saved.search_units,
+        saved_cost_usd=saved_cost,
     )
 
 

@@ -20,7 +20,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,8 @@ import orjson
 from mitmproxy import ctx, http
 from mitmproxy.proxy.mode_specs import RegularMode, ReverseMode
 
+from addons import cache as rcache
+from addons import gateway_config as gwconfig
 from addons import mitmproxy_seam
 from addons.bodies import DECODE_INLINE_BYTES, check_content_encoding, decode_body, is_identity, too_large
 from addons.capture import Exchange, build_event, fit_event
@@ -38,6 +40,7 @@ from addons.delivery import DELIVERY_OPTIONS, DeliveryConfig, default_spool_dir
 from addons.headers import (
     SECRET_HEADERS,
     RequestOptions,
+    api_key_of,
     check_gateway_token,
     check_request_head,
     check_singletons,
@@ -108,7 +111,12 @@ OPTIONS: tuple[tuple[str, type, str], ...] = (
         "payload_max_bytes",
     ),
     *DELIVERY_OPTIONS,
+    *settings.option_specs(settings.ProxySettings, "config", "cache_ttl", "cache_url", "cache_max_bytes"),
 )
+# Options the `*/*` defaults of the per-gateway configuration come from.
+_POLICY_OPTIONS = frozenset({"config", "gateway_token", "log_payloads", "payload_max_bytes", "cache_ttl"})
+_CACHE_OPTIONS = frozenset({"cache_url", "cache_max_bytes", "confdir"})
+CONFIG_CHECK_S = 1.0  # how often the configuration file is checked for changes
 
 
 def json_response(status: int, body: dict, headers: dict[str, str] | None = None) -> http.Response:
@@ -136,6 +144,16 @@ def json_error_page(status_code: int, message: str = "") -> bytes:
 
 def _ms(seconds: float) -> str:
     return f"{max(0.0, seconds) * 1000:.3f}"
+
+
+def _text(headers: http.Headers, name: str) -> str | None:
+    """A header's value as latin-1 text: every byte maps to one character, so nothing a client sends
+    can make reading it raise."""
+    want = name.encode()
+    for key, value in headers.fields:
+        if key.lower() == want:
+            return header_text(value)
+    return None
 
 
 def _fail_closed(hook: Callable[[Gateway, http.HTTPFlow], Any]) -> Callable[[Gateway, http.HTTPFlow], Any]:
@@ -173,6 +191,9 @@ class Gateway:
         self.started = time.time()
         self.in_flight = 0  # exchanges started and not finished: shutdown waits for them
         self._counted: set[str] = set()  # ids of the client connections open now (max_connections)
+        self.config = gwconfig.ConfigWatcher(None, gwconfig.GatewayPolicy())
+        self.cache = rcache.ResponseCache(None, self.metrics.cache)
+        self._watching: asyncio.Task[None] | None = None
 
     # --- configuration -------------------------------------------------------------------------------
 
@@ -197,6 +218,10 @@ class Gateway:
             # Close first: the new publisher takes over the old one's spool directory (and its lock).
             self.publisher.close(5.0)
             self.publisher = self._make_publisher()
+        if updated & _POLICY_OPTIONS:
+            self._configure_policy(opts, "config" in updated)
+        if updated & _CACHE_OPTIONS:
+            self._configure_cache(opts)
         if "max_custom_cost" in updated and not (
             math.isfinite(opts.max_custom_cost) and opts.max_custom_cost >= 0
         ):
@@ -229,6 +254,51 @@ class Gateway:
             "websocket": False,
             "http3": False,
         }
+
+    def _configure_policy(self, opts, reload_file: bool) -> None:
+        from mitmproxy import exceptions
+
+        ttl = opts.cache_ttl
+        if ttl and not gwconfig.MIN_CACHE_TTL_S <= ttl <= gwconfig.MAX_CACHE_TTL_S:
+            raise exceptions.OptionsError(
+                f"cache_ttl must be 0 or {gwconfig.MIN_CACHE_TTL_S}..{gwconfig.MAX_CACHE_TTL_S} seconds"
+            )
+        base = gwconfig.GatewayPolicy(
+            tokens=(opts.gateway_token,) if opts.gateway_token else (),
+            log_payloads=opts.log_payloads,
+            payload_max_bytes=opts.payload_max_bytes,
+            cache=gwconfig.CachePolicy(enabled=bool(ttl), ttl_s=ttl or gwconfig.CLIENT_KEY_TTL_S),
+        )
+        if not reload_file:
+            self.config.set_base(base)
+            return
+        try:
+            self.config = gwconfig.ConfigWatcher(Path(opts.config) if opts.config else None, base)
+        except gwconfig.ConfigError as exc:
+            raise exceptions.OptionsError(f"invalid configuration: {exc}") from None
+
+    def _configure_cache(self, opts) -> None:
+        from mitmproxy import exceptions
+
+        conf = Path(opts.confdir).expanduser()
+        directory = (conf.parent if conf.name == "mitmproxy" else conf) / "cache"
+        store = None
+        try:
+            store = rcache.open_store(opts.cache_url, directory, opts.cache_max_bytes)
+        except ValueError as exc:
+            raise exceptions.OptionsError(f"cannot open the response cache: {exc}") from None
+        except Exception as exc:  # a full or broken disk: serve without a cache rather than not at all
+            self.metrics.cache["store_errors"] += 1
+            log.error("cannot open the response cache, running without one: %r", exc)
+        self.cache = rcache.ResponseCache(store, self.metrics.cache)
+
+    async def _watch_config(self) -> None:
+        while True:
+            await asyncio.sleep(CONFIG_CHECK_S)
+            try:
+                await asyncio.to_thread(self.config.check)
+            except Exception:  # the watcher logs bad files itself; this is a bug, never fatal
+                log.exception("checking the configuration file failed")
 
     def _make_publisher(self) -> Publisher:
         bootstrap = ctx.options.kafka_bootstrap.strip()
@@ -263,6 +333,7 @@ class Gateway:
         return len(self._counted)
 
     def running(self) -> None:
+        self._watching = asyncio.get_running_loop().create_task(self._watch_config())
         if self.metrics_dir is not None:
             self._sharing = asyncio.get_running_loop().create_task(self._share_metrics(self.metrics_dir))
 
@@ -292,6 +363,9 @@ class Gateway:
         while self.in_flight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         await asyncio.to_thread(self.publisher.close, max(0.0, deadline - time.monotonic()))
+        if self._watching is not None:
+            self._watching.cancel()
+        await self.cache.close()
         if self._sharing is not None and self.metrics_dir is not None:
             self._sharing.cancel()
             # The last counts stay in the directory: the workers still running keep summing them.
@@ -352,7 +426,8 @@ class Gateway:
         self.in_flight += 1
         try:
             # The token first: nothing else a client says is taken in before it is known to be allowed.
-            check_gateway_token(first.get("cf-aig-authorization"), opts.gateway_token)
+            x.policy = self.config.current.resolve(x.account_id, x.gateway_id)
+            check_gateway_token(first.get("cf-aig-authorization"), x.policy.tokens)
         except RouteError as exc:
             # Unauthenticated: no event (its account, metadata and cost would all be the client's word);
             # the refusal is counted in cohere_gateway_rejected_total.
@@ -362,9 +437,21 @@ class Gateway:
         try:
             check_singletons(name for name, _ in fields)
             x.options = parse_request_options(fields, max_custom_cost=opts.max_custom_cost)
-            if route.mode == "transparent":
+            if route.mode == "transparent" and (x.options.account_id or x.options.gateway_id):
                 x.account_id = x.options.account_id or x.account_id
                 x.gateway_id = x.options.gateway_id or x.gateway_id
+                # the gateway the client names may hold other tokens than the default one
+                x.policy = self.config.current.resolve(x.account_id, x.gateway_id)
+                try:
+                    check_gateway_token(first.get("cf-aig-authorization"), x.policy.tokens)
+                except RouteError:
+                    x.recorded = False
+                    raise
+            gwconfig.check_metadata(x.options.metadata, x.policy)
+            decision = rcache.decide(x.policy.cache, rcache.parse_cache_headers(first.items()), req.method)
+            if decision.status is not None:
+                status = "BYPASS" if decision.status == "BYPASS" else None
+                x.cache = rcache.CacheState(decision.ttl_s, status, decision.client_key)
             length = first.get("content-length", "")
             if length.isdigit() and int(length) > opts.max_request_bytes:
                 raise RouteError(
@@ -384,7 +471,7 @@ class Gateway:
         req.host_header = up.host_header
 
     @_fail_closed
-    def request(self, flow: http.HTTPFlow) -> Coroutine[Any, Any, None] | None:
+    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         x: Exchange | None = flow.metadata.get(STATE)
         if x is None or flow.response is not None:
             return None
@@ -396,20 +483,20 @@ class Gateway:
             return None
         coding = flow.request.headers.get("content-encoding", "")
         if not raw or is_identity(coding):
-            self._forward(flow, x, raw)
-            return None
+            return self._prepare(flow, x, raw)
         if len(raw) < DECODE_INLINE_BYTES:
-            self._forward(flow, x, decode_body(raw, coding, opts.max_request_bytes))
-            return None
+            return self._prepare(flow, x, decode_body(raw, coding, opts.max_request_bytes))
         return self._decode_off_loop(flow, x, raw, coding)
 
     async def _decode_off_loop(self, flow: http.HTTPFlow, x: Exchange, raw: bytes, coding: str) -> None:
         # A compressed body can decode to many times its size: not on the event loop every client shares.
         body = await asyncio.to_thread(decode_body, raw, coding, ctx.options.max_request_bytes)
-        self._forward(flow, x, body)
+        pending = self._prepare(flow, x, body)
+        if pending is not None:
+            await pending
 
-    def _forward(self, flow: http.HTTPFlow, x: Exchange, content: bytes) -> None:
-        opts = ctx.options
+    def _prepare(self, flow: http.HTTPFlow, x: Exchange, content: bytes) -> Awaitable[None] | None:
+        """Read what the request says (model, stream), then look it up in the cache or forward it."""
         headers = flow.request.headers
         if "content-length" not in headers and "transfer-encoding" not in headers:
             # An HTTP/2 request has no framing header; mitmproxy writes it upstream as HTTP/1.1 without
@@ -424,7 +511,7 @@ class Gateway:
                     RouteError(400, f"model {x.model[:80]!r}: this gateway serves cohere/<model> only"),
                     x,
                 )
-                return
+                return None
             if slash:
                 x.model = name
                 body["model"] = name
@@ -432,19 +519,52 @@ class Gateway:
         if x.stream:
             # the stream is read as it passes; a compressed one could not be
             flow.request.headers["accept-encoding"] = "identity"
-        if opts.log_payloads and x.options.collect_payload:
-            x.request_body = truncate(content.decode("utf-8", "replace"), opts.payload_max_bytes)
+        if x.policy.log_payloads and x.options.collect_payload:
+            x.request_body = truncate(content.decode("utf-8", "replace"), x.policy.payload_max_bytes)
             x.secrets = tuple(
                 s
                 for s in (
-                    opts.gateway_token,
+                    *x.policy.tokens,
                     *(header_text(v).partition(" ")[2].strip() or header_text(v) for k, v in
                       flow.request.headers.fields if k.lower() in SECRET_HEADER_BYTES),
                 )
                 if s
             )  # fmt: skip
+        if x.cache is not None and x.cache.status is None and self.cache.store is not None:
+            return self._cache_lookup(flow, x, content)
+        if x.cache is not None and x.cache.status is None:  # no store configured (cache_url=none)
+            x.cache = None
+        self._forward(x)
+        return None
+
+    def _forward(self, x: Exchange) -> None:
         self.metrics.requests[x.route.mode] += 1
         x.forwarded_at = time.time()
+
+    async def _cache_lookup(self, flow: http.HTTPFlow, x: Exchange, body: bytes) -> None:
+        c = x.cache
+        assert c is not None
+        headers = flow.request.headers
+        c.key = rcache.cache_key(
+            account_id=x.account_id,
+            gateway_id=x.gateway_id,
+            tenant=rcache.tenant_of(api_key_of(_text(headers, "authorization"), _text(headers, "x-api-key"))),
+            path=x.route.path,
+            query=x.route.query,
+            model=x.model,
+            body=body,
+            vary=tuple((_text(headers, name) or "").strip().lower() for name in rcache.VARY_HEADERS),
+            client_key=c.client_key,
+        )
+        c.status, entry, c.leader = await self.cache.get_or_lead(c.key)
+        self.cache.counters[c.status.lower()] += 1
+        if entry is None:
+            c.chunks = [] if c.leader else None
+            self._forward(x)
+            return
+        fields = [*entry.headers, (rcache.STATUS_HEADER, "HIT"), (LOG_ID_HEADER, x.event_id)]
+        replay = http.Headers([(k.encode("latin-1"), v.encode("latin-1")) for k, v in fields])
+        flow.response = http.Response.make(entry.status, entry.body, replay)
 
     # --- responses -----------------------------------------------------------------------------------
 
@@ -455,14 +575,17 @@ class Gateway:
         if x is None or resp is None or x.forwarded_at is None:
             return
         resp.headers[LOG_ID_HEADER] = x.event_id
+        if x.cache is not None and x.cache.status is not None:
+            resp.headers[rcache.STATUS_HEADER] = x.cache.status
         if not is_stream_response(resp.headers.get("content-type", ""), x.stream) or resp.headers.get(
             "content-encoding", "identity"
         ) not in ("identity", ""):
             return
         fmt = "sse" if "event-stream" in resp.headers.get("content-type", "") else "ndjson"
         watcher = x.watcher = StreamWatcher(x.route.api_version, x.route.endpoint, fmt)
-        keep = ctx.options.log_payloads and x.options.collect_payload
-        limit = ctx.options.payload_max_bytes
+        keep = x.policy.log_payloads and x.options.collect_payload
+        limit = x.policy.payload_max_bytes
+        cached = x.cache if x.cache is not None and x.cache.leader else None
         if keep:
             x.response_payload = []
 
@@ -481,6 +604,8 @@ class Gateway:
         def watch(chunk: bytes) -> None:
             if chunk:
                 watcher.feed(chunk)
+                if cached is not None:
+                    cached.collect(chunk, x.policy.cache.max_entry_bytes)
                 if keep and x.payload_kept < limit:
                     x.response_payload.append(chunk[: limit - x.payload_kept])  # type: ignore[union-attr]
                     x.payload_kept += len(chunk)
@@ -497,11 +622,16 @@ class Gateway:
     def response(self, flow: http.HTTPFlow) -> None:
         x: Exchange | None = flow.metadata.get(STATE)
         resp = flow.response
+        if x is not None and x.cache is not None and x.cache.leader and resp is not None:
+            self._cache_store(x, resp)
         if x is None or x.finished or resp is None:
             return
         if x.failed_hook is not None:  # responseheaders raised; the response was buffered, not streamed
             raise RuntimeError(f"{x.failed_hook} failed")
         now = time.time()
+        if x.forwarded_at is None and x.cache is not None and x.cache.status == "HIT":
+            self._finish_hit(x, resp, now)
+            return
         if x.forwarded_at is None:  # answered by the gateway itself
             self._finish(
                 x,
@@ -524,8 +654,8 @@ class Gateway:
         except ValueError:  # undecodable content-encoding: we learn nothing, the client still gets it
             content = None
         extracted = extract_body(x.route.api_version, x.route.endpoint, content)
-        if ctx.options.log_payloads and x.options.collect_payload and content is not None:
-            payload = truncate(content.decode("utf-8", "replace"), ctx.options.payload_max_bytes)
+        if x.policy.log_payloads and x.options.collect_payload and content is not None:
+            payload = truncate(content.decode("utf-8", "replace"), x.policy.payload_max_bytes)
         # cf-aig-log-id was set in responseheaders; only now is the gateway's own time known
         resp.headers[OVERHEAD_HEADER] = _ms((x.forwarded_at - x.start) + (now - (resp.timestamp_end or now)))
         self._finish(
@@ -549,7 +679,7 @@ class Gateway:
         payload: str | None = None
         if x.response_payload is not None:
             payload = truncate(
-                b"".join(x.response_payload).decode("utf-8", "replace"), ctx.options.payload_max_bytes
+                b"".join(x.response_payload).decode("utf-8", "replace"), x.policy.payload_max_bytes
             )
         self._finish(
             x,
@@ -567,6 +697,9 @@ class Gateway:
     @_fail_closed
     def error(self, flow: http.HTTPFlow) -> None:
         x: Exchange | None = flow.metadata.get(STATE)
+        if x is not None and x.cache is not None and x.cache.leader:  # a cut answer is never stored
+            x.cache.leader = False
+            self.cache.finish(x.cache.key or "", None)
         if x is None or x.finished:
             return
         msg = flow.error.msg if flow.error else "unknown error"
@@ -590,6 +723,53 @@ class Gateway:
             error_message=msg,
         )
 
+    # --- the response cache --------------------------------------------------------------------------
+
+    def _cache_store(self, x: Exchange, resp: http.Response) -> None:
+        """The leader's complete answer: store it if it is a whole 2xx, release the followers either way."""
+        c = x.cache
+        assert c is not None and c.key is not None
+        c.leader = False
+        entry = None
+        if x.watcher is not None:
+            w = x.watcher
+            done = w.ended and w.extracted.error_message is None and w.extracted.finish_reason != "ERROR"
+            body = b"".join(c.chunks) if c.chunks is not None and done else None
+        else:
+            try:
+                body = resp.content
+            except ValueError:  # undecodable content-encoding
+                body = None
+        if body is not None and rcache.storable(resp.status_code, len(body), x.policy.cache):
+            entry = rcache.make_entry(resp.status_code, resp.headers.items(), body, c.ttl_s, time.time())
+        self.cache.finish(c.key, entry)
+
+    def _finish_hit(self, x: Exchange, resp: http.Response, now: float) -> None:
+        body = resp.content or b""
+        ctype = resp.headers.get("content-type", "")
+        if is_stream_response(ctype, x.stream):
+            watcher = StreamWatcher(
+                x.route.api_version, x.route.endpoint, "sse" if "event-stream" in ctype else "ndjson"
+            )
+            watcher.feed(body)
+            watcher.finish()
+            extracted = watcher.extracted
+        else:
+            extracted = extract_body(x.route.api_version, x.route.endpoint, body)
+        payload = None
+        if x.policy.log_payloads and x.options.collect_payload:
+            payload = truncate(body.decode("utf-8", "replace"), x.policy.payload_max_bytes)
+        self._finish(
+            x,
+            status=resp.status_code,
+            outcome="ok",
+            error_type=None,
+            extracted=extracted,
+            end=now,
+            response_bytes=len(body),
+            response_body=payload,
+        )
+
     # --- helpers -------------------------------------------------------------------------------------
 
     def _finish(self, x: Exchange, **kw) -> None:
@@ -599,7 +779,7 @@ class Gateway:
         self.metrics.exchanges[outcome] += 1
         if not x.recorded:  # refused before authentication: counted in rejected, nothing stored
             return
-        if not x.options.collect_log:
+        if not x.options.collect_log and x.policy.allow_log_opt_out:
             self.metrics.events_skipped += 1
             return
         try:
@@ -698,7 +878,7 @@ class Gateway:
             presented = flow.request.headers.fields
             auth = next((v for k, v in presented if k.lower() == b"cf-aig-authorization"), None)
             try:
-                check_gateway_token(header_text(auth) if auth is not None else None, opts.gateway_token)
+                check_gateway_token(header_text(auth) if auth is not None else None, (opts.gateway_token,))
             except RouteError as exc:
                 if route.path != "/healthz":
                     self._reject(flow, exc)

@@ -210,15 +210,20 @@ def check_singletons(names: Iterable[str]) -> None:
             seen.add(lname)
 
 
-def check_gateway_token(presented: str | None, token: str) -> None:
-    """Authenticated gateway: `cf-aig-authorization: Bearer <token>` must match (constant-time compare)."""
-    if not token:
+def check_gateway_token(presented: str | None, tokens: tuple[str, ...]) -> None:
+    """Authenticated gateway: `cf-aig-authorization: Bearer <token>` must match one of the gateway's
+    tokens (constant-time compare; every token compared, so the time does not say which one nearly
+    matched). No tokens: open."""
+    tokens = tuple(t for t in tokens if t)
+    if not tokens:
         return
     scheme, _, value = (presented or "").strip().partition(" ")
     # latin-1 maps every byte back exactly, and never raises (a UTF-8 encode of a client byte could)
-    if scheme.lower() != "bearer" or not hmac.compare_digest(
-        value.strip().encode("latin-1", "replace"), token.encode()
-    ):
+    given = value.strip().encode("latin-1", "replace")
+    ok = False
+    for token in tokens:
+        ok |= hmac.compare_digest(given, token.encode())
+    if scheme.lower() != "bearer" or not ok:
         raise RouteError(
             401, "this gateway requires the header 'cf-aig-authorization: Bearer <gateway token>'"
         )

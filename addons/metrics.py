@@ -21,8 +21,10 @@ from cohere_gateway.events import OUTCOMES
 # {"requests": {mode: n}, "exchanges": {outcome: n}, "rejected": {status: n}, "events_skipped": n,
 #  "publisher": {counter: n}}: plain JSON, so workers can share it through files.
 Snapshot = dict[str, Any]
-_GROUPS = ("requests", "exchanges", "rejected", "hook_errors", "publisher")
+_GROUPS = ("requests", "exchanges", "rejected", "hook_errors", "publisher", "cache")
 _SCALARS = ("events_skipped", "connections_refused", "events_oversize")
+# The response cache's counters (addons/cache.py), always rendered so a dashboard sees zeros.
+CACHE_COUNTERS = ("hit", "miss", "expired", "bypass", "coalesced", "stored", "store_errors")
 
 
 class Metrics:
@@ -36,6 +38,7 @@ class Metrics:
         self.hook_errors: Counter[str] = Counter()  # internal errors answered 500, by hook
         self.connections_refused = 0  # over max_connections
         self.events_oversize = 0  # too large to deliver even without bodies
+        self.cache: Counter[str] = Counter()  # filled by addons/cache.py's ResponseCache
 
     def snapshot(self, publisher: dict[str, int]) -> Snapshot:
         return {
@@ -47,6 +50,7 @@ class Metrics:
             "connections_refused": self.connections_refused,
             "events_oversize": self.events_oversize,
             "publisher": dict(publisher),
+            "cache": dict(self.cache),
         }
 
 
@@ -119,6 +123,13 @@ def render(snap: Snapshot, workers: int | None = None) -> str:
         "# TYPE cohere_gateway_events_oversize_total counter",
         f"cohere_gateway_events_oversize_total {snap['events_oversize']}",
     ]
+    cache = snap.get("cache", {})
+    lines += [
+        "# HELP cohere_gateway_cache_total Response cache lookups by result, entries stored, store errors.",
+        "# TYPE cohere_gateway_cache_total counter",
+    ]
+    for name in CACHE_COUNTERS:
+        lines.append(f'cohere_gateway_cache_total{{result="{name}"}} {cache.get(name, 0)}')
     for name, value in sorted(snap["publisher"].items()):
         metric = f"cohere_gateway_{name}" + ("" if name.endswith("_pending") else "_total")
         kind = "gauge" if name.endswith("_pending") else "counter"

@@ -20,7 +20,7 @@ from typing import Annotated, Literal
 import msgspec
 
 SCHEMA_MAJOR = 1
-SCHEMA_MINOR = 1
+SCHEMA_MINOR = 2
 SCHEMA_VERSION = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
 
 DEFAULT_TOPIC = "cohere-gateway.events"
@@ -119,7 +119,15 @@ class Event(msgspec.Struct, kw_only=True, omit_defaults=False, forbid_unknown_fi
     metadata: dict[str, str] = msgspec.field(default_factory=dict)
 
     cost_usd: NonNegFloat | None = None
-    cost_source: Literal["pricing", "custom", "unknown_model", "not_billable"] | None = None
+    cost_source: Literal["pricing", "custom", "unknown_model", "not_billable", "cache"] | None = None
+    # 1.2, the response cache. A HIT was not billed: `usage` is empty, `cost_usd` 0 with cost_source
+    # "cache", and the usage the stored answer reports (what the hit saved) is in saved_*, so sums of
+    # usage and cost stay what upstream billed.
+    cache_status: Literal["HIT", "MISS", "EXPIRED", "BYPASS"] | None = None
+    saved_input_tokens: NonNegInt | None = None
+    saved_output_tokens: NonNegInt | None = None
+    saved_search_units: NonNegInt | None = None
+    saved_cost_usd: NonNegFloat | None = None  # None: what it would have cost is unknown
 
     request_body: str | None = None  # only when payload logging is on, truncated
     response_body: str | None = None

@@ -229,6 +229,24 @@ class ProxySettings:
     workers: int = setting(
         1, "Gateway processes sharing --port (SO_REUSEPORT), one per core to use; each has its own spool."
     )
+    config: str = setting(
+        "",
+        "Per-gateway configuration file (TOML, docs/gateway.md), reloaded when it changes; the flags "
+        "above are its `*/*` defaults. Empty: the flags alone.",
+    )
+    cache_ttl: int = setting(
+        0,
+        "Default cache TTL in seconds of every gateway (60..2592000); 0: only requests that ask "
+        "(cf-aig-cache-ttl, cf-aig-cache-key) or gateways the configuration enables are cached.",
+    )
+    cache_url: str = setting(
+        "",
+        "Where cached responses live: empty for <data-dir>/cache on local disk (shared by --workers), "
+        "redis://HOST:PORT[/DB] for a Redis shared by several gateways, none for no cache at all.",
+    )
+    cache_max_bytes: int = setting(
+        1_073_741_824, "Size cap of the disk cache; least recently used entries are evicted beyond it."
+    )
 
 
 @dataclass(frozen=True)
@@ -289,6 +307,13 @@ def click_options(cls: type) -> Callable[[Callable[..., Any]], Callable[..., Any
         return fn
 
     return decorate
+
+
+def option_specs(cls: type, *names: str) -> tuple[tuple[str, type, str], ...]:
+    """(name, type, help) of settings that are also mitmproxy options of an addon, for `add_option`."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    return tuple((name, hints[name], fields[name].metadata["help"]) for name in names)
 
 
 def from_kwargs(cls: type, kwargs: dict[str, Any]) -> Any:

@@ -166,6 +166,21 @@ def top_metadata(backend: Backend, window: Window, key: str, limit: int = 10) ->
     return [_costed(r) for r in rows]
 
 
+CACHE_GROUP_FIELDS = ("account_id", "gateway_id", "model", "none")
+
+
+def cache(backend: Backend, window: Window, by: str = "model") -> list[dict[str, Any]]:
+    """Response cache lookups, hits, hit rate and what the hits saved (tokens, USD; hits whose cost was
+    unknown are counted apart, never as $0)."""
+    if by not in CACHE_GROUP_FIELDS:
+        raise QueryError(f"cache savings group by one of {', '.join(CACHE_GROUP_FIELDS)}, not {by!r}")
+    rows = backend.query(sql("cache"), window.params() | {"by": by})
+    for row in rows:
+        _ints(row, "lookups", "hits", "saved_input_tokens", "saved_output_tokens", "saved_cost_unknown")
+        row["hit_rate"] = row["hits"] / row["lookups"] if row["lookups"] else 0.0
+    return rows
+
+
 def recent(
     backend: Backend,
     window: Window,
@@ -202,12 +217,14 @@ def event(backend: Backend, window: Window, event_id: str = "") -> dict[str, Any
 def summary(backend: Backend, window: Window, by: str = "model") -> dict[str, Any]:
     """What `report` prints: the overall total and the totals per group."""
     overall = totals(backend, window, "none")
+    cached = cache(backend, window, "none")
     return {
         "since": window.since.isoformat(),
         "until": window.until.isoformat(),
         "by": by,
         "total": overall[0] if overall else None,
         "groups": totals(backend, window, by) if by != "none" else [],
+        "cache": cached[0] if cached and cached[0]["lookups"] else None,
     }
 
 
@@ -217,6 +234,7 @@ API: dict[str, tuple[Any, dict[str, type]]] = {
     "totals": (totals, {"by": str}),
     "timeseries": (timeseries, {"by": str, "step_s": int}),
     "errors": (errors, {}),
+    "cache": (cache, {"by": str}),
     "top_api_keys": (top_api_keys, {"limit": int}),
     "top_metadata": (top_metadata, {"key": str, "limit": int}),
     "recent": (

@@ -105,3 +105,14 @@ def render(data: dict[str, Any]) -> None:
             f"cost incomplete: {total['unpriced_requests']:,} of {total['requests']:,} requests have no "
             f"known cost ({unpriced_tokens:,} tokens); the cost shown is what the priced requests cost."
         )
+    if data.get("cache"):
+        console.print(cache_line(data["cache"]))
+
+
+def cache_line(c: dict[str, Any]) -> str:
+    unknown = c["saved_cost_unknown"]
+    cost = f"${c['saved_cost_usd']:.4f}" + (f" (+{unknown:,} hits of unknown cost)" if unknown else "")
+    return (
+        f"cache: {c['hits']:,} hits of {c['lookups']:,} lookups ({100 * c['hit_rate']:.1f} %), saved "
+        f"{c['saved_input_tokens']:,} tokens in, {c['saved_output_tokens']:,} out, {cost}"
+    )
