@@ -6,6 +6,7 @@ Every flag is also read from an environment variable (shown in `--help`); see se
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -150,6 +151,29 @@ def up(**kwargs: object) -> None:
     from cohere_gateway.up import run
 
     sys.exit(run(s.from_kwargs(s.UpSettings, kwargs), _progress))
+
+
+@main.group()
+def config() -> None:
+    """The per-gateway configuration file (TOML) named by `proxy --config` (docs/gateway.md)."""
+
+
+@config.command("check")
+@click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
+def config_check(file: Path) -> None:
+    """Validate FILE as the running gateway would (a reload of a bad file keeps the old one); print
+    each entry and what it sets (tokens as a count), exit 1 with FILE:LINE: KEY: why on an error."""
+    from addons import gateway_config as gc
+
+    try:
+        cfg = gc.load(file, gc.GatewayPolicy())
+    except gc.ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{file}: OK, {len(cfg.entries)} entries (least specific first)")
+    for entry in cfg.entries:
+        shown = {k: (f"{len(v)} token(s)" if k == "tokens" else v) for k, v in entry.values.items()}
+        shown |= {f"cache.{k}": v for k, v in entry.cache.items()}
+        click.echo(f"  {entry.pattern}: " + (", ".join(f"{k}={v}" for k, v in shown.items()) or "(nothing)"))
 
 
 def _progress(message: str) -> None:
