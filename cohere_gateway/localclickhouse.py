@@ -42,6 +42,7 @@ from cohere_gateway.localkafka import _alive, _log_tail, _port_free
 PINNED = {"chdb": "4.4.0", "chdb-core": "26.9.0"}
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
+KEEP_ALIVE_S = 2
 PASSWORD_ENV = settings.env_name(settings.ClickHouseSettings, "password")
 
 # The query that keeps the listeners open: one row a second for ~3000 years, stopped by KILL QUERY.
@@ -184,10 +185,13 @@ def _write_config(data_dir: Path, host: str, http_port: int, tcp_port: int, user
   <quotas><default/></quotas>
 </clickhouse>
 """
+    # At shutdown the engine waits for idle keep-alive connections to time out, and after 5 s exits
+    # with status 1: a short keep-alive keeps `stop` clean and quick (clients reconnect as usual).
     config = f"""<clickhouse>
   <listen_host>{escape(host)}</listen_host>
   <http_port>{http_port}</http_port>
   <tcp_port>{tcp_port}</tcp_port>
+  <keep_alive_timeout>{KEEP_ALIVE_S}</keep_alive_timeout>
   <users_config>{escape(str((data_dir / "users.xml").resolve()))}</users_config>
 </clickhouse>
 """

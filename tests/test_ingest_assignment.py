@@ -241,6 +241,7 @@ def readyz_partitions(consumer: ConsumerProcess) -> list[int]:
     return body.get("partitions", []) if isinstance(body, dict) else []
 
 
+@pytest.mark.parametrize("storage", ["chdb"], indirect=True)  # Kafka is the subject, as below
 def test_partitions_added_to_a_running_topic_are_read_within_seconds(
     running: Callable[..., ConsumerProcess], kafka_bootstrap: str, kafka_topic: str, group: str
 ) -> None:

@@ -95,13 +95,13 @@ def test_start_status_stop_and_the_data_survives_a_restart(tmp_path: Path) -> No
         with pytest.raises(BackendUnavailable, match="cannot connect"):
             ServerBackend(parse_clickhouse_url(url)).command("SELECT 1")
 
-        assert cli("start", env=env).returncode == 0
+        localclickhouse.start(data_dir, port, port + 1, password=PASSWORD)  # the same, without a CLI
         backend = ServerBackend(parse_clickhouse_url(url))
         assert backend.query("SELECT count() AS n, sum(x) AS s FROM kept") == [{"n": 1000, "s": 499500}]
         assert schema.migrate(backend) == []  # the schema survived too
         backend.close()
     finally:
-        cli("stop", env=env)
+        localclickhouse.stop(data_dir)
     assert "Code: 76" not in (data_dir / "server.out").read_text()  # no second engine on the directory
 
 
