@@ -24,13 +24,13 @@ import orjson
 
 from cohere_gateway.kafka_topics import ensure_topic
 from cohere_gateway.settings import ConsumerSettings
-from consumers import kafka_fastpath, schema
+from consumers import dedup, kafka_fastpath, schema
 from consumers.assignment import Watch
 from consumers.backends import Backend, BackendUnavailable
 from consumers.batching import Batch, Planner, Range
 from consumers.dead_letters import dead_letter
 from consumers.metrics import Metrics
-from consumers.rows import EVENT_COLUMNS, Rejected, convert
+from consumers.rows import EVENT_COLUMNS, Rejected, Row, to_row
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class Converted(NamedTuple):
     partition: int
     offset: int
     timestamp: int
-    row: bytes | Rejected
+    row: Row | Rejected
     record: Any  # as polled, for the dead-letter topic
 
 
@@ -250,7 +250,7 @@ class Consumer:
         if not records:
             return
         converted = [
-            Converted(r.topic, r.partition, r.offset, r.timestamp, convert(r.value, r.partition, r.offset), r)
+            Converted(r.topic, r.partition, r.offset, r.timestamp, to_row(r.value, r.partition, r.offset), r)
             for r in records
         ]
         if self._inflight is None:
@@ -354,21 +354,34 @@ class Consumer:
         rejected = []
         inserts = []
         for batch in batches:
-            lines = []
+            rows = []
             for polled in batch.records:
                 if isinstance(polled.row, Rejected):
                     rejected.append((polled.record, polled.row.reason))
                 else:
-                    lines.append(polled.row)
-            if lines:
-                inserts.append((batch.range.dedup_token, len(lines), b"".join(lines)))
+                    rows.append(polled.row)
+            if rows:
+                inserts.append((batch.range.dedup_token, rows))
         self._inflight = Inflight(batches, rejected, self._writer.submit(self._write, inserts))
 
-    def _write(self, inserts: list[tuple[str, int, bytes]]) -> None:
-        for token, count, rows in inserts:
+    def _write(self, inserts: list[tuple[str, list[Row]]]) -> None:
+        """On the writer thread, after the previous flush was written: one lookup for the whole flush
+        tells which events are stored already, and those rows (and repeats within the flush) are left out,
+        so no materialized view counts an event twice (consumers/dedup.py)."""
+        seen = dedup.stored_ids(self.backend, [row.event_id for _, rows in inserts for row in rows])
+        for range_token, rows in inserts:
+            kept, dropped = dedup.keep_first(rows, seen)
+            self.metrics.duplicates += dropped
+            if not kept:
+                continue
             started = time.perf_counter()
-            self.backend.insert_json_rows("events", rows, token, EVENT_COLUMNS)
-            self.metrics.record_insert(count, time.perf_counter() - started)
+            self.backend.insert_json_rows(
+                "events",
+                b"".join(row.line for row in kept),
+                dedup.token_for(range_token, kept, len(rows)),
+                EVENT_COLUMNS,
+            )
+            self.metrics.record_insert(len(kept), time.perf_counter() - started)
 
     def _finish_flush(self) -> None:
         """Wait for the flush in flight, then commit it. Records held meanwhile join the planner either

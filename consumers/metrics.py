@@ -12,6 +12,7 @@ class Metrics:
     events_inserted: int = 0
     batches_inserted: int = 0
     dead_letters: int = 0
+    duplicates: int = 0  # events left out of an insert: their event_id was stored already
     insert_failures: int = 0
     commit_failures: int = 0
     commits: int = 0
@@ -66,6 +67,12 @@ class Metrics:
                     "counter",
                     "Times the group's assignment left partitions unread and was repaired (refresh, rejoin).",
                     self.assignment_repairs,
+                ),
+                *_metric(
+                    "cohere_gateway_consumer_duplicates_total",
+                    "counter",
+                    "Events not inserted because their event_id was stored already (counted once).",
+                    self.duplicates,
                 ),
                 *_metric(
                     "cohere_gateway_consumer_insert_failures_total",
