@@ -18,9 +18,8 @@ import pytest
 
 from cohere_gateway.settings import DEFAULT_PARTITIONS, DEFAULT_TOPIC
 from tests.fixtures.browser import Browser
-from tests.fixtures.kafka import free_port_pair
+from tests.fixtures.kafka import free_port_pair, topic_partitions
 from tests.fixtures.processes import stop
-from tests.test_ingest_assignment import topic_partitions
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
