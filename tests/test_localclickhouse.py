@@ -35,6 +35,18 @@ def test_the_private_engine_function_is_where_the_pinned_chdb_has_it() -> None:
     assert {name: metadata.version(name) for name in localclickhouse.PINNED} == localclickhouse.PINNED
 
 
+def test_a_moved_engine_function_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chdb without the function (simulated: removed from the real module) fails before any process."""
+    from chdb import _chdb
+
+    monkeypatch.delattr(_chdb, "query")
+    with pytest.raises(localclickhouse.ClickHouseSetupError) as err:
+        localclickhouse.engine_query()
+    assert "chdb._chdb.query" in str(err.value)
+    assert "chdb==4.4.0" in str(err.value) and "chdb-core==26.9.0" in str(err.value)
+    assert "--clickhouse URL" in str(err.value)
+
+
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "cohere_gateway.cli", "clickhouse", *args],
@@ -62,6 +74,8 @@ def test_start_status_stop_and_the_data_survives_a_restart(tmp_path: Path) -> No
         assert PASSWORD not in started.stdout + started.stderr
         status = cli("status", env=env)
         assert status.returncode == 0 and "answering /ping" in status.stdout
+        elsewhere = cli("status", env={k: v for k, v in env.items() if not k.endswith("_PORT")})
+        assert f"HTTP http://127.0.0.1:{port}, answering" in elsewhere.stdout  # the port it was started on
         with socket.create_connection(("127.0.0.1", port + 1), timeout=5):
             pass  # the native protocol listens too
 
