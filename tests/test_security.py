@@ -698,17 +698,6 @@ def test_routing_patterns_match_whole_values() -> None:
         parse_request_options([("cf-aig-event-id", "id\n")])
 
 
-def test_mitmproxy_internals_are_where_the_gateway_expects_them() -> None:
-    from mitmproxy.proxy.layers.http import _http1
-
-    from addons import mitmproxy_internals
-
-    mitmproxy_internals.check_version()
-    assert callable(_http1.make_error_response)
-    assert "buf" in _http1.Http1Connection.__annotations__
-    assert callable(_http1.Http1Server.read_headers)
-
-
 # --- 8: the read side ----------------------------------------------------------------------------------
 
 
@@ -790,3 +779,30 @@ def test_logged_payloads_have_credentials_redacted(upstream: CaptureUpstream, ka
     finally:
         reader.close()
         g.stop()
+
+
+def test_compose_has_no_default_passwords_and_keeps_the_read_side_local() -> None:
+    """Without Docker: the compose file's own text (tests/test_deploy.py starts it when Docker is there)."""
+    import re
+    import xml.etree.ElementTree as ET
+
+    import yaml
+
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "docker-compose.yml").read_text()
+    assert not re.findall(r"\$\{[A-Z_]*(PASSWORD|TOKEN)[A-Z_]*:-", text), "a secret with a default value"
+    assert "admin / admin" not in text
+    compose = yaml.safe_load(text)
+    for service in ("consumer", "grafana"):
+        (port,) = compose["services"][service]["ports"]
+        assert port.startswith("${PUBLISH_HOST:-127.0.0.1}:"), port
+    consumer = compose["services"]["consumer"]
+    assert any(flag.startswith("--read-clickhouse=http://reader:") for flag in consumer["command"])
+    assert "COHERE_GATEWAY_API_TOKEN" in consumer["environment"]
+    datasource = yaml.safe_load((root / "infra/grafana/provisioning/datasources/clickhouse.yaml").read_text())
+    assert datasource["datasources"][0]["jsonData"]["username"] == "reader"
+    reader = ET.parse(root / "infra/clickhouse/users.d/reader.xml").getroot()
+    assert reader.find("profiles/reader/readonly").text == "2"  # type: ignore[union-attr]
+    grants = [q.text for q in reader.findall("users/reader/grants/query")]
+    assert grants == ["GRANT SELECT ON cohere_gateway.*"]
+    assert reader.find("users/reader/password").get("from_env") == "CLICKHOUSE_READER_PASSWORD"  # type: ignore[union-attr]
