@@ -2,7 +2,8 @@
 
 mitmproxy has no public hook for any of them:
 - the error pages its HTTP/1 layer writes itself (upstream unreachable, malformed request line) are built
-  by `mitmproxy.proxy.layers.http._http1.make_error_response`, looked up by name at call time;
+  by `mitmproxy.proxy.layers.http._http1.make_error_response`, looked up by name at call time, and its
+  HTTP/2 layer's error bodies by `_http2.format_error` (its content-type header stays text/html);
 - its listeners bind with `asyncio.start_server()` and offer no `reuse_port`, which `--workers N` needs;
 - its HTTP/1 reader buffers a request head without limit (one unterminated 300 MiB header line grew the
   process by 600 MB): `_http1.Http1Server.read_headers` is wrapped to answer 431 and close once the
@@ -47,6 +48,11 @@ def check() -> None:
     fn = getattr(_http1, "make_error_response", None)
     if fn is None or list(inspect.signature(fn).parameters) != ["status_code", "message"]:
         raise SeamMoved(f"mitmproxy {version}: _http1.make_error_response(status_code, message) moved")
+    from mitmproxy.proxy.layers.http import _http2
+
+    body = getattr(_http2, "format_error", None)
+    if body is None or list(inspect.signature(body).parameters) != ["status_code", "message"]:
+        raise SeamMoved(f"mitmproxy {version}: _http2.format_error(status_code, message) moved")
     if "asyncio.start_server(" not in inspect.getsource(mode_servers):
         raise SeamMoved(f"mitmproxy {version}: mode_servers no longer binds with asyncio.start_server")
     server = getattr(_http1, "Http1Server", None)
@@ -59,12 +65,17 @@ def check() -> None:
         raise SeamMoved(f"mitmproxy {version}: Http1Server.read_headers no longer reads from self.buf")
 
 
-def install_error_pages(make: Callable[[int, str], bytes]) -> None:
-    """Make every error page mitmproxy's HTTP/1 layer writes in this process come from `make`."""
+def install_error_pages(
+    make: Callable[[int, str], bytes], make_body: Callable[[int, str], bytes] | None = None
+) -> None:
+    """Make every error page mitmproxy's HTTP/1 layer writes in this process come from `make`, and the
+    body of every HTTP/2 one from `make_body`."""
     check()
-    from mitmproxy.proxy.layers.http import _http1
+    from mitmproxy.proxy.layers.http import _http1, _http2
 
     _http1.make_error_response = make
+    if make_body is not None:
+        _http2.format_error = make_body
 
 
 def reuse_port() -> None:
