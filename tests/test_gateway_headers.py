@@ -110,10 +110,6 @@ def test_custom_cost_overrides_pricing(secured: Any) -> None:
          **{"cf-aig-custom-cost": '{"total_cost": 0.42}', "cf-aig-event-id": cid})  # fmt: skip
     event = events.wait_until(lambda e: e.client_event_id == cid)[0]
     assert event.status_code >= 400 and event.cost_source != "custom"
-    cid = "unknown-" + uuid.uuid4().hex
-    post(gw, "/cohere/v1/chat", {"message": "hi", "model": "no-such-model"}, **{"cf-aig-event-id": cid})
-    event = events.wait_until(lambda e: e.client_event_id == cid)[0]
-    assert (event.cost_usd, event.cost_source) == (None, "unknown_model")
 
 
 @pytest.mark.parametrize(
