@@ -104,6 +104,7 @@ OPTIONS: tuple[tuple[str, type, str], ...] = (
         "max_headers",
         "max_connections",
         "idle_timeout_s",
+        "header_timeout_s",
         "allow_http2",
         "max_custom_cost",
         "protect_local_endpoints",
@@ -210,7 +211,9 @@ class Gateway:
         # mitmproxy has no hook for the error pages it writes itself: every error this process sends is
         # JSON only through this seam.
         mitmproxy_seam.install_error_pages(json_error_page, json_error_body)
-        mitmproxy_seam.install_head_limit(lambda: ctx.options.max_header_bytes, json_error_page)
+        mitmproxy_seam.install_head_limit(
+            lambda: ctx.options.max_header_bytes, json_error_page, lambda: ctx.options.header_timeout_s
+        )
 
     def configure(self, updated: set[str]) -> None:
         opts = ctx.options

@@ -594,7 +594,8 @@ def test_custom_cost_parsing_and_per_token_prices_without_usage() -> None:
 @pytest.fixture(scope="module")
 def gw_small(upstream: CaptureUpstream) -> Iterator[GatewayProcess]:
     g = start_gateway(upstream.url + PREFIX, "", "t", transparent=False, max_connections=4,
-                      idle_timeout_s=1, max_header_bytes=8192, max_headers=20)  # fmt: skip
+                      idle_timeout_s=1, max_header_bytes=8192, max_headers=20,
+                      header_timeout_s=1)  # fmt: skip
     yield g
     g.stop()
 
@@ -625,6 +626,28 @@ def test_an_endless_header_line_gets_431_and_costs_no_memory(gw_small: GatewayPr
     assert got.startswith(b"HTTP/1.1 431"), got[:200]
     assert b"8192" in got
     assert rss_bytes(gw_small.proc.pid) - before < 20 << 20
+
+
+def test_a_trickled_request_head_gets_408(gw_small: GatewayProcess) -> None:
+    """Slowloris: a byte every 0.2 s keeps the idle timeout (1 s here) from ever firing."""
+    host, port = gw_small.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(b"POST " + ROUTE.encode() + b" HTTP/1.1\r\n")
+        got = b""
+        started = time.monotonic()
+        try:
+            for byte in b"X-Slow: " + b"a" * 40:
+                time.sleep(0.2)  # the attack is the pace itself
+                sock.sendall(bytes([byte]))
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        try:
+            while chunk := sock.recv(65536):
+                got += chunk
+        except (ConnectionResetError, TimeoutError):
+            pass
+    assert got.startswith(b"HTTP/1.1 408"), got[:200]
+    assert time.monotonic() - started < 6
 
 
 def test_too_many_headers_get_431(gw_small: GatewayProcess) -> None:
