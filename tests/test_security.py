@@ -229,7 +229,37 @@ def test_an_unexpected_exception_in_any_hook_answers_json_500_and_is_recorded() 
                 "gateway_internal_error",
             )
             assert event.metadata == {} and event.cost_source != "custom", "no claims of a failed request"
-        assert gw.metrics.hook_errors == {"requestheaders": 1, "request": 1}
+        # response side: the upstream answered, then the gateway's own step failed; the client gets the
+        # 500, not a response the gateway did not finish handling
+        for broken in ("is_stream_response", "extract_body"):
+            flow = tflow.tflow()
+            flow.client_conn.proxy_mode = ProxyMode.parse("reverse:http://127.0.0.1:9")
+            flow.request.path = ROUTE
+            flow.request.content = CHAT
+            gw.requestheaders(flow)
+            gw.request(flow)
+            assert flow.response is None
+            flow.response = tflow.tresp(content=b'{"text": "upstream"}')
+            original = getattr(gateway_module, broken)
+
+            def boom2(*_: Any) -> Any:
+                raise RuntimeError("injected")
+
+            setattr(gateway_module, broken, boom2)
+            try:
+                gw.responseheaders(flow)
+                gw.response(flow)
+            finally:
+                setattr(gateway_module, broken, original)
+            assert flow.response.status_code == 500 and b"upstream" not in flow.response.content, broken
+            event = events.decode(kept.values[-1])
+            assert (event.status_code, event.error_type) == (500, "gateway_internal_error"), broken
+        assert gw.metrics.hook_errors == {
+            "requestheaders": 1,
+            "request": 1,
+            "responseheaders": 1,
+            "response": 2,
+        }
 
 
 # --- 1: HTTP/2 header injection -----------------------------------------------------------------------
