@@ -104,6 +104,7 @@ OPTIONS: tuple[tuple[str, type, str], ...] = (
         "max_headers",
         "max_connections",
         "idle_timeout_s",
+        "header_timeout_s",
         "allow_http2",
         "max_custom_cost",
         "protect_local_endpoints",
@@ -125,18 +126,25 @@ def json_response(status: int, body: dict, headers: dict[str, str] | None = None
     )
 
 
+def json_error_body(status_code: int, message: str = "") -> bytes:
+    """The body of an error mitmproxy answers itself, as the gateway's own: JSON `{"message"}`."""
+    text = message or http.status_codes.RESPONSES.get(status_code, "error")
+    if status_code == 413:  # mitmproxy's body_size_limit, set from max_request_bytes: say so in our words
+        text = too_large(ctx.options.max_request_bytes).message
+    if status_code == 502:
+        text = f"the gateway could not reach the upstream: {text}"
+    return orjson.dumps({"message": text})
+
+
 def json_error_page(status_code: int, message: str = "") -> bytes:
     """What mitmproxy sends for errors it answers itself (upstream unreachable, malformed request line):
     JSON `{"message"}` like the gateway's own errors, so the SDKs raise their typed errors, not ApiError
     on an HTML page."""
     from mitmproxy.net.http import http1
 
-    text = message or http.status_codes.RESPONSES.get(status_code, "error")
-    if status_code == 502:
-        text = f"the gateway could not reach the upstream: {text}"
     resp = http.Response.make(
         status_code,
-        orjson.dumps({"message": text}),
+        json_error_body(status_code, message),
         {"content-type": "application/json", "connection": "close"},
     )
     return http1.assemble_response(resp)
@@ -202,8 +210,10 @@ class Gateway:
             loader.add_option(name, kind, _opt_default(name), help_text)
         # mitmproxy has no hook for the error pages it writes itself: every error this process sends is
         # JSON only through this seam.
-        mitmproxy_seam.install_error_pages(json_error_page)
-        mitmproxy_seam.install_head_limit(lambda: ctx.options.max_header_bytes, json_error_page)
+        mitmproxy_seam.install_error_pages(json_error_page, json_error_body)
+        mitmproxy_seam.install_head_limit(
+            lambda: ctx.options.max_header_bytes, json_error_page, lambda: ctx.options.header_timeout_s
+        )
 
     def configure(self, updated: set[str]) -> None:
         opts = ctx.options
