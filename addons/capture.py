@@ -40,6 +40,7 @@ class Exchange:
     response_payload: list[bytes] | None = None  # streamed bodies kept for payload logging
     payload_kept: int = 0
     finished: bool = False  # the event is built exactly once, whichever hook ends the exchange
+    strip_usage: bool = False  # compat stream: the gateway asked upstream for usage the client did not
     headers_sent_at: float | None = field(default=None)
 
 

@@ -44,7 +44,7 @@ from addons.routing import (
     route_transparent,
 )
 from addons.sidecar import SidecarPublisher
-from addons.streaming import StreamWatcher, is_stream_response
+from addons.streaming import StreamWatcher, UsageStripper, is_stream_response, want_stream_usage
 from addons.usage import Extracted, extract_body, request_fields
 from cohere_gateway import settings
 from cohere_gateway.events import encode, new_event_id, truncate
@@ -309,6 +309,11 @@ class Gateway:
                 x.model = name
                 body["model"] = name
                 flow.request.content = orjson.dumps(body)
+        if body is not None and want_stream_usage(x.route.api_version, x.route.endpoint, x.stream, body):
+            # Without usage a compat stream cannot be priced: ask for it, and strip it from the answer.
+            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+            flow.request.content = orjson.dumps(body)
+            x.strip_usage = True
         if x.stream:
             # the stream is read as it passes; a compressed one could not be
             flow.request.headers["accept-encoding"] = "identity"
@@ -336,7 +341,18 @@ class Gateway:
         if keep:
             x.response_payload = []
 
-        def tap(chunk: bytes) -> bytes:
+        stripper = UsageStripper() if x.strip_usage and fmt == "sse" else None
+
+        def tap(chunk: bytes) -> bytes | list[bytes]:
+            if stripper is None:
+                return _tap(chunk)
+            if not _tap(chunk):
+                return stripper.flush()
+            # a list, because an empty bytes chunk would end the client's response
+            out = stripper.feed(chunk)
+            return [out] if out else []
+
+        def _tap(chunk: bytes) -> bytes:
             if chunk:
                 watcher.feed(chunk)
                 if keep and x.payload_kept < limit:
@@ -402,6 +418,8 @@ class Gateway:
         assert resp is not None and x.watcher is not None
         outcome, error_type = classify_status(resp.status_code)
         x.watcher.finish()
+        if outcome == "ok" and x.watcher.stream_error:
+            outcome, error_type = "upstream_error", "stream_error"
         payload: str | None = None
         if x.response_payload is not None:
             payload = truncate(
