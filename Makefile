@@ -2,10 +2,16 @@
 # The newest Python >= 3.12 on PATH or in pyenv (infra/find-python says what to install if none).
 PYTHON ?= $(shell infra/find-python)
 VENV   ?= .venv
+# A second Python >= 3.12 of another minor version, if the machine has one: `make test` also runs the
+# fast unit subset on it, so both supported versions are exercised.
+PYTHON_ALT ?= $(shell infra/find-python --other $(PYTHON))
+VENV_ALT   ?= .venv-alt
+UNIT_TESTS := tests/test_routing.py tests/test_usage.py tests/test_events.py tests/test_spool.py \
+              tests/test_emulator_units.py tests/test_consumer_batching.py tests/test_mitmproxy_seam.py
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test up demo lint kafka-jars system-deps clean
+.PHONY: install test unit-alt up demo lint kafka-jars system-deps test-deps clean
 
 # The venv is rebuilt only when the dependency list changes.
 $(STAMP): pyproject.toml
@@ -24,15 +30,26 @@ kafka-jars: $(STAMP)
 system-deps:
 	@infra/system-deps
 
-test: system-deps install kafka-jars
+test-deps:
+	@infra/system-deps test
+
+test: test-deps install kafka-jars
 	$(BIN)/pytest
+	@$(MAKE) --no-print-directory unit-alt
+
+unit-alt:
+	@if [ -z "$(PYTHON_ALT)" ]; then echo "No second Python >= 3.12 found: unit subset on it skipped."; else \
+	  echo "Unit subset on $$($(PYTHON_ALT) --version):"; \
+	  test -x $(VENV_ALT)/bin/python || $(PYTHON_ALT) -m venv $(VENV_ALT); \
+	  $(VENV_ALT)/bin/pip install --quiet --upgrade pip && $(VENV_ALT)/bin/pip install --quiet -e '.[test]' && \
+	  $(VENV_ALT)/bin/pip check && $(VENV_ALT)/bin/pytest -q $(UNIT_TESTS); fi
 
 # The main job: the whole pipeline on this machine. `make demo` also runs the Cohere emulator as upstream
 # and drives SDK traffic through the gateway, so the dashboard fills without a Cohere key.
-up: install
+up: system-deps install
 	$(BIN)/cohere-gateway up $(ARGS)
 
-demo: install
+demo: system-deps install
 	$(BIN)/cohere-gateway up --demo $(ARGS)
 
 lint: install
@@ -40,4 +57,4 @@ lint: install
 	$(BIN)/ruff format --check .
 
 clean:
-	rm -rf $(VENV) infra/kafka/lib .cohere-gateway .pytest_cache
+	rm -rf $(VENV) $(VENV_ALT) infra/kafka/lib .cohere-gateway .pytest_cache

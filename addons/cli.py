@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import gc
 import logging
 import os
@@ -57,21 +56,6 @@ def addon_environment(cfg: s.ProxySettings) -> dict[str, str]:
             ("true" if value else "false") if isinstance(value, bool) else str(value)
         )
     return env
-
-
-def _reuse_port() -> None:
-    """mitmproxy 11 binds with asyncio.start_server() and has no reuse_port option; workers need it to
-    share one port. Only worker processes call this, so a lone gateway still fails loudly on a busy port."""
-    from mitmproxy.proxy import mode_servers
-
-    original = mode_servers.asyncio.start_server
-
-    @functools.wraps(original)
-    async def start_server(*args, **kwargs):  # type: ignore[no-untyped-def]
-        kwargs.setdefault("reuse_port", True)
-        return await original(*args, **kwargs)
-
-    mode_servers.asyncio.start_server = start_server  # type: ignore[attr-defined]
 
 
 def lean_master(modes: list[str], confdir: Path, log_level: str, *extra: Any) -> Any:
@@ -190,7 +174,9 @@ def proxy(worker: bool, **kwargs: object) -> None:
         )
         sys.exit(_supervise(cfg))
     if worker:
-        _reuse_port()
+        from addons import mitmproxy_seam
+
+        mitmproxy_seam.reuse_port()
     (cfg.data_dir / "mitmproxy").mkdir(parents=True, exist_ok=True)
     os.environ.update(addon_environment(cfg))  # read by the addon's option defaults as it loads
     if not worker:

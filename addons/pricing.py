@@ -129,9 +129,12 @@ def compute_cost(
     if custom is not None:
         if custom.total_cost is not None:
             return custom.total_cost, "custom"
-        cost = (usage.input_tokens or 0) * (custom.per_token_in or 0.0)
-        cost += (usage.output_tokens or 0) * (custom.per_token_out or 0.0)
-        return cost, "custom"
+        # A price per token times no reported count is unknown, not zero.
+        parts = [(usage.input_tokens, custom.per_token_in), (usage.output_tokens, custom.per_token_out)]
+        priced = [(n, price) for n, price in parts if price is not None]
+        if any(n is None for n, _ in priced):
+            return None, "custom"
+        return sum(n * price for n, price in priced), "custom"
     if not billed or endpoint.partition("/")[0] in table.not_billable:
         return 0.0, "not_billable"
     price = table.lookup(model, at or datetime.now(UTC))

@@ -20,7 +20,7 @@ from typing import Annotated, Literal
 import msgspec
 
 SCHEMA_MAJOR = 1
-SCHEMA_MINOR = 1
+SCHEMA_MINOR = 2
 SCHEMA_VERSION = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
 
 DEFAULT_TOPIC = "cohere-gateway.events"
@@ -28,6 +28,11 @@ DEFAULT_TOPIC = "cohere-gateway.events"
 # Longest error message kept in an event; Cohere's messages are short, upstream HTML error pages are not.
 MAX_ERROR_MESSAGE = 1024
 MAX_METADATA_ENTRIES = 5
+# Kafka's default limits (broker message.max.bytes, producer max.request.size) are about 1 MiB per
+# record including key and batch overhead; the gateway builds events of at most half of that, which
+# leaves room for the overhead and for the consumer's dead-letter envelope around an event.
+KAFKA_MAX_MESSAGE_BYTES = 1 << 20
+MAX_EVENT_BYTES = KAFKA_MAX_MESSAGE_BYTES // 2
 
 RouteMode = Literal["gateway", "transparent", "compat"]
 Outcome = Literal["ok", "upstream_error", "gateway_error", "client_aborted", "upstream_timeout"]
@@ -114,7 +119,15 @@ class Event(msgspec.Struct, kw_only=True, omit_defaults=False, forbid_unknown_fi
     metadata: dict[str, str] = msgspec.field(default_factory=dict)
 
     cost_usd: NonNegFloat | None = None
-    cost_source: Literal["pricing", "custom", "unknown_model", "not_billable"] | None = None
+    cost_source: Literal["pricing", "custom", "unknown_model", "not_billable", "cache"] | None = None
+    # 1.2, the response cache. A HIT was not billed: `usage` is empty, `cost_usd` 0 with cost_source
+    # "cache", and the usage the stored answer reports (what the hit saved) is in saved_*, so sums of
+    # usage and cost stay what upstream billed.
+    cache_status: Literal["HIT", "MISS", "EXPIRED", "BYPASS"] | None = None
+    saved_input_tokens: NonNegInt | None = None
+    saved_output_tokens: NonNegInt | None = None
+    saved_search_units: NonNegInt | None = None
+    saved_cost_usd: NonNegFloat | None = None  # None: what it would have cost is unknown
 
     request_body: str | None = None  # only when payload logging is on, truncated
     response_body: str | None = None
@@ -173,10 +186,11 @@ def utc_from_timestamp(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
 
 
-def api_key_fingerprint(key: str) -> str:
+def api_key_fingerprint(key: str | bytes) -> str:
     """Identifies a key across events without storing it: the first 16 hex digits of its SHA-256,
     like the short fingerprints Cohere's dashboard shows. Keys are high-entropy, so this is not reversible."""
-    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()[:16]
+    raw = key if isinstance(key, bytes) else key.encode("utf-8", "surrogateescape")
+    return "sha256:" + hashlib.sha256(raw).hexdigest()[:16]
 
 
 def truncate(text: str | None, limit: int = MAX_ERROR_MESSAGE) -> str | None:

@@ -32,14 +32,23 @@ class NotFound(LookupError):
     """The query is well-formed but names nothing stored."""
 
 
+# Longest window a query may ask for: beyond any retention, and far from datetime's overflow.
+MAX_DURATION = timedelta(days=3660)
+
+
 def parse_duration(text: str) -> timedelta:
-    """'30m', '1h', '7d', '90s', '2w'."""
-    m = _DURATION.match(text)
+    """'30m', '1h', '7d', '90s', '2w'; at most MAX_DURATION."""
+    m = _DURATION.fullmatch(text)
     if not m:
         raise QueryError(
-            f"duration {text!r} not understood: use a number and a unit s/m/h/d/w, e.g. 30m, 1h, 7d"
+            f"duration {text[:40]!r} not understood: use a number and a unit s/m/h/d/w, e.g. 30m, 1h, 7d"
         )
-    return timedelta(seconds=float(m.group(1)) * _UNIT_SECONDS[m.group(2)])
+    seconds = float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+    if seconds > MAX_DURATION.total_seconds():
+        raise QueryError(
+            f"duration {text[:40]!r} is longer than the {MAX_DURATION.days} days a query may span"
+        )
+    return timedelta(seconds=seconds)
 
 
 @cache
@@ -157,6 +166,21 @@ def top_metadata(backend: Backend, window: Window, key: str, limit: int = 10) ->
     return [_costed(r) for r in rows]
 
 
+CACHE_GROUP_FIELDS = ("account_id", "gateway_id", "model", "none")
+
+
+def cache(backend: Backend, window: Window, by: str = "model") -> list[dict[str, Any]]:
+    """Response cache lookups, hits, hit rate and what the hits saved (tokens, USD; hits whose cost was
+    unknown are counted apart, never as $0)."""
+    if by not in CACHE_GROUP_FIELDS:
+        raise QueryError(f"cache savings group by one of {', '.join(CACHE_GROUP_FIELDS)}, not {by!r}")
+    rows = backend.query(sql("cache"), window.params() | {"by": by})
+    for row in rows:
+        _ints(row, "lookups", "hits", "saved_input_tokens", "saved_output_tokens", "saved_cost_unknown")
+        row["hit_rate"] = row["hits"] / row["lookups"] if row["lookups"] else 0.0
+    return rows
+
+
 def recent(
     backend: Backend,
     window: Window,
@@ -193,12 +217,14 @@ def event(backend: Backend, window: Window, event_id: str = "") -> dict[str, Any
 def summary(backend: Backend, window: Window, by: str = "model") -> dict[str, Any]:
     """What `report` prints: the overall total and the totals per group."""
     overall = totals(backend, window, "none")
+    cached = cache(backend, window, "none")
     return {
         "since": window.since.isoformat(),
         "until": window.until.isoformat(),
         "by": by,
         "total": overall[0] if overall else None,
         "groups": totals(backend, window, by) if by != "none" else [],
+        "cache": cached[0] if cached and cached[0]["lookups"] else None,
     }
 
 
@@ -208,6 +234,7 @@ API: dict[str, tuple[Any, dict[str, type]]] = {
     "totals": (totals, {"by": str}),
     "timeseries": (timeseries, {"by": str, "step_s": int}),
     "errors": (errors, {}),
+    "cache": (cache, {"by": str}),
     "top_api_keys": (top_api_keys, {"limit": int}),
     "top_metadata": (top_metadata, {"key": str, "limit": int}),
     "recent": (

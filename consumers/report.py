@@ -18,8 +18,9 @@ def fetch_summary(cfg: ReportSettings) -> dict[str, Any]:
     queries.parse_duration(cfg.since)  # fail before any I/O on a bad window
     if not cfg.clickhouse and (info := read_discovery(chdb_path(cfg.data_dir))):
         url = f"{info['url']}/api/summary?{urlencode({'since': cfg.since, 'by': cfg.by})}"
+        headers = {"Authorization": f"Bearer {cfg.api_token}"} if cfg.api_token else {}
         try:
-            with urllib.request.urlopen(url, timeout=30) as resp:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as resp:
                 return json.loads(resp.read())
         except urllib.error.HTTPError as exc:
             detail = json.loads(exc.read() or b"{}").get("error", exc.reason)
@@ -57,6 +58,7 @@ def _fmt_ms(value: float | None) -> str:
 
 def render(data: dict[str, Any]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     title = f"cohere-gateway: {data['since'][:19]} .. {data['until'][:19]} UTC"
@@ -80,7 +82,7 @@ def render(data: dict[str, Any]) -> None:
         rows.append({**data["total"], "key": "TOTAL"})
     for row in rows:
         table.add_row(
-            row["key"] or "(none)",
+            escape(row["key"]) if row["key"] else "(none)",  # names are client-chosen: no markup
             f"{row['requests']:,}",
             f"{row['errors']:,}",
             f"{100 * row['error_rate']:.1f}",
@@ -103,3 +105,14 @@ def render(data: dict[str, Any]) -> None:
             f"cost incomplete: {total['unpriced_requests']:,} of {total['requests']:,} requests have no "
             f"known cost ({unpriced_tokens:,} tokens); the cost shown is what the priced requests cost."
         )
+    if data.get("cache"):
+        console.print(cache_line(data["cache"]))
+
+
+def cache_line(c: dict[str, Any]) -> str:
+    unknown = c["saved_cost_unknown"]
+    cost = f"${c['saved_cost_usd']:.4f}" + (f" (+{unknown:,} hits of unknown cost)" if unknown else "")
+    return (
+        f"cache: {c['hits']:,} hits of {c['lookups']:,} lookups ({100 * c['hit_rate']:.1f} %), saved "
+        f"{c['saved_input_tokens']:,} tokens in, {c['saved_output_tokens']:,} out, {cost}"
+    )

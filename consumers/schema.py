@@ -116,6 +116,7 @@ def apply_retention(backend: Backend, raw_days: int, aggregate_days: int) -> Non
         "event_ids": ("toDateTime(start_time)", raw_days),
         "events_by_minute": ("minute", aggregate_days),
         "errors_by_minute": ("minute", aggregate_days),
+        "cache_by_minute": ("minute", aggregate_days),
     }
     for table, (column, days) in wanted.items():
         if days < 1:

@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.fixtures.clickhouse",
     "tests.fixtures.gateway",
     "tests.fixtures.browser",
+    "tests.fixtures.redis",
 ]

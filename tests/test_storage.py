@@ -228,3 +228,28 @@ def test_run_rejects_bad_parameters_clearly(loaded: tuple[Backend, list[Event]])
     with pytest.raises(queries.QueryError, match="must be int"):
         queries.run(backend, "recent", {"limit": "many"})
     assert queries.run(backend, "summary", {"since": "2h", "by": "endpoint"})["total"]["requests"] == 200
+
+
+def test_cache_hits_and_savings_per_gateway_and_model(clickhouse_backend: Backend) -> None:
+    """Event 1.2 (migration 0007): a HIT's saved usage and cost land in cache_by_minute; its usage and
+    cost (nothing billed) keep events_by_minute's token and cost sums what upstream billed."""
+    same = {"account_id": "acme", "gateway_id": "prod", "model": "command-r", "outcome": "ok"}
+    same |= {"status_code": 200, "error_type": None, "error_message": None}
+    hit = {"cache_status": "HIT", "cost_usd": 0.0, "cost_source": "cache", "usage": Usage()}
+    hit |= {"saved_input_tokens": 10, "saved_output_tokens": 20, "saved_cost_usd": 0.5}
+    events = [
+        make_event(0, BASE, **same, cache_status="MISS", cost_usd=0.5, usage=Usage(input_tokens=10)),
+        make_event(1, BASE, **same, **hit),
+        make_event(2, BASE, **same, **(hit | {"saved_cost_usd": None})),
+        make_event(3, BASE, **same, cache_status=None),
+    ]
+    insert_events(clickhouse_backend, events, "cache-1")
+    row = clickhouse_backend.query(
+        "SELECT sum(lookups) AS l, sum(hits) AS h, sum(saved_input_tokens) AS i,"
+        " sum(saved_output_tokens) AS o,"
+        " sum(saved_cost_usd) AS c, sum(saved_cost_unknown) AS u FROM cache_by_minute"
+        " WHERE account_id = 'acme' AND gateway_id = 'prod' AND model = 'command-r'"
+    )[0]
+    assert {k: float(v) for k, v in row.items()} == {"l": 3, "h": 2, "i": 20, "o": 40, "c": 0.5, "u": 1}
+    stored = clickhouse_backend.query("SELECT * FROM events FINAL ORDER BY start_time")
+    assert [event_from_row(r) for r in stored] == events

@@ -109,7 +109,9 @@ function drawSeries(rows) {
   set("chart-latency", [(r) => r.latency_ms_p50, (r) => r.latency_ms_p95]);
 }
 
-function drawCards(total) {
+function drawCards(total, cache) {
+  const c = cache || { hit_rate: 0, saved_cost_usd: 0 };
+  $("#c-cache").textContent = `${fmtPct(c.hit_rate)} / ${fmtUsd(c.saved_cost_usd)}`;
   const t = total || {};
   $("#c-requests").textContent = fmtInt.format(t.requests || 0);
   $("#c-tokens").textContent = `${fmtInt.format(t.input_tokens || 0)} / ${fmtInt.format(t.output_tokens || 0)}`;
@@ -240,7 +242,7 @@ async function refresh() {
       api("summary", { by: "none" }),
       api("timeseries", { by: "none", step_s: step }),
     ]);
-    drawCards(summary.total);
+    drawCards(summary.total, summary.cache);
     drawSeries(fillBuckets(series, step));
     await Promise.all([drawBreakdown(), drawRecent(), refreshOptions()]);
     status.textContent = `updated ${new Date().toLocaleTimeString()}`;

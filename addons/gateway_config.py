@@ -1,0 +1,398 @@
+"""Per-gateway configuration as data: one TOML file, validated, resolved per `account_id/gateway_id`.
+
+```toml
+[gateways."*/*"]              # every gateway; starts from the proxy's flags
+log_payloads = false
+
+[gateways."acme/*"]           # every gateway of account acme
+tokens_env = ["ACME_GATEWAY_TOKEN"]
+cache = { enabled = true, ttl = 3600 }
+
+[gateways."acme/prod"]        # exactly one gateway; the most specific entry wins, key by key
+allow_log_opt_out = false
+```
+
+An entry's pattern is `ACCOUNT/GATEWAY`, each side an id or a glob (`*`, `team-*`). Every entry that
+matches a request's ids applies, from the least to the most specific (an exact account beats an exact
+gateway, a literal beats a glob, a longer literal part beats a shorter one), so a key set by a more
+specific entry overrides the same key of a less specific one and everything else is inherited. The
+built-in base under all of them is the proxy's flags (`--gateway-token`, `--log-payloads`, ...), so a
+gateway works with no file at all, and a file only says what differs.
+
+Errors name the file, the line, the key and what is allowed (`ConfigError`); a bad file refuses the
+start, and a bad edit of a running gateway's file keeps the previous configuration (`ConfigWatcher`).
+Tokens are secrets: no message, log or event ever carries one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import logging
+import os
+import re
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cohere_gateway.events import MAX_METADATA_ENTRIES
+
+from .routing import ID_MAX_LENGTH, RouteError
+
+log = logging.getLogger("cohere_gateway.config")
+
+# Cloudflare's bounds for cf-aig-cache-ttl: one minute to one month (30 days).
+MIN_CACHE_TTL_S = 60
+MAX_CACHE_TTL_S = 30 * 24 * 3600
+# Cloudflare caches a request that names a cf-aig-cache-key on a gateway without caching this long.
+CLIENT_KEY_TTL_S = 300
+MAX_PAYLOAD_CHARS = 16 * 1024 * 1024
+MAX_CACHE_ENTRY_BYTES = 64 * 1024 * 1024
+_PATTERN_SIDE = re.compile(r"^[A-Za-z0-9_.\-*?\[\]!]+$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Sections the next control issue adds (limits, budgets, retries, timeouts, provider keys): refused with
+# a message saying so, rather than accepted and ignored.
+_NOT_YET = ("rate_limits", "budgets", "retries", "timeouts", "provider_key")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; `str()` reads `FILE:LINE: KEY: what is wrong and allowed`."""
+
+    def __init__(self, file: str, line: int | None, key: str, message: str) -> None:
+        self.file, self.line, self.key, self.message = file, line, key, message
+        where = f"{file}:{line}" if line else file
+        super().__init__(f"{where}: {key}: {message}" if key else f"{where}: {message}")
+
+
+@dataclass(frozen=True, slots=True)
+class CachePolicy:
+    enabled: bool = False  # cache every cacheable request of the gateway (else only those that ask)
+    ttl_s: int = CLIENT_KEY_TTL_S  # default time to live of an entry
+    client_control: bool = True  # whether cf-aig-cache-ttl / -skip-cache / -key are honoured
+    max_entry_bytes: int = 8 * 1024 * 1024  # larger responses are passed on and not stored
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayPolicy:
+    tokens: tuple[str, ...] = field(default=(), repr=False)  # empty: no gateway token required
+    log_payloads: bool = False
+    payload_max_bytes: int = 16_384
+    allow_log_opt_out: bool = True  # whether cf-aig-collect-log: false is honoured
+    max_metadata_entries: int = MAX_METADATA_ENTRIES
+    cache: CachePolicy = field(default_factory=CachePolicy)
+
+
+# --- validation of one entry: key -> (checker, what is allowed) --------------------------------------
+
+
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError
+    return v
+
+
+def _int_in(lo: int, hi: int) -> Callable[[Any], int]:
+    def check(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise TypeError
+        return v
+
+    return check
+
+
+def _tokens(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(t, str) and 8 <= len(t) <= 512 for t in v):
+        raise TypeError
+    return tuple(v)
+
+
+def _env_names(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(n, str) and _ENV_NAME.match(n) for n in v):
+        raise TypeError
+    return tuple(v)
+
+
+_GATEWAY_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
+    "tokens": (_tokens, "a list of gateway tokens (strings of 8-512 characters)"),
+    "tokens_env": (_env_names, "a list of environment variable names holding gateway tokens"),
+    "log_payloads": (_bool, "true or false"),
+    "payload_max_bytes": (_int_in(0, MAX_PAYLOAD_CHARS), f"an integer 0..{MAX_PAYLOAD_CHARS}"),
+    "allow_log_opt_out": (_bool, "true or false"),
+    "max_metadata_entries": (
+        _int_in(0, MAX_METADATA_ENTRIES),
+        f"an integer 0..{MAX_METADATA_ENTRIES} (the event contract's maximum)",
+    ),
+}
+_CACHE_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
+    "enabled": (_bool, "true or false"),
+    "ttl": (
+        _int_in(MIN_CACHE_TTL_S, MAX_CACHE_TTL_S),
+        f"an integer number of seconds {MIN_CACHE_TTL_S}..{MAX_CACHE_TTL_S} (1 minute to 30 days)",
+    ),
+    "client_control": (_bool, "true or false"),
+    "max_entry_bytes": (_int_in(1, MAX_CACHE_ENTRY_BYTES), f"an integer 1..{MAX_CACHE_ENTRY_BYTES}"),
+}
+_CACHE_FIELD = {"enabled": "enabled", "ttl": "ttl_s", "client_control": "client_control"} | {
+    "max_entry_bytes": "max_entry_bytes"
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    pattern: str
+    account: str
+    gateway: str
+    values: dict[str, Any]  # validated GatewayPolicy fields (tokens already resolved)
+    cache: dict[str, Any]  # validated CachePolicy fields
+
+    @property
+    def specificity(self) -> tuple[int, int, int]:
+        def literal(side: str) -> int:
+            return sum(ch not in "*?[]!" for ch in side)
+
+        glob = set("*?[")
+        return (
+            not glob & set(self.account),
+            not glob & set(self.gateway),
+            literal(self.account) + literal(self.gateway),
+        )
+
+    def matches(self, account: str, gateway: str) -> bool:
+        return fnmatch.fnmatchcase(account, self.account) and fnmatch.fnmatchcase(gateway, self.gateway)
+
+
+class _Locator:
+    """Best-effort line numbers for keys (tomllib gives none): the line of `key = ...` inside the table
+    `[header]`, else of the header itself."""
+
+    def __init__(self, text: str) -> None:
+        self.lines = text.splitlines()
+
+    @staticmethod
+    def _norm(s: str) -> str:
+        return re.sub(r"\s+", "", s).replace("'", '"')
+
+    def find(self, header: str, key: str | None = None) -> int | None:
+        want = self._norm(f"[{header}]")
+        start = None
+        for i, line in enumerate(self.lines):
+            if self._norm(line.split("#", 1)[0]) == want:
+                start = i
+                break
+        if start is None:
+            return None
+        if key is None:
+            return start + 1
+        for j in range(start + 1, len(self.lines)):
+            stripped = self.lines[j].strip()
+            if stripped.startswith("["):
+                break
+            if re.match(rf"^{re.escape(key)}\s*[=.]", stripped):
+                return j + 1
+        return start + 1
+
+
+def _check_pattern(file: str, line: int | None, pattern: str) -> tuple[str, str]:
+    account, slash, gateway = pattern.partition("/")
+    for side in (account, gateway):
+        if not slash or not side or len(side) > ID_MAX_LENGTH or not _PATTERN_SIDE.match(side):
+            raise ConfigError(
+                file,
+                line,
+                f'gateways."{pattern}"',
+                "entries are named ACCOUNT/GATEWAY, each an id (A-Z a-z 0-9 _ . -, at most "
+                f"{ID_MAX_LENGTH}) or a glob of one ('*', 'team-*'); '*/*' is every gateway",
+            )
+    return account, gateway
+
+
+def _entry(file: str, loc: _Locator, pattern: str, raw: Any, env: dict[str, str]) -> Entry:
+    header = f'gateways."{pattern}"'
+    line = loc.find(header)
+    if not isinstance(raw, dict):
+        raise ConfigError(file, line, header, "must be a table of settings")
+    account, gateway = _check_pattern(file, line, pattern)
+    values: dict[str, Any] = {}
+    cache: dict[str, Any] = {}
+    tokens: list[str] = []
+    for key, value in raw.items():
+        where = loc.find(header, key)
+        if key in _NOT_YET:
+            raise ConfigError(file, where, f"{header}.{key}", "is not supported by this version yet")
+        if key == "cache":
+            if not isinstance(value, dict):
+                raise ConfigError(file, where, f"{header}.cache", "must be a table: { enabled, ttl, ... }")
+            for ckey, cvalue in value.items():
+                cwhere = loc.find(f"{header}.cache", ckey) or where
+                spec = _CACHE_KEYS.get(ckey)
+                if spec is None:
+                    raise ConfigError(
+                        file,
+                        cwhere,
+                        f"{header}.cache.{ckey}",
+                        f"unknown key; allowed: {', '.join(_CACHE_KEYS)}",
+                    )
+                cache[_CACHE_FIELD[ckey]] = _checked(file, cwhere, f"{header}.cache.{ckey}", spec, cvalue)
+            continue
+        spec = _GATEWAY_KEYS.get(key)
+        if spec is None:
+            allowed = ", ".join([*_GATEWAY_KEYS, "cache"])
+            raise ConfigError(file, where, f"{header}.{key}", f"unknown key; allowed: {allowed}")
+        checked = _checked(file, where, f"{header}.{key}", spec, value)
+        if key == "tokens":
+            tokens += checked
+        elif key == "tokens_env":
+            for name in checked:
+                token = env.get(name, "")
+                if not token:
+                    raise ConfigError(
+                        file,
+                        where,
+                        f"{header}.tokens_env",
+                        f"environment variable {name} is not set or empty",
+                    )
+                tokens.append(token)
+        else:
+            values[key] = checked
+    if "tokens" in raw or "tokens_env" in raw:
+        values["tokens"] = tuple(tokens)
+    return Entry(pattern, account, gateway, values, cache)
+
+
+def _checked(
+    file: str, line: int | None, key: str, spec: tuple[Callable[[Any], Any], str], value: Any
+) -> Any:
+    check, allowed = spec
+    try:
+        return check(value)
+    except (TypeError, ValueError):
+        shown = "a token" if "token" in key and "env" not in key else repr(value)[:80]
+        raise ConfigError(file, line, key, f"expected {allowed}, got {shown}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """The entries of one file over a base policy (the flags); `resolve` is memoized, bounded."""
+
+    base: GatewayPolicy
+    entries: tuple[Entry, ...] = ()
+    source: str = ""  # the file it came from, "" for flags only
+    _memo: dict[tuple[str, str], GatewayPolicy] = field(default_factory=dict, compare=False, repr=False)
+
+    def resolve(self, account: str, gateway: str) -> GatewayPolicy:
+        memo_key = (account, gateway)
+        policy = self._memo.get(memo_key)
+        if policy is not None:
+            return policy
+        values: dict[str, Any] = {}
+        cache: dict[str, Any] = {}
+        for entry in self.entries:  # sorted least specific first
+            if entry.matches(account, gateway):
+                values.update(entry.values)
+                cache.update(entry.cache)
+        policy = dataclasses.replace(self.base, **values, cache=dataclasses.replace(self.base.cache, **cache))
+        if len(self._memo) >= 4096:  # ids come from clients: never let them grow this without bound
+            self._memo.clear()
+        self._memo[memo_key] = policy
+        return policy
+
+    def with_base(self, base: GatewayPolicy) -> GatewayConfig:
+        return GatewayConfig(base, self.entries, self.source)
+
+
+def parse(text: str, file: str, base: GatewayPolicy, env: dict[str, str] | None = None) -> GatewayConfig:
+    """Validate a configuration file's text; raises ConfigError."""
+    env = dict(os.environ) if env is None else env
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        m = re.search(r"\(at line (\d+)", str(exc))
+        raise ConfigError(file, int(m.group(1)) if m else None, "", f"not valid TOML: {exc}") from None
+    loc = _Locator(text)
+    unknown = set(data) - {"gateways"}
+    if unknown:
+        key = sorted(unknown)[0]
+        line = next(
+            (i + 1 for i, ln in enumerate(loc.lines) if ln.strip().startswith((key, f"[{key}"))), None
+        )
+        raise ConfigError(
+            file, line, key, 'unknown top-level key; the file holds [gateways."ACCOUNT/GATEWAY"]'
+        )
+    gateways = data.get("gateways", {})
+    if not isinstance(gateways, dict):
+        raise ConfigError(file, None, "gateways", 'must be tables: [gateways."ACCOUNT/GATEWAY"]')
+    entries = [_entry(file, loc, pattern, raw, env) for pattern, raw in gateways.items()]
+    entries.sort(key=lambda e: e.specificity)
+    return GatewayConfig(base, tuple(entries), file)
+
+
+def load(path: Path, base: GatewayPolicy) -> GatewayConfig:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(path), None, "", f"cannot read the configuration: {exc}") from None
+    return parse(text, str(path), base)
+
+
+def check_metadata(metadata: dict[str, str], policy: GatewayPolicy) -> None:
+    if len(metadata) > policy.max_metadata_entries:
+        raise RouteError(
+            400,
+            f"invalid cf-aig-metadata header: {len(metadata)} entries, this gateway allows at most "
+            f"{policy.max_metadata_entries}",
+        )
+
+
+class ConfigWatcher:
+    """The configuration in force, reloaded when its file changes (checked every `interval_s`).
+
+    A file that no longer parses, or disappeared, keeps the configuration in force and logs why once per
+    change, so an operator's typo never takes a running gateway down or opens it up.
+    """
+
+    def __init__(self, path: Path | None, base: GatewayPolicy) -> None:
+        self.path = path
+        self._stamp: tuple[int, int, int] | None = None
+        self.current = GatewayConfig(base)
+        self.reloads = 0
+        self.reload_errors = 0
+        if path is not None:
+            self._stamp = self._stat()
+            self.current = load(path, base)  # a bad file at start is the caller's error to raise
+
+    def set_base(self, base: GatewayPolicy) -> None:
+        self.current = self.current.with_base(base)
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        assert self.path is not None
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def check(self) -> bool:
+        """Reload if the file changed; True if a new configuration is now in force. Blocking (a stat,
+        and a read of a small file when it changed): run it off the event loop."""
+        if self.path is None:
+            return False
+        stamp = self._stat()
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        if stamp is None:
+            self.reload_errors += 1
+            log.error("configuration %s is gone; keeping the one in force", self.path)
+            return False
+        try:
+            new = load(self.path, self.current.base)
+        except ConfigError as exc:
+            self.reload_errors += 1
+            log.error("configuration not reloaded, keeping the one in force: %s", exc)
+            return False
+        self.current = new
+        self.reloads += 1
+        log.info("configuration reloaded from %s (%d entries)", self.path, len(new.entries))
+        return True

@@ -1,0 +1,432 @@
+"""The response cache end to end: real gateway processes (`cohere-gateway proxy`), the emulator as
+upstream (its request log says whether upstream was called), a real redis-server, the official `cohere`
+and `openai` SDKs as clients. Every test sends bodies of its own (a uuid in them), so tests never hit
+each other's entries."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import http.client
+import os
+import re
+import subprocess
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import cohere
+import httpx
+import orjson
+import pytest
+from openai import OpenAI
+
+from cohere_gateway.events import Usage
+from tests.fixtures.emulator import EmulatorRequests
+from tests.fixtures.gateway import EventReader, GatewayProcess, start_gateway
+from tests.fixtures.kafka import create_topic
+from tests.fixtures.redis import start_redis
+
+KEY = "cache-key-" + uuid.uuid4().hex
+CONFIG = """
+[gateways."acct/*"]
+cache = { enabled = true, ttl = 3600 }
+
+[gateways."acct/nocache"]
+cache = { enabled = false }
+"""
+
+
+def uid() -> str:
+    return uuid.uuid4().hex
+
+
+class Statuses:
+    """cf-aig-cache-status of every response an SDK's httpx client received, in order."""
+
+    def __init__(self) -> None:
+        self.seen: list[str | None] = []
+
+    def hook(self, response: httpx.Response) -> None:
+        self.seen.append(response.headers.get("cf-aig-cache-status"))
+
+    async def ahook(self, response: httpx.Response) -> None:
+        self.hook(response)
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(event_hooks={"response": [self.hook]}, timeout=30)
+
+    def async_client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(event_hooks={"response": [self.ahook]}, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("cache-config") / "gateways.toml"
+    path.write_text(CONFIG)
+    return path
+
+
+@pytest.fixture(scope="module")
+def gw(emulator_url: str, config_file: Path) -> Iterator[GatewayProcess]:
+    g = start_gateway(emulator_url, "", "unused", transparent=False, config=str(config_file))
+    try:
+        yield g
+    finally:
+        g.stop()
+
+
+def metric(g: GatewayProcess, result: str) -> int:
+    text = g.get("/metrics").decode()
+    m = re.search(rf'cohere_gateway_cache_total{{result="{result}"}} (\d+)', text)
+    return int(m.group(1)) if m else 0
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def post(g: GatewayProcess, path: str, body: dict, key: str = KEY, base: str = "", **headers: str):
+    """(status, headers, body) of a raw POST through the gateway."""
+    req = urllib.request.Request(
+        (base or g.base()) + path,
+        data=orjson.dumps(body),
+        headers={"authorization": f"Bearer {key}", "content-type": "application/json", **headers},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, dict(resp.headers.items()), resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers.items()), exc.read()
+
+
+def chat_body(text: str, **extra: Any) -> dict:
+    return {"model": "command-r", "messages": [{"role": "user", "content": text}], **extra}
+
+
+# --- the official SDKs: identical results on a miss and a hit ----------------------------------------
+
+
+def test_cohere_v2_chat_embed_rerank_and_stream(
+    gw: GatewayProcess, emulator_requests: EmulatorRequests
+) -> None:
+    st = Statuses()
+    co = cohere.ClientV2(api_key=KEY, base_url=gw.base() + "/cohere", httpx_client=st.client())
+    msg = [{"role": "user", "content": "hello " + uid()}]
+    texts = ["a " + uid(), "b"]
+    docs = ["x " + uid(), "y"]
+    calls = [
+        ("/v2/chat", lambda: co.chat(model="command-r", messages=msg).model_dump()),
+        ("/v2/embed", lambda: co.embed(
+            texts=texts, model="embed-v4.0", input_type="search_document", embedding_types=["float"]
+        ).model_dump()),
+        ("/v2/rerank", lambda: co.rerank(model="rerank-v3.5", query="q", documents=docs).model_dump()),
+        ("/v2/chat", lambda: [e.model_dump() for e in co.chat_stream(model="command-r", messages=msg)]),
+    ]  # fmt: skip
+    for path, call in calls:
+        emulator_requests.clear()
+        first, second = call(), call()
+        assert first == second, path
+        assert st.seen[-2:] == ["MISS", "HIT"], path
+        assert len(emulator_requests.for_path(path)) == 1, f"{path}: the hit reached upstream"
+
+
+def test_cohere_v1_chat_and_ndjson_stream(gw: GatewayProcess, emulator_requests: EmulatorRequests) -> None:
+    st = Statuses()
+    co = cohere.Client(api_key=KEY, base_url=gw.base() + "/cohere", httpx_client=st.client())
+    text = "v1 " + uid()
+    first, second = co.chat(message=text, model="command-r"), co.chat(message=text, model="command-r")
+    assert first.model_dump() == second.model_dump() and st.seen == ["MISS", "HIT"]
+    events = [[e.model_dump() for e in co.chat_stream(message=text + "s", model="command-r")] for _ in "ab"]
+    assert events[0] == events[1] and events[0][-1]["event_type"] == "stream-end"
+    assert st.seen == ["MISS", "HIT", "MISS", "HIT"]
+    assert len(emulator_requests.for_path("/v1/chat")) == 2
+    # the same body asking for SSE (Cohere's `Accepts` header) is another answer, not the NDJSON one
+    body = {"message": text + "s", "model": "command-r", "stream": True}
+    sse = [post(gw, "/cohere/v1/chat", body, Accepts="text/event-stream") for _ in "ab"]
+    assert [r[1]["cf-aig-cache-status"] for r in sse] == ["MISS", "HIT"]
+    assert all(r[1]["Content-Type"].startswith("text/event-stream") and b"data: " in r[2] for r in sse)
+
+
+def test_cohere_async_client(gw: GatewayProcess, emulator_requests: EmulatorRequests) -> None:
+    st = Statuses()
+
+    async def run() -> tuple[list[Any], list[Any]]:
+        co = cohere.AsyncClientV2(api_key=KEY, base_url=gw.base() + "/cohere", httpx_client=st.async_client())
+        msg = [{"role": "user", "content": "async " + uid()}]
+        plain = [(await co.chat(model="command-r", messages=msg)).model_dump() for _ in "ab"]
+        streamed = [
+            [e.model_dump() async for e in co.chat_stream(model="command-r", messages=msg)] for _ in "ab"
+        ]
+        return plain, streamed
+
+    plain, streamed = asyncio.run(run())
+    assert plain[0] == plain[1] and streamed[0] == streamed[1]
+    assert st.seen == ["MISS", "HIT", "MISS", "HIT"]
+    assert len(emulator_requests.for_path("/v2/chat")) == 2
+
+
+def test_openai_sdk_on_the_compat_route(gw: GatewayProcess, emulator_requests: EmulatorRequests) -> None:
+    st = Statuses()
+    client = OpenAI(api_key=KEY, base_url=gw.base() + "/compat", http_client=st.client())
+    msgs = [{"role": "user", "content": "compat " + uid()}]
+    plain = [
+        client.chat.completions.create(model="cohere/command-r", messages=msgs).model_dump() for _ in "ab"
+    ]
+    streamed = [
+        [
+            c.model_dump()
+            for c in client.chat.completions.create(
+                model="cohere/command-r", messages=msgs, stream=True, stream_options={"include_usage": True}
+            )
+        ]
+        for _ in "ab"
+    ]
+    assert plain[0] == plain[1] and streamed[0] == streamed[1]
+    assert streamed[0][-1]["usage"] is not None  # the replayed stream parsed through its usage chunk
+    assert st.seen == ["MISS", "HIT"] * 2
+    assert len(emulator_requests.all()) == 2
+
+
+# --- policy ------------------------------------------------------------------------------------------
+
+
+def test_skip_custom_key_ttl_header_and_tenants(
+    gw: GatewayProcess, emulator_requests: EmulatorRequests
+) -> None:
+    body = chat_body("policy " + uid())
+    assert post(gw, "/cohere/v2/chat", body)[1]["cf-aig-cache-status"] == "MISS"
+    assert post(gw, "/cohere/v2/chat", body)[1]["cf-aig-cache-status"] == "HIT"
+    skipped = post(gw, "/cohere/v2/chat", body, **{"cf-aig-skip-cache": "true"})
+    assert skipped[1]["cf-aig-cache-status"] == "BYPASS"
+    # another tenant (API key), same body: its own miss, never the first tenant's answer
+    other = post(gw, "/cohere/v2/chat", body, key="other-" + KEY)
+    assert other[1]["cf-aig-cache-status"] == "MISS"
+    assert len(emulator_requests.all()) == 3
+    # a custom key names the entry whatever the body, within the tenant
+    ck = {"cf-aig-cache-key": "answer-" + uid()}
+    a = post(gw, "/cohere/v2/chat", chat_body("one " + uid()), **ck)
+    b = post(gw, "/cohere/v2/chat", chat_body("two " + uid()), **ck)
+    c = post(gw, "/cohere/v2/chat", chat_body("two"), key="other-" + KEY, **ck)
+    assert (a[1]["cf-aig-cache-status"], b[1]["cf-aig-cache-status"], c[1]["cf-aig-cache-status"]) == (
+        "MISS", "HIT", "MISS"
+    )  # fmt: skip
+    assert a[2] == b[2] != c[2]
+    # bad header values are the client's mistake: 400 naming the header, upstream not called
+    emulator_requests.clear()
+    bad = post(gw, "/cohere/v2/chat", body, **{"cf-aig-cache-ttl": "59"})
+    assert bad[0] == 400 and b"cf-aig-cache-ttl" in bad[2] and emulator_requests.all() == []
+
+
+def test_a_gateway_without_caching_caches_only_what_asks(
+    gw: GatewayProcess, emulator_requests: EmulatorRequests
+) -> None:
+    base = gw.base("acct", "nocache")
+    body = chat_body("nocache " + uid())
+    for _ in "ab":
+        status, headers, _ = post(gw, "/cohere/v2/chat", body, base=base)
+        assert status == 200 and "cf-aig-cache-status" not in headers
+    assert len(emulator_requests.all()) == 2
+    ttl = {"cf-aig-cache-ttl": "120"}
+    statuses = [post(gw, "/cohere/v2/chat", body, base=base, **ttl)[1]["cf-aig-cache-status"] for _ in "ab"]
+    assert statuses == ["MISS", "HIT"]
+
+
+def test_errors_and_cut_streams_are_never_stored(
+    gw: GatewayProcess, emulator_requests: EmulatorRequests
+) -> None:
+    body = chat_body("error " + uid())
+    failed = post(gw, "/cohere/v2/chat", body, **{"x-emulator-fault": "status=500"})
+    assert failed[0] == 500 and failed[1]["cf-aig-cache-status"] == "MISS"
+    assert post(gw, "/cohere/v2/chat", body)[1]["cf-aig-cache-status"] == "MISS"  # the 500 was not kept
+    stream = chat_body("cut " + uid(), stream=True)
+    with pytest.raises((http.client.HTTPException, OSError)):
+        status, _, data = post(gw, "/cohere/v2/chat", stream, **{"x-emulator-fault": "drop-mid-stream"})
+        raise AssertionError(f"stream was not cut: {status} {data[-200:]!r}")
+    again = post(gw, "/cohere/v2/chat", stream)
+    assert again[1]["cf-aig-cache-status"] == "MISS" and b"message-end" in again[2]
+    assert post(gw, "/cohere/v2/chat", stream)[1]["cf-aig-cache-status"] == "HIT"
+    assert len(emulator_requests.all()) == 4
+
+
+def test_concurrent_identical_requests_make_one_upstream_call(
+    gw: GatewayProcess, emulator_requests: EmulatorRequests
+) -> None:
+    body = chat_body("herd " + uid())
+    slow = {"x-emulator-fault": "delay-ms=400"}  # the leader is still upstream when the others arrive
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: post(gw, "/cohere/v2/chat", body, **slow), range(8)))
+    assert {r[0] for r in results} == {200} and len({r[2] for r in results}) == 1
+    assert sorted(r[1]["cf-aig-cache-status"] for r in results) == ["HIT"] * 7 + ["MISS"]
+    assert len(emulator_requests.all()) == 1
+
+
+# --- where it lives ----------------------------------------------------------------------------------
+
+
+def test_workers_share_the_disk_cache(emulator_url: str, emulator_requests: EmulatorRequests) -> None:
+    g = start_gateway(emulator_url, "", "unused", transparent=False, workers=2, cache_ttl=600)
+    try:
+        body = chat_body("workers " + uid())
+        assert post(g, "/cohere/v2/chat", body)[1]["cf-aig-cache-status"] == "MISS"
+        wait_for(lambda: metric(g, "stored") >= 1, "the entry to be stored")
+
+        def hits_per_worker() -> list[int]:  # each worker's own counters, shared once a second
+            files = (g.data_dir / "worker-metrics").glob("*.json")
+            return [orjson.loads(f.read_bytes()).get("cache", {}).get("hit", 0) for f in files]
+
+        deadline = time.monotonic() + 30
+        while not (len(hits_per_worker()) == 2 and min(hits_per_worker()) >= 1):
+            assert time.monotonic() < deadline, f"hits per worker: {hits_per_worker()}"
+            # a fresh connection each time: the kernel spreads them over both workers
+            assert post(g, "/cohere/v2/chat", body)[1]["cf-aig-cache-status"] == "HIT"
+            time.sleep(0.05)
+        assert len(emulator_requests.all()) == 1
+    finally:
+        g.stop()
+
+
+def test_two_gateways_share_a_redis_cache(emulator_url: str, emulator_requests: EmulatorRequests) -> None:
+    with start_redis() as redis:
+        one = start_gateway(emulator_url, "", "unused", transparent=False, cache_ttl=600, cache_url=redis.url)
+        two = start_gateway(emulator_url, "", "unused", transparent=False, cache_ttl=600, cache_url=redis.url)
+        try:
+            body = chat_body("redis " + uid())
+            first = post(one, "/cohere/v2/chat", body)
+            wait_for(lambda: metric(one, "stored") >= 1, "the entry to be stored")
+            second = post(two, "/cohere/v2/chat", body)
+            assert (first[1]["cf-aig-cache-status"], second[1]["cf-aig-cache-status"]) == ("MISS", "HIT")
+            assert first[2] == second[2] and len(emulator_requests.all()) == 1
+            # Redis stops: every request is served from upstream, nothing fails, the errors are counted
+            redis.stop()
+            emulator_requests.clear()
+            for _ in "ab":
+                status, headers, _ = post(two, "/cohere/v2/chat", body)
+                assert status == 200 and headers["cf-aig-cache-status"] == "MISS"
+            assert len(emulator_requests.all()) == 2
+            assert metric(two, "store_errors") >= 2
+            assert "cache store read failed" in two.log_text()
+        finally:
+            one.stop()
+            two.stop()
+
+
+def test_a_full_disk_serves_from_upstream(
+    emulator_url: str, emulator_requests: EmulatorRequests, tmp_path: Path
+) -> None:
+    data = tmp_path / "gw"
+    (data / "cache").mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(data / "cache")])
+    if mounted.returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs as the cache directory (a real full disk)")
+    try:
+        g = start_gateway(emulator_url, "", "unused", transparent=False, data_dir=data, cache_ttl=600)
+        try:
+            texts = [f"text {i} " + uid() for i in range(96)]  # a response larger than the free space
+            body = {
+                "model": "embed-v4.0",
+                "texts": texts,
+                "input_type": "classification",
+                "embedding_types": ["float"],
+            }
+            for _ in "ab":
+                status, headers, _ = post(g, "/cohere/v2/embed", body)
+                assert status == 200 and headers["cf-aig-cache-status"] == "MISS"
+                wait_for(lambda: metric(g, "store_errors") >= 1, "the failed store to be counted")
+            assert len(emulator_requests.all()) == 2
+        finally:
+            g.stop()
+    finally:
+        subprocess.run(["umount", str(data / "cache")], check=False)
+
+
+# --- configuration reload and events -----------------------------------------------------------------
+
+
+def test_hot_reload_changes_policy_without_a_restart(
+    emulator_url: str, emulator_requests: EmulatorRequests, tmp_path: Path
+) -> None:
+    path = tmp_path / "gateways.toml"
+    path.write_text('[gateways."*/*"]\ncache = { enabled = false }\n')
+    g = start_gateway(emulator_url, "", "unused", transparent=False, config=str(path))
+    try:
+        body = chat_body("reload " + uid())
+        assert "cf-aig-cache-status" not in post(g, "/cohere/v2/chat", body)[1]
+        path.write_text('[gateways."*/*"]\ncache = { enabled = true, ttl = 600 }\n')
+        wait_for(lambda: "cf-aig-cache-status" in post(g, "/cohere/v2/chat", body)[1], "the reload")
+        assert post(g, "/cohere/v2/chat", body)[1]["cf-aig-cache-status"] == "HIT"
+        # a broken file is refused, logged, and the policy in force stays
+        path.write_text('[gateways."*/*"]\ncache = { enabled = "maybe" }\n')
+        wait_for(lambda: "configuration not reloaded" in g.log_text(), "the refusal in the log")
+        assert "gateways.toml:2: " in g.log_text()
+        assert post(g, "/cohere/v2/chat", body)[1]["cf-aig-cache-status"] == "HIT"
+        assert g.proc.poll() is None
+    finally:
+        g.stop()
+
+
+def test_hit_events_cost_nothing_and_keep_what_they_saved(
+    emulator_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    topic = create_topic(kafka_bootstrap, "cache-" + uid()[:12])
+    path = tmp_path / "gateways.toml"
+    path.write_text('[gateways."acct/strict"]\nallow_log_opt_out = false\nmax_metadata_entries = 1\n')
+    g = start_gateway(
+        emulator_url, kafka_bootstrap, topic, transparent=False, cache_ttl=600, config=str(path)
+    )
+    events = EventReader(kafka_bootstrap, topic)
+    try:
+        body = chat_body("events " + uid())
+        miss = post(g, "/cohere/v2/chat", body)
+        hit = post(g, "/cohere/v2/chat", body)
+        m = events.wait_for(miss[1]["cf-aig-log-id"])
+        h = events.wait_for(hit[1]["cf-aig-log-id"])
+        assert (m.cache_status, m.cost_source, m.saved_cost_usd) == ("MISS", "pricing", None)
+        assert m.cost_usd and m.cost_usd > 0
+        assert (h.cache_status, h.cost_usd, h.cost_source) == ("HIT", 0.0, "cache")
+        assert h.saved_cost_usd == m.cost_usd and h.outcome == "ok"
+        assert (h.saved_input_tokens, h.saved_output_tokens) == (m.usage.input_tokens, m.usage.output_tokens)
+        assert m.usage.input_tokens and h.usage == Usage()  # nothing billed: sums of usage stay exact
+        assert h.latency.upstream_ttfb_ms is None
+        # the operator's override of cf-aig-collect-log: false, and the gateway's metadata limit
+        strict = g.base("acct", "strict")
+        kept = post(
+            g, "/cohere/v2/chat", chat_body("x " + uid()), base=strict, **{"cf-aig-collect-log": "false"}
+        )
+        assert events.wait_for(kept[1]["cf-aig-log-id"]).gateway_id == "strict"
+        meta = {"cf-aig-metadata": '{"a": 1, "b": 2}'}
+        assert post(g, "/cohere/v2/chat", chat_body("y"), base=strict, **meta)[0] == 400
+        assert post(g, "/cohere/v2/chat", chat_body("y"), **meta)[0] == 200
+    finally:
+        events.close()
+        g.stop()
+
+
+def test_gateway_tokens_from_the_configuration(
+    emulator_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "gateways.toml"
+    path.write_text('[gateways."acct/locked"]\ntokens_env = ["CACHE_TEST_GW_TOKEN"]\n')
+    monkeypatch.setenv("CACHE_TEST_GW_TOKEN", "locked-token-" + uid())
+    os.environ["CACHE_TEST_GW_TOKEN"] = os.environ["CACHE_TEST_GW_TOKEN"]
+    g = start_gateway(emulator_url, "", "unused", transparent=False, config=str(path))
+    try:
+        locked = g.base("acct", "locked")
+        token = os.environ["CACHE_TEST_GW_TOKEN"]
+        assert post(g, "/cohere/v2/chat", chat_body("t"), base=locked)[0] == 401
+        ok = post(
+            g, "/cohere/v2/chat", chat_body("t"), base=locked, **{"cf-aig-authorization": f"Bearer {token}"}
+        )
+        assert ok[0] == 200
+        assert post(g, "/cohere/v2/chat", chat_body("t"))[0] == 200  # other gateways stay open
+        assert token not in g.log_text()
+    finally:
+        g.stop()

@@ -1,0 +1,59 @@
+"""The mitmproxy internals the gateway relies on (addons/mitmproxy_seam.py) are where it expects them.
+
+A mitmproxy release that moves one fails here by name, before the gateway would silently send HTML error
+pages or let `--workers N` fail to share a port."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from addons import mitmproxy_seam
+
+
+def test_the_installed_mitmproxy_has_both_internals() -> None:
+    mitmproxy_seam.check()
+
+
+def test_a_moved_internal_is_refused_with_the_tested_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mitmproxy.proxy.layers.http import _http1
+
+    monkeypatch.delattr(_http1, "make_error_response")
+    with pytest.raises(mitmproxy_seam.SeamMoved, match="make_error_response"):
+        mitmproxy_seam.check()
+
+
+def test_another_major_version_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mitmproxy_seam, "_version", lambda: "13.0.0")
+    with pytest.raises(mitmproxy_seam.SeamMoved, match=r"tested with mitmproxy 12\.x, found 13\.0\.0"):
+        mitmproxy_seam.check()
+
+
+def test_error_pages_come_from_the_installed_function(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mitmproxy.proxy.layers.http import _http1
+
+    monkeypatch.setattr(_http1, "make_error_response", _http1.make_error_response)
+    mitmproxy_seam.install_error_pages(lambda status, message: f"{status}:{message}".encode())
+    assert _http1.make_error_response(502, "down") == b"502:down"
+
+
+def test_reuse_port_lets_two_listeners_share_a_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mitmproxy.proxy import mode_servers
+
+    monkeypatch.setattr(mode_servers.asyncio, "start_server", asyncio.start_server)
+    mitmproxy_seam.reuse_port()
+
+    async def two_listeners() -> None:
+        async def ignore(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.close()
+
+        first = await mode_servers.asyncio.start_server(ignore, "127.0.0.1", 0)
+        port = first.sockets[0].getsockname()[1]
+        second = await mode_servers.asyncio.start_server(ignore, "127.0.0.1", port)
+        assert second.sockets[0].getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)
+        first.close()
+        second.close()
+
+    asyncio.run(two_listeners())
