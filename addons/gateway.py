@@ -62,7 +62,7 @@ from addons.routing import (
     route_transparent,
 )
 from addons.sidecar import SidecarPublisher
-from addons.streaming import StreamWatcher, is_stream_response
+from addons.streaming import StreamWatcher, UsageStripper, is_stream_response, want_stream_usage
 from addons.usage import Extracted, extract_body, request_fields
 from cohere_gateway import settings
 from cohere_gateway.events import new_event_id, truncate
@@ -526,6 +526,11 @@ class Gateway:
                 x.model = name
                 body["model"] = name
                 flow.request.content = orjson.dumps(body)
+        if body is not None and want_stream_usage(x.route.api_version, x.route.endpoint, x.stream, body):
+            # Without usage a compat stream cannot be priced: ask for it, and strip it from the answer.
+            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+            flow.request.content = orjson.dumps(body)
+            x.strip_usage = True
         if x.stream:
             # the stream is read as it passes; a compressed one could not be
             flow.request.headers["accept-encoding"] = "identity"
@@ -599,17 +604,27 @@ class Gateway:
         if keep:
             x.response_payload = []
 
-        def tap(chunk: bytes) -> bytes:
+        stripper = UsageStripper() if x.strip_usage and fmt == "sse" else None
+
+        def tap(chunk: bytes) -> bytes | list[bytes]:
             # The client's stream must not break on a bug in watching it: what was seen stays counted.
             try:
                 watch(chunk)
+                if stripper is None:
+                    return chunk
+                if not chunk:
+                    return stripper.flush()
+                # a list, because an empty bytes chunk would end the client's response
+                out = stripper.feed(chunk)
+                return [out] if out else []
             except Exception as exc:
                 resp.stream = True
                 self.metrics.hook_errors["stream"] += 1
                 log.error(
                     "internal error watching a stream (%s); passing it on unwatched", type(exc).__name__
                 )
-            return chunk
+                # what the stripper held back goes on first, so the stream stays whole
+                return (stripper.flush() if stripper is not None else b"") + chunk
 
         def watch(chunk: bytes) -> None:
             if chunk:
@@ -686,6 +701,8 @@ class Gateway:
         assert resp is not None and x.watcher is not None
         outcome, error_type = classify_status(resp.status_code)
         x.watcher.finish()
+        if outcome == "ok" and x.watcher.stream_error:
+            outcome, error_type = "upstream_error", "stream_error"
         payload: str | None = None
         if x.response_payload is not None:
             payload = truncate(
