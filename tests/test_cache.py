@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import http.client
-import os
 import re
 import subprocess
 import time
@@ -378,7 +377,8 @@ def test_hit_events_cost_nothing_and_keep_what_they_saved(
 ) -> None:
     topic = create_topic(kafka_bootstrap, "cache-" + uid()[:12])
     path = tmp_path / "gateways.toml"
-    path.write_text('[gateways."acct/strict"]\nallow_log_opt_out = false\nmax_metadata_entries = 1\n')
+    strict_entry = "allow_log_opt_out = false\nmax_metadata_entries = 1\nlog_payloads = true\n"
+    path.write_text('[gateways."acct/strict"]\n' + strict_entry)
     g = start_gateway(
         emulator_url, kafka_bootstrap, topic, transparent=False, cache_ttl=600, config=str(path)
     )
@@ -401,7 +401,9 @@ def test_hit_events_cost_nothing_and_keep_what_they_saved(
         kept = post(
             g, "/cohere/v2/chat", chat_body("x " + uid()), base=strict, **{"cf-aig-collect-log": "false"}
         )
-        assert events.wait_for(kept[1]["cf-aig-log-id"]).gateway_id == "strict"
+        strict_event = events.wait_for(kept[1]["cf-aig-log-id"])
+        assert strict_event.gateway_id == "strict" and strict_event.request_body  # this gateway logs bodies
+        assert m.request_body is None  # the others follow --no-log-payloads
         meta = {"cf-aig-metadata": '{"a": 1, "b": 2}'}
         assert post(g, "/cohere/v2/chat", chat_body("y"), base=strict, **meta)[0] == 400
         assert post(g, "/cohere/v2/chat", chat_body("y"), **meta)[0] == 200
@@ -414,18 +416,19 @@ def test_gateway_tokens_from_the_configuration(
     emulator_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "gateways.toml"
-    path.write_text('[gateways."acct/locked"]\ntokens_env = ["CACHE_TEST_GW_TOKEN"]\n')
-    monkeypatch.setenv("CACHE_TEST_GW_TOKEN", "locked-token-" + uid())
-    os.environ["CACHE_TEST_GW_TOKEN"] = os.environ["CACHE_TEST_GW_TOKEN"]
+    entry = 'tokens_env = ["CACHE_TEST_GW_TOKEN"]\ncache = { enabled = true }\n'
+    path.write_text('[gateways."acct/locked"]\n' + entry)
+    token = "locked-token-" + uid()
+    monkeypatch.setenv("CACHE_TEST_GW_TOKEN", token)  # start_gateway passes the environment on
     g = start_gateway(emulator_url, "", "unused", transparent=False, config=str(path))
     try:
         locked = g.base("acct", "locked")
-        token = os.environ["CACHE_TEST_GW_TOKEN"]
-        assert post(g, "/cohere/v2/chat", chat_body("t"), base=locked)[0] == 401
-        ok = post(
-            g, "/cohere/v2/chat", chat_body("t"), base=locked, **{"cf-aig-authorization": f"Bearer {token}"}
-        )
-        assert ok[0] == 200
+        body = chat_body("locked " + uid())
+        assert post(g, "/cohere/v2/chat", body, base=locked)[0] == 401
+        auth = {"cf-aig-authorization": f"Bearer {token}"}
+        answers = [post(g, "/cohere/v2/chat", body, base=locked, **auth) for _ in "ab"]
+        assert [a[1]["cf-aig-cache-status"] for a in answers] == ["MISS", "HIT"]
+        assert post(g, "/cohere/v2/chat", body, base=locked)[0] == 401  # a hit needs the token too
         assert post(g, "/cohere/v2/chat", chat_body("t"))[0] == 200  # other gateways stay open
         assert token not in g.log_text()
     finally:
