@@ -359,8 +359,17 @@ def test_hot_reload_changes_policy_without_a_restart(
     try:
         body = chat_body("reload " + uid())
         assert "cf-aig-cache-status" not in post(g, "/cohere/v2/chat", body)[1]
-        path.write_text('[gateways."*/*"]\ncache = { enabled = true, ttl = 600 }\n')
-        wait_for(lambda: "cf-aig-cache-status" in post(g, "/cohere/v2/chat", body)[1], "the reload")
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            # a request in flight across the reload finishes, under the policy it started with
+            slow = pool.submit(
+                post, g, "/cohere/v2/chat", chat_body("slow"), **{"x-emulator-fault": "delay-ms=4000"}
+            )
+            wait_for(lambda: len(emulator_requests.all()) == 2, "the slow request to reach upstream")
+            path.write_text('[gateways."*/*"]\ncache = { enabled = true, ttl = 600 }\n')
+            wait_for(lambda: "cf-aig-cache-status" in post(g, "/cohere/v2/chat", body)[1], "the reload")
+            assert not slow.done(), "the slow request ended before the reload: the test proves nothing"
+            status, headers, _ = slow.result(timeout=30)
+            assert status == 200 and "cf-aig-cache-status" not in headers
         assert post(g, "/cohere/v2/chat", body)[1]["cf-aig-cache-status"] == "HIT"
         # a broken file is refused, logged, and the policy in force stays
         path.write_text('[gateways."*/*"]\ncache = { enabled = "maybe" }\n')
