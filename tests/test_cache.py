@@ -18,11 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import cohere
+import diskcache
 import httpx
 import orjson
 import pytest
 from openai import OpenAI
 
+from addons.cache import EXPIRED_GRACE_S, Entry
 from cohere_gateway.events import Usage
 from tests.fixtures.emulator import EmulatorRequests
 from tests.fixtures.gateway import EventReader, GatewayProcess, start_gateway
@@ -442,3 +444,28 @@ def test_gateway_tokens_from_the_configuration(
         assert token not in g.log_text()
     finally:
         g.stop()
+
+
+def test_the_requests_ttl_is_the_stored_entrys(gw: GatewayProcess) -> None:
+    """TTL expiry itself is tested with a clock over the real stores (test_cache_units.py) rather than
+    by waiting out Cloudflare's one-minute minimum; this proves a request's TTL reaches the store."""
+    _, headers, answer = post(gw, "/cohere/v2/chat", chat_body("ttl " + uid()), **{"cf-aig-cache-ttl": "120"})
+    assert headers["cf-aig-cache-status"] == "MISS"
+    wait_for(lambda: metric(gw, "stored") >= 1, "the entry to be stored")
+    store = diskcache.Cache(str(gw.data_dir / "cache"))  # diskcache is safe to open beside the gateway
+    try:
+
+        def entry_of_answer() -> tuple[Entry, float] | None:
+            for key in store.iterkeys():
+                raw, expire_time = store.get(key, expire_time=True)
+                entry = Entry.decode(raw) if isinstance(raw, bytes) else None
+                if entry is not None and entry.body == answer:
+                    return entry, expire_time
+            return None
+
+        wait_for(lambda: entry_of_answer() is not None, "the answer in the store")
+        entry, expire_time = entry_of_answer()  # type: ignore[misc]
+        assert entry.expires_at - entry.stored_at == 120
+        assert abs(expire_time - (entry.expires_at + EXPIRED_GRACE_S)) < 5  # the store drops it after that
+    finally:
+        store.close()
