@@ -18,7 +18,6 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Awaitable
 from pathlib import Path
 
 if __package__ in (None, ""):  # loaded by path (`mitmdump -s addons/gateway.py`) from a source checkout
@@ -348,10 +347,11 @@ class Gateway:
         req.path = up.prefix + route.path + route.query
         req.host_header = up.host_header
 
-    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+    # async (mitmproxy awaits async hooks) only for the cache's lookup; everything else here is sync
+    async def request(self, flow: http.HTTPFlow) -> None:
         x: Exchange | None = flow.metadata.get(STATE)
         if x is None or flow.response is not None:
-            return None
+            return
         opts = ctx.options
         raw = flow.request.raw_content or b""
         x.request_bytes = len(raw)
@@ -363,7 +363,7 @@ class Gateway:
                 ),
                 x,
             )
-            return None
+            return
         body, x.model, x.stream = request_fields(flow.request.content if raw else None)
         if x.route.mode == "compat" and body is not None and x.model:
             provider, slash, name = x.model.partition("/")
@@ -373,7 +373,7 @@ class Gateway:
                     RouteError(400, f"model {x.model[:80]!r}: this gateway serves cohere/<model> only"),
                     x,
                 )
-                return None
+                return
             if slash:
                 x.model = name
                 body["model"] = name
@@ -384,11 +384,11 @@ class Gateway:
         if x.policy.log_payloads and x.options.collect_payload:
             x.request_body = truncate(flow.request.get_text(strict=False), x.policy.payload_max_bytes)
         if x.cache is not None and x.cache.status is None and self.cache.store is not None:
-            return self._cache_lookup(flow, x, flow.request.content if raw else b"")
+            await self._cache_lookup(flow, x, flow.request.content if raw else b"")
+            return
         if x.cache is not None and x.cache.status is None:  # no store configured (cache_url=none)
             x.cache = None
         self._forward(x)
-        return None
 
     def _forward(self, x: Exchange) -> None:
         self.metrics.requests[x.route.mode] += 1
