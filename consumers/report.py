@@ -89,6 +89,10 @@ def render(data: dict[str, Any]) -> None:
     console.print(table if rows else f"{title}: no requests in this window.")
     if data.get("cache"):
         console.print(cache_line(data["cache"]))
+        for group in data.get("cache_groups", []):
+            console.print(
+                f"  {data['by']} {group['key'] or '(none)'}: " + cache_line(group).removeprefix("cache: ")
+            )
 
 
 def cache_line(c: dict[str, Any]) -> str:
