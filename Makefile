@@ -11,7 +11,7 @@ UNIT_TESTS := tests/test_routing.py tests/test_usage.py tests/test_events.py tes
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test unit-alt up demo lint kafka-jars system-deps clean
+.PHONY: install test unit-alt up demo lint kafka-jars system-deps test-deps clean
 
 # The venv is rebuilt only when the dependency list changes.
 $(STAMP): pyproject.toml
@@ -30,7 +30,10 @@ kafka-jars: $(STAMP)
 system-deps:
 	@infra/system-deps
 
-test: system-deps install kafka-jars
+test-deps:
+	@infra/system-deps test
+
+test: test-deps install kafka-jars
 	$(BIN)/pytest
 	@$(MAKE) --no-print-directory unit-alt
 
@@ -43,10 +46,10 @@ unit-alt:
 
 # The main job: the whole pipeline on this machine. `make demo` also runs the Cohere emulator as upstream
 # and drives SDK traffic through the gateway, so the dashboard fills without a Cohere key.
-up: install
+up: system-deps install
 	$(BIN)/cohere-gateway up $(ARGS)
 
-demo: install
+demo: system-deps install
 	$(BIN)/cohere-gateway up --demo $(ARGS)
 
 lint: install

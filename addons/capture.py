@@ -1,15 +1,24 @@
-"""One exchange's state while it is in flight, and the event built from it when it ends."""
+"""One exchange's state while it is in flight, and the event built from it when it ends.
+
+Every string an event takes from a request (model, user agent, path, metadata, ids) is bounded and
+sanitised here, where the event is built: no client byte can make it fail to encode, and no client
+can make it larger than delivery accepts (`MAX_EVENT_BYTES`, below the Kafka producer's and broker's
+limits).
+"""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from cohere_gateway.events import (
     MAX_ERROR_MESSAGE,
+    MAX_EVENT_BYTES,
     SCHEMA_VERSION,
     Event,
     Latency,
     Usage,
+    encode,
     truncate,
     utc_from_timestamp,
 )
@@ -21,6 +30,48 @@ from .pricing import PricingTable, compute_cost
 from .routing import Route
 from .streaming import StreamWatcher
 from .usage import Extracted
+
+MAX_MODEL = 256
+MAX_USER_AGENT = 256
+MAX_PATH = 1024
+MAX_FIELD = 256  # ids and short fields from upstream responses
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e\xa0-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+# What credentials look like inside logged bodies: an Authorization-style "Bearer/Token <value>", a JSON
+# field named like a credential, and Cohere API keys (40 letters and digits).
+_SECRET_PATTERNS = (
+    (re.compile(r"(?i)\b(bearer|token|basic)(\s+)[A-Za-z0-9._~+/=-]{8,}"), r"\1\2[REDACTED]"),
+    (
+        re.compile(
+            r'(?i)("(?:api[_-]?key|authorization|token|secret|password|cf-aig-authorization)"\s*:\s*")[^"]*"'
+        ),
+        r'\1[REDACTED]"',
+    ),
+    (re.compile(r"(?<![A-Za-z0-9])[A-Za-z0-9]{40}(?![A-Za-z0-9])"), "[REDACTED]"),
+)
+REDACTED = "[REDACTED]"
+
+
+def redact(text: str | None, secrets: tuple[str, ...] = ()) -> str | None:
+    """`text` with this exchange's own credentials and anything shaped like one replaced."""
+    if not text:
+        return text
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, REDACTED)
+    for pattern, replacement in _SECRET_PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def clean(text: str | None, limit: int) -> str | None:
+    """`text` with control characters and lone surrogates replaced by U+FFFD, at most `limit` characters."""
+    if text is None:
+        return None
+    if not text.isascii() or not text.isprintable():
+        text = _UNPRINTABLE.sub("\ufffd", text)
+    return truncate(text, limit)
 
 
 @dataclass(slots=True)
@@ -43,6 +94,9 @@ class Exchange:
     response_payload: list[bytes] | None = None  # streamed bodies kept for payload logging
     payload_kept: int = 0
     finished: bool = False  # the event is built exactly once, whichever hook ends the exchange
+    recorded: bool = True  # False: refused before authentication, no event at all
+    failed_hook: str | None = None  # a response hook raised: the response is replaced by a 500
+    secrets: tuple[str, ...] = ()  # this request's credentials, redacted from logged bodies
     headers_sent_at: float | None = field(default=None)
     policy: GatewayPolicy = field(default_factory=GatewayPolicy)  # this gateway's configuration
     cache: CacheState | None = None  # None: the cache does not apply to this request
@@ -81,8 +135,25 @@ def build_event(
     response_body: str | None = None,
     error_message: str | None = None,
 ) -> Event:
-    model = x.model or extracted.model
-    cost, cost_source = compute_cost(pricing, x.route.endpoint, model, extracted.usage, x.options.custom_cost)
+    model = clean(x.model or extracted.model, MAX_MODEL)
+    implied = (
+        model is None and (model := pricing.implied_model(x.route.api_version, x.route.endpoint)) is not None
+    )
+    # Cohere bills no request it answered with an error status, nor one it never received.
+    billed = status < 400 and not (
+        status == 0 and (x.forwarded_at is None or error_type == "connection_failed")
+    )
+    # A client's own cost applies to what it was served (2xx); an error costs what pricing says.
+    custom = x.options.custom_cost if 200 <= status < 300 and outcome == "ok" else None
+    cost, cost_source = compute_cost(
+        pricing,
+        x.route.endpoint,
+        model,
+        extracted.usage,
+        custom,
+        at=utc_from_timestamp(x.start),
+        billed=billed,
+    )
     keep_payload = x.options.collect_payload
     cache_status = x.cache.status if x.cache is not None else None
     usage, saved = extracted.usage, Usage()
@@ -100,34 +171,52 @@ def build_event(
         route_mode=x.route.mode,  # type: ignore[arg-type]
         api_version=x.route.api_version,
         endpoint=x.route.endpoint,
-        method=x.method,
-        path=x.route.path,
+        method=clean(x.method, 16) or "",
+        path=clean(x.route.path, MAX_PATH) or "",
         model=model,
+        model_implied=implied,
         stream=x.stream,
         status_code=status,
         outcome=outcome,  # type: ignore[arg-type]
         error_type=error_type,
-        error_message=truncate(error_message or extracted.error_message, MAX_ERROR_MESSAGE)
+        error_message=clean(error_message or extracted.error_message, MAX_ERROR_MESSAGE)
         if outcome != "ok"
         else None,
         usage=usage,
-        finish_reason=extracted.finish_reason,
+        finish_reason=clean(extracted.finish_reason, MAX_FIELD),
         latency=latency(x, end, response_start, response_end),
         request_bytes=x.request_bytes,
         response_bytes=response_bytes,
-        user_agent=truncate(x.user_agent, 256),
+        user_agent=clean(x.user_agent, MAX_USER_AGENT),
         api_key_fingerprint=x.key_fingerprint,
-        response_id=extracted.response_id,
-        generation_id=extracted.generation_id,
+        response_id=clean(extracted.response_id, MAX_FIELD),
+        generation_id=clean(extracted.generation_id, MAX_FIELD),
         client_event_id=x.options.client_event_id,
-        metadata=x.options.metadata,
+        metadata={
+            clean(k, MAX_FIELD) or "": clean(v, MAX_FIELD) or "" for k, v in x.options.metadata.items()
+        },
         cost_usd=cost,
         cost_source=cost_source,  # type: ignore[arg-type]
+        request_body=_payload(x.request_body, x.secrets) if keep_payload else None,
+        response_body=_payload(response_body, x.secrets) if keep_payload else None,
         cache_status=cache_status,  # type: ignore[arg-type]
         saved_input_tokens=saved.input_tokens,
         saved_output_tokens=saved.output_tokens,
         saved_search_units=saved.search_units,
         saved_cost_usd=saved_cost,
-        request_body=x.request_body if keep_payload else None,
-        response_body=response_body if keep_payload else None,
     )
+
+
+def _payload(body: str | None, secrets: tuple[str, ...]) -> str | None:
+    return clean(redact(body, secrets), len(body)) if body else None
+
+
+def fit_event(event: Event, limit: int = MAX_EVENT_BYTES) -> bytes | None:
+    """The encoded event, without its bodies if it is over `limit` bytes with them; None if even that is
+    too large (every other field is bounded, so only a misconfiguration gets there)."""
+    value = encode(event)
+    if len(value) <= limit:
+        return value
+    event.request_body = event.response_body = None
+    value = encode(event)
+    return value if len(value) <= limit else None

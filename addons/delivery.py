@@ -12,12 +12,19 @@ Two modes, switched by one delivery thread:
 
 So one key's events never overtake each other: there is a single ordered path at any time. See
 docs/durability.md for the guarantees and what a crash can lose.
+
+A record Kafka refuses for good (a non-retriable error: too large, invalid) is not an outage: retrying it
+would stop every later event behind it forever. It is set aside in `<spool-dir>/dead-letters.jsonl`
+(counted in `events_dead_lettered`, logged) and delivery moves on.
 """
 
 from __future__ import annotations
 
+import base64
 import collections
+import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from addons.spool import FSYNC_MODES, FsyncMode, Position, Spool, SpoolInUseError
+from cohere_gateway import settings
+from cohere_gateway.events import KAFKA_MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -47,21 +56,23 @@ EVENT_COUNTERS = (
     "events_replayed",  # acknowledged by Kafka after replay from the spool
     "events_dropped",  # lost on purpose: spool full, or publish after close
     "events_maybe_duplicated",  # acknowledged after being given up on (and spooled)
+    "events_dead_lettered",  # refused by Kafka for good: kept in dead-letters.jsonl, delivery moved on
     "kafka_outages",
 )
 # What `counters()` reports: the above and the spool's state.
 COUNTER_NAMES = (*EVENT_COUNTERS, "spool_corrupt_records", "events_pending", "spool_bytes_pending")
 
 
-# mitmproxy options of the gateway addon (same names as the ProxySettings fields; defaults from there).
-DELIVERY_OPTIONS: tuple[tuple[str, type, str], ...] = (
-    ("spool_dir", str, "Spool directory for events Kafka did not acknowledge in time; empty: default."),
-    ("spool_max_bytes", int, "Size cap of the spool; beyond it new events are dropped and counted."),
-    ("spool_fsync", str, "always | interval | never: when spooled events are fsynced."),
-    ("spool_fsync_interval_ms", int, "Flush/fsync period of the spool (interval, never)."),
-    ("delivery_timeout_ms", int, "Unacknowledged after this long: the event (and later ones) is spooled."),
-    ("max_pending_events", int, "Most events held in memory awaiting Kafka; beyond it they are spooled."),
-    ("shutdown_grace_s", float, "On shutdown, how long to keep delivering before spooling the rest."),
+# mitmproxy options of the gateway addon (ProxySettings fields: names, types and help from there).
+DELIVERY_OPTIONS: tuple[tuple[str, type, str], ...] = settings.addon_options(
+    "spool_dir",
+    "spool_max_bytes",
+    "spool_fsync",
+    "spool_fsync_interval_ms",
+    "delivery_timeout_ms",
+    "max_pending_events",
+    "dead_letter_max_bytes",
+    "shutdown_grace_s",
 )
 
 
@@ -82,6 +93,7 @@ class DeliveryConfig:
     spool_fsync_interval_ms: int = 100
     delivery_timeout_ms: int = 5000
     max_pending_events: int = 10_000
+    dead_letter_max_bytes: int = 104_857_600
     spool_segment_bytes: int | None = None
 
     @classmethod
@@ -97,6 +109,7 @@ class DeliveryConfig:
             spool_fsync_interval_ms=int(options.spool_fsync_interval_ms),
             delivery_timeout_ms=int(options.delivery_timeout_ms),
             max_pending_events=int(options.max_pending_events),
+            dead_letter_max_bytes=int(options.dead_letter_max_bytes),
         )
 
     def check(self) -> None:
@@ -106,6 +119,50 @@ class DeliveryConfig:
             raise ValueError(f"delivery_timeout_ms must be at least 100, got {self.delivery_timeout_ms}")
         if self.max_pending_events < 1:
             raise ValueError(f"max_pending_events must be at least 1, got {self.max_pending_events}")
+
+
+DEAD_LETTER_FILE = "dead-letters.jsonl"
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """A Kafka error no retry can cure (the record itself is refused), as opposed to an unavailable one."""
+    from kafka.errors import KafkaError
+
+    return isinstance(exc, KafkaError) and not exc.retriable
+
+
+class DeadLetters:
+    """`<spool-dir>/dead-letters.jsonl`: one JSON line per record Kafka refused for good, with its key,
+    value (base64: kept exactly) and the error; owner-only, like the spool. Bounded by `max_bytes`."""
+
+    def __init__(self, directory: Path, max_bytes: int) -> None:
+        self.path = directory / DEAD_LETTER_FILE
+        self.max_bytes = max_bytes
+
+    def add(self, key: bytes, value: bytes, why: str) -> bool:
+        line = (
+            json.dumps(
+                {
+                    "at": time.time(),
+                    "error": why[:1000],
+                    "key": base64.b64encode(key).decode(),
+                    "value": base64.b64encode(value).decode(),
+                }
+            ).encode()
+            + b"\n"
+        )
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            size = 0
+        if size + len(line) > self.max_bytes:
+            return False
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+        return True
 
 
 def make_producer(bootstrap: str, delivery_timeout_ms: int) -> Any:
@@ -127,6 +184,8 @@ def make_producer(bootstrap: str, delivery_timeout_ms: int) -> Any:
         max_block_ms=connect_ms,
         bootstrap_timeout_ms=connect_ms,
         reconnect_backoff_max_ms=1000,
+        # The broker's default message.max.bytes; events are built at most half of it (events.py).
+        max_request_size=KAFKA_MAX_MESSAGE_BYTES,
     )
 
 
@@ -182,7 +241,7 @@ class _Pending:
         self.value = value
         self.end = end  # position after it in the spool when replayed; None when sent live
         self.sent_at = 0.0
-        self.state = 0  # 0 waiting, 1 acknowledged, 2 failed
+        self.state = 0  # 0 waiting, 1 acknowledged, 2 failed, 3 refused for good (dead-lettered)
         self.spooled = False  # written to the spool after giving up on it
 
 
@@ -199,6 +258,7 @@ class DurablePublisher:
         self.config = config
         self._factory = producer_factory
         self._spool = open_spool(config)
+        self._dead_letters = DeadLetters(config.spool_dir, config.dead_letter_max_bytes)
         self._timeout_s = config.delivery_timeout_ms / 1000
         self._hard_cap = HARD_CAP_FACTOR * config.max_pending_events
         self._cond = threading.Condition(threading.RLock())  # RLock: futures may call back synchronously
@@ -268,7 +328,9 @@ class DurablePublisher:
         with self._cond:
             out = dict(self._counts)
             out["spool_corrupt_records"] = self._spool.corrupt_records
-            out["events_pending"] = len(self._inbox) + sum(1 for p in self._inflight if p.state != 1)
+            out["events_pending"] = len(self._inbox) + sum(
+                1 for p in self._inflight if p.state < 1 or p.state == 2
+            )
             out["spool_bytes_pending"] = self._spool.size_bytes
         return out
 
@@ -346,6 +408,25 @@ class DurablePublisher:
             return None
         return producer
 
+    def _set_aside(self, pending: _Pending, exc: BaseException) -> None:
+        """Called with the lock held: Kafka will never take this record; keep it and move on."""
+        pending.state = 3
+        why = f"{type(exc).__name__}: {exc}"
+        try:
+            kept = self._dead_letters.add(pending.key, pending.value, why)
+        except OSError as err:
+            kept = False
+            why += f"; the dead-letter file is not writable ({err})"
+        if kept:
+            self._counts["events_dead_lettered"] += 1
+            log.error(
+                "delivery: Kafka refused an event for good (%s); kept in %s, delivery goes on",
+                why,
+                self._dead_letters.path,
+            )
+        else:
+            self._drop(f"Kafka refused it for good ({why}) and the dead-letter file is full or unwritable")
+
     def _send(self, pending: _Pending) -> None:
         def on_ok(_: Any) -> None:
             with self._cond:
@@ -355,14 +436,24 @@ class DurablePublisher:
                 if self._closing:  # otherwise the thread collects acknowledgements when it next wakes
                     self._cond.notify_all()
 
-        def on_error(_: Any) -> None:
+        def on_error(exc: Any) -> None:
             with self._cond:
-                pending.state = 2
+                if isinstance(exc, BaseException) and is_permanent(exc):
+                    self._set_aside(pending, exc)
+                else:
+                    pending.state = 2
                 self._cond.notify_all()
 
         pending.sent_at = time.monotonic()
         self._inflight.append(pending)
-        future = self._producer.send(self.config.topic, key=pending.key, value=pending.value)
+        try:
+            future = self._producer.send(self.config.topic, key=pending.key, value=pending.value)
+        except Exception as exc:
+            if not is_permanent(exc):
+                raise
+            with self._cond:
+                self._set_aside(pending, exc)
+            return
         future.add_callback(on_ok)
         future.add_errback(on_error)
 
@@ -397,9 +488,9 @@ class DurablePublisher:
                 self._to_spool_mode(f"send failed: {exc}")
                 return
         with self._cond:
-            while self._inflight and self._inflight[0].state == 1:
-                self._inflight.popleft()
-                self._counts["events_delivered"] += 1
+            while self._inflight and self._inflight[0].state in (1, 3):
+                if self._inflight.popleft().state == 1:
+                    self._counts["events_delivered"] += 1
             why = self._trouble()
             if why is None and overflow:
                 why = f"more than {self.config.max_pending_events} events waiting for Kafka"
@@ -421,7 +512,7 @@ class DurablePublisher:
                 for pending in self._inflight:
                     if pending.state == 1:
                         self._counts["events_delivered"] += 1
-                    else:
+                    elif pending.state != 3:
                         pending.spooled = True
                         self._append_to_spool(pending.key, pending.value)
                 self._inflight.clear()
@@ -442,16 +533,17 @@ class DurablePublisher:
     def _rewind(self) -> None:
         """After a failed replay, resume from the first unacknowledged record (acked ones are skipped)."""
         self._advance_commit()
-        self._acked_ahead |= {p.end for p in self._inflight if p.state == 1 and p.end is not None}
+        self._acked_ahead |= {p.end for p in self._inflight if p.state in (1, 3) and p.end is not None}
         self._inflight.clear()
         self._read_pos = self._committed
 
     def _advance_commit(self) -> None:
         committed = self._committed
-        while self._inflight and self._inflight[0].state == 1:
+        while self._inflight and self._inflight[0].state in (1, 3):
             pending = self._inflight.popleft()
-            self._counts["events_delivered"] += 1
-            self._counts["events_replayed"] += 1
+            if pending.state == 1:
+                self._counts["events_delivered"] += 1
+                self._counts["events_replayed"] += 1
             assert pending.end is not None
             committed = pending.end
         if committed != self._committed:
@@ -536,8 +628,8 @@ class DurablePublisher:
                 abort_producer(producer)
         with self._cond:
             if self._mode == LIVE:
-                left = [p for p in self._inflight if p.state != 1]
-                self._counts["events_delivered"] += len(self._inflight) - len(left)
+                left = [p for p in self._inflight if p.state in (0, 2)]
+                self._counts["events_delivered"] += sum(1 for p in self._inflight if p.state == 1)
                 for pending in left:
                     pending.spooled = True
                     self._append_to_spool(pending.key, pending.value)

@@ -14,11 +14,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
+import math
 import os
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # loaded by path (`mitmdump -s addons/gateway.py`) from a source checkout
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -30,9 +34,20 @@ from mitmproxy.proxy.mode_specs import RegularMode, ReverseMode
 from addons import cache as rcache
 from addons import gateway_config as gwconfig
 from addons import mitmproxy_seam
-from addons.capture import Exchange, build_event
+from addons.bodies import DECODE_INLINE_BYTES, check_content_encoding, decode_body, is_identity, too_large
+from addons.capture import Exchange, build_event, fit_event
 from addons.delivery import DELIVERY_OPTIONS, DeliveryConfig, default_spool_dir
-from addons.headers import api_key_of, check_singletons, key_fingerprint, parse_request_options
+from addons.headers import (
+    SECRET_HEADERS,
+    RequestOptions,
+    api_key_of,
+    check_gateway_token,
+    check_request_head,
+    check_singletons,
+    header_text,
+    key_fingerprint,
+    parse_request_options,
+)
 from addons.metrics import Metrics, Snapshot, merge, read_snapshots, render, write_snapshot
 from addons.outcomes import classify_proxy_error, classify_status
 from addons.pricing import DEFAULT_PRICING, load_pricing
@@ -50,11 +65,12 @@ from addons.sidecar import SidecarPublisher
 from addons.streaming import StreamWatcher, is_stream_response
 from addons.usage import Extracted, extract_body, request_fields
 from cohere_gateway import settings
-from cohere_gateway.events import encode, new_event_id, truncate
+from cohere_gateway.events import new_event_id, truncate
 
 log = logging.getLogger("cohere_gateway.gateway")
 
 STATE = "cohere_gateway"  # key of the Exchange in flow.metadata
+SECRET_HEADER_BYTES = frozenset(name.encode() for name in SECRET_HEADERS)
 OVERHEAD_HEADER = "x-cohere-gateway-overhead-ms"
 LOG_ID_HEADER = "cf-aig-log-id"
 
@@ -76,15 +92,24 @@ def _opt_default(name: str) -> object:
 
 
 OPTIONS: tuple[tuple[str, type, str], ...] = (
-    ("upstream", str, "Cohere API base URL requests are forwarded to."),
-    ("kafka_bootstrap", str, "Kafka bootstrap servers HOST:PORT[,...]; empty: events are not published."),
-    ("topic", str, "Kafka topic for events."),
-    ("default_account_id", str, "Account id of forward-proxy requests without cf-aig-account-id."),
-    ("default_gateway_id", str, "Gateway id of forward-proxy requests without cf-aig-gateway-id."),
-    ("gateway_token", str, "If set, requests need 'cf-aig-authorization: Bearer <token>'."),
-    ("max_request_bytes", int, "Largest request body accepted; larger ones get 413."),
-    ("log_payloads", bool, "Store request/response bodies in events (truncated)."),
-    ("payload_max_bytes", int, "Bodies stored in events are truncated to this many characters."),
+    *settings.addon_options(
+        "upstream",
+        "kafka_bootstrap",
+        "topic",
+        "default_account_id",
+        "default_gateway_id",
+        "gateway_token",
+        "max_request_bytes",
+        "max_header_bytes",
+        "max_headers",
+        "max_connections",
+        "idle_timeout_s",
+        "allow_http2",
+        "max_custom_cost",
+        "protect_local_endpoints",
+        "log_payloads",
+        "payload_max_bytes",
+    ),
     *DELIVERY_OPTIONS,
     *settings.option_specs(settings.ProxySettings, "config", "cache_ttl", "cache_url", "cache_max_bytes"),
 )
@@ -121,6 +146,36 @@ def _ms(seconds: float) -> str:
     return f"{max(0.0, seconds) * 1000:.3f}"
 
 
+def _text(headers: http.Headers, name: str) -> str | None:
+    """A header's value as latin-1 text: every byte maps to one character, so nothing a client sends
+    can make reading it raise."""
+    want = name.encode()
+    for key, value in headers.fields:
+        if key.lower() == want:
+            return header_text(value)
+    return None
+
+
+def _fail_closed(hook: Callable[[Gateway, http.HTTPFlow], Any]) -> Callable[[Gateway, http.HTTPFlow], Any]:
+    """A hook that raises must not let mitmproxy carry on with the flow as it was (it logs "Addon error"
+    and forwards it: unauthenticated, cf-aig-* headers on, to the upstream's host outside its prefix).
+    Any exception - in the hook or in the coroutine it returns - answers a JSON error instead and ends
+    the exchange as a gateway_error."""
+
+    @functools.wraps(hook)
+    def guarded(self: Gateway, flow: http.HTTPFlow) -> Any:
+        try:
+            result = hook(self, flow)
+        except Exception as exc:
+            self._hook_failed(flow, hook.__name__, exc)
+            return None
+        if result is None:
+            return None
+        return self._await_guarded(flow, hook.__name__, result)
+
+    return guarded
+
+
 # How often a worker of `proxy --workers N` shares its counters with the others (addons/metrics.py).
 METRICS_SHARE_S = 1.0
 
@@ -135,6 +190,7 @@ class Gateway:
         self.upstream = Upstream.parse(settings.DEFAULT_UPSTREAM)
         self.started = time.time()
         self.in_flight = 0  # exchanges started and not finished: shutdown waits for them
+        self._counted: set[str] = set()  # ids of the client connections open now (max_connections)
         self.config = gwconfig.ConfigWatcher(None, gwconfig.GatewayPolicy())
         self.cache = rcache.ResponseCache(None, self.metrics.cache)
         self._watching: asyncio.Task[None] | None = None
@@ -147,6 +203,7 @@ class Gateway:
         # mitmproxy has no hook for the error pages it writes itself: every error this process sends is
         # JSON only through this seam.
         mitmproxy_seam.install_error_pages(json_error_page)
+        mitmproxy_seam.install_head_limit(lambda: ctx.options.max_header_bytes, json_error_page)
 
     def configure(self, updated: set[str]) -> None:
         opts = ctx.options
@@ -165,9 +222,38 @@ class Gateway:
             self._configure_policy(opts, "config" in updated)
         if updated & _CACHE_OPTIONS:
             self._configure_cache(opts)
-        if "connection_strategy" in updated and opts.connection_strategy != "lazy":
+        if "max_custom_cost" in updated and not (
+            math.isfinite(opts.max_custom_cost) and opts.max_custom_cost >= 0
+        ):
+            from mitmproxy import exceptions
+
+            raise exceptions.OptionsError(
+                f"max_custom_cost must be a finite number >= 0, not {opts.max_custom_cost}"
+            )
+        # mitmproxy's own options that the gateway's safety depends on, set from the gateway's. Each is
+        # set only when it differs: setting an option triggers another configure().
+        wanted = self._mitmproxy_options(opts)
+        # (An option of an addon not loaded, e.g. in a test context, is left alone.)
+        changed = {k: v for k, v in wanted.items() if k in opts and getattr(opts, k) != v}
+        if changed:
+            opts.update(**changed)
+
+    @staticmethod
+    def _mitmproxy_options(opts: Any) -> dict[str, Any]:
+        return {
             # eager would connect to the host a client CONNECTs to before the addon decides where it goes
-            opts.connection_strategy = "lazy"
+            "connection_strategy": "lazy",
+            # mitmproxy stops reading a body past this (413) instead of buffering it whole first
+            "body_size_limit": str(opts.max_request_bytes),
+            "tcp_timeout": max(1, math.ceil(opts.idle_timeout_s)),
+            "http2": opts.allow_http2,
+            # refuse smuggling-prone framing and malformed header names at the protocol layer
+            "validate_inbound_headers": True,
+            # bytes in a CONNECT tunnel that are not HTTP or TLS are refused, never piped to the host
+            "rawtcp": False,
+            "websocket": False,
+            "http3": False,
+        }
 
     def _configure_policy(self, opts, reload_file: bool) -> None:
         from mitmproxy import exceptions
@@ -231,6 +317,21 @@ class Gateway:
 
             raise exceptions.OptionsError(f"cannot start event delivery: {exc}") from None
 
+    def client_connected(self, client: Any) -> None:
+        # mitmproxy has no connection limit; one idle connection costs little, ten thousand do not.
+        if self.connections >= ctx.options.max_connections:
+            client.error = "too many connections"
+            self.metrics.connections_refused += 1
+            return
+        self._counted.add(client.id)
+
+    def client_disconnected(self, client: Any) -> None:
+        self._counted.discard(client.id)
+
+    @property
+    def connections(self) -> int:
+        return len(self._counted)
+
     def running(self) -> None:
         self._watching = asyncio.get_running_loop().create_task(self._watch_config())
         if self.metrics_dir is not None:
@@ -274,16 +375,20 @@ class Gateway:
 
     # --- requests ------------------------------------------------------------------------------------
 
+    @_fail_closed
     def http_connect(self, flow: http.HTTPFlow) -> None:
         try:
             check_connect(flow.request.host, flow.request.port)
         except RouteError as exc:
             self._reject(flow, exc)
 
+    @_fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         req = flow.request
         mode = flow.client_conn.proxy_mode
         try:
+            check_request_head(req.data.method, req.data.path, req.data.authority, req.headers.fields,
+                               ctx.options.max_headers)  # fmt: skip
             if isinstance(mode, ReverseMode):
                 if req.authority and not (req.is_http2 or req.is_http3):
                     raise RouteError(400, "absolute-form request targets are not accepted by the gateway")
@@ -303,43 +408,61 @@ class Gateway:
     def _start_exchange(self, flow: http.HTTPFlow, route: Route) -> None:
         req = flow.request
         opts = ctx.options
-        headers = req.headers
+        # Header bytes as latin-1: every byte decodes, nothing a client sends can make this raise.
+        fields = [(k.decode("latin-1").lower(), v) for k, v in req.headers.fields]
+        first = {name: header_text(value) for name, value in reversed(fields)}
         x = Exchange(
             route=route,
-            options=parse_request_options(()),
+            options=RequestOptions(),
             account_id=route.account_id or opts.default_account_id,
             gateway_id=route.gateway_id or opts.default_gateway_id,
             event_id=new_event_id(),
             start=req.timestamp_start,
             method=req.method,
-            user_agent=headers.get("user-agent"),
-            key_fingerprint=key_fingerprint(headers.get("authorization"), headers.get("x-api-key")),
+            user_agent=first.get("user-agent"),
+            key_fingerprint=key_fingerprint(first.get("authorization"), first.get("x-api-key")),
         )
         flow.metadata[STATE] = x
         self.in_flight += 1
         try:
-            check_singletons(k.decode("latin-1") for k, _ in headers.fields)
-            x.options = parse_request_options(headers.items())
-            if route.mode == "transparent":
+            # The token first: nothing else a client says is taken in before it is known to be allowed.
+            x.policy = self.config.current.resolve(x.account_id, x.gateway_id)
+            check_gateway_token(first.get("cf-aig-authorization"), x.policy.tokens)
+        except RouteError as exc:
+            # Unauthenticated: no event (its account, metadata and cost would all be the client's word);
+            # the refusal is counted in cohere_gateway_rejected_total.
+            x.recorded = False
+            self._reject(flow, exc, x)
+            return
+        try:
+            check_singletons(name for name, _ in fields)
+            x.options = parse_request_options(fields, max_custom_cost=opts.max_custom_cost)
+            if route.mode == "transparent" and (x.options.account_id or x.options.gateway_id):
                 x.account_id = x.options.account_id or x.account_id
                 x.gateway_id = x.options.gateway_id or x.gateway_id
-            x.policy = self.config.current.resolve(x.account_id, x.gateway_id)
-            gwconfig.check_token(x.options.authorization, x.policy.tokens)
+                # the gateway the client names may hold other tokens than the default one
+                x.policy = self.config.current.resolve(x.account_id, x.gateway_id)
+                try:
+                    check_gateway_token(first.get("cf-aig-authorization"), x.policy.tokens)
+                except RouteError:
+                    x.recorded = False
+                    raise
             gwconfig.check_metadata(x.options.metadata, x.policy)
-            decision = rcache.decide(x.policy.cache, rcache.parse_cache_headers(headers.items()), req.method)
+            decision = rcache.decide(x.policy.cache, rcache.parse_cache_headers(first.items()), req.method)
             if decision.status is not None:
                 status = "BYPASS" if decision.status == "BYPASS" else None
                 x.cache = rcache.CacheState(decision.ttl_s, status, decision.client_key)
-            length = headers.get("content-length", "")
+            length = first.get("content-length", "")
             if length.isdigit() and int(length) > opts.max_request_bytes:
                 raise RouteError(
                     413, f"request body is larger than the gateway's limit of {opts.max_request_bytes} bytes"
                 )
+            check_content_encoding(first.get("content-encoding"))
         except RouteError as exc:
             self._reject(flow, exc, x)
             return
-        for name in [k for k in headers if k.lower().startswith("cf-aig-")]:
-            del headers[name]
+        for name in [k for k in req.headers if k.lower().startswith("cf-aig-")]:
+            del req.headers[name]
         up = self.upstream
         req.scheme = up.scheme
         req.host = up.host
@@ -347,24 +470,39 @@ class Gateway:
         req.path = up.prefix + route.path + route.query
         req.host_header = up.host_header
 
-    # async (mitmproxy awaits async hooks) only for the cache's lookup; everything else here is sync
-    async def request(self, flow: http.HTTPFlow) -> None:
+    @_fail_closed
+    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         x: Exchange | None = flow.metadata.get(STATE)
         if x is None or flow.response is not None:
-            return
+            return None
         opts = ctx.options
         raw = flow.request.raw_content or b""
         x.request_bytes = len(raw)
         if len(raw) > opts.max_request_bytes:
-            self._reject(
-                flow,
-                RouteError(
-                    413, f"request body is larger than the gateway's limit of {opts.max_request_bytes} bytes"
-                ),
-                x,
-            )
-            return
-        body, x.model, x.stream = request_fields(flow.request.content if raw else None)
+            self._reject(flow, too_large(opts.max_request_bytes), x)
+            return None
+        coding = flow.request.headers.get("content-encoding", "")
+        if not raw or is_identity(coding):
+            return self._prepare(flow, x, raw)
+        if len(raw) < DECODE_INLINE_BYTES:
+            return self._prepare(flow, x, decode_body(raw, coding, opts.max_request_bytes))
+        return self._decode_off_loop(flow, x, raw, coding)
+
+    async def _decode_off_loop(self, flow: http.HTTPFlow, x: Exchange, raw: bytes, coding: str) -> None:
+        # A compressed body can decode to many times its size: not on the event loop every client shares.
+        body = await asyncio.to_thread(decode_body, raw, coding, ctx.options.max_request_bytes)
+        pending = self._prepare(flow, x, body)
+        if pending is not None:
+            await pending
+
+    def _prepare(self, flow: http.HTTPFlow, x: Exchange, content: bytes) -> Awaitable[None] | None:
+        """Read what the request says (model, stream), then look it up in the cache or forward it."""
+        headers = flow.request.headers
+        if "content-length" not in headers and "transfer-encoding" not in headers:
+            # An HTTP/2 request has no framing header; mitmproxy writes it upstream as HTTP/1.1 without
+            # one, so its body would be read as the next request. The body is whole here: say its length.
+            headers["content-length"] = str(len(flow.request.raw_content or b""))
+        body, x.model, x.stream = request_fields(content or None)
         if x.route.mode == "compat" and body is not None and x.model:
             provider, slash, name = x.model.partition("/")
             if slash and provider != "cohere":
@@ -373,7 +511,7 @@ class Gateway:
                     RouteError(400, f"model {x.model[:80]!r}: this gateway serves cohere/<model> only"),
                     x,
                 )
-                return
+                return None
             if slash:
                 x.model = name
                 body["model"] = name
@@ -382,13 +520,22 @@ class Gateway:
             # the stream is read as it passes; a compressed one could not be
             flow.request.headers["accept-encoding"] = "identity"
         if x.policy.log_payloads and x.options.collect_payload:
-            x.request_body = truncate(flow.request.get_text(strict=False), x.policy.payload_max_bytes)
+            x.request_body = truncate(content.decode("utf-8", "replace"), x.policy.payload_max_bytes)
+            x.secrets = tuple(
+                s
+                for s in (
+                    *x.policy.tokens,
+                    *(header_text(v).partition(" ")[2].strip() or header_text(v) for k, v in
+                      flow.request.headers.fields if k.lower() in SECRET_HEADER_BYTES),
+                )
+                if s
+            )  # fmt: skip
         if x.cache is not None and x.cache.status is None and self.cache.store is not None:
-            await self._cache_lookup(flow, x, flow.request.content if raw else b"")
-            return
+            return self._cache_lookup(flow, x, content)
         if x.cache is not None and x.cache.status is None:  # no store configured (cache_url=none)
             x.cache = None
         self._forward(x)
+        return None
 
     def _forward(self, x: Exchange) -> None:
         self.metrics.requests[x.route.mode] += 1
@@ -413,12 +560,12 @@ class Gateway:
         c.key = rcache.cache_key(
             account_id=x.account_id,
             gateway_id=x.gateway_id,
-            tenant=rcache.tenant_of(api_key_of(headers.get("authorization"), headers.get("x-api-key"))),
+            tenant=rcache.tenant_of(api_key_of(_text(headers, "authorization"), _text(headers, "x-api-key"))),
             path=x.route.path,
             query=x.route.query,
             model=x.model,
             body=body,
-            vary=tuple(headers.get(name, "").strip().lower() for name in rcache.VARY_HEADERS),
+            vary=tuple((_text(headers, name) or "").strip().lower() for name in rcache.VARY_HEADERS),
             client_key=c.client_key,
         )
         c.status, entry, c.leader = await self.cache.get_or_lead(c.key)
@@ -434,6 +581,7 @@ class Gateway:
 
     # --- responses -----------------------------------------------------------------------------------
 
+    @_fail_closed
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         x: Exchange | None = flow.metadata.get(STATE)
         resp = flow.response
@@ -455,6 +603,18 @@ class Gateway:
             x.response_payload = []
 
         def tap(chunk: bytes) -> bytes:
+            # The client's stream must not break on a bug in watching it: what was seen stays counted.
+            try:
+                watch(chunk)
+            except Exception as exc:
+                resp.stream = True
+                self.metrics.hook_errors["stream"] += 1
+                log.error(
+                    "internal error watching a stream (%s); passing it on unwatched", type(exc).__name__
+                )
+            return chunk
+
+        def watch(chunk: bytes) -> None:
             if chunk:
                 watcher.feed(chunk)
                 if cached is not None:
@@ -466,12 +626,12 @@ class Gateway:
                     # Published before the last chunk goes on: an SDK returns at `[DONE]`, and a crash
                     # right after must not lose an exchange the client saw complete.
                     self._finish_stream(flow, x, time.time())
-            return chunk
 
         resp.stream = tap
         now = time.time()
         resp.headers[OVERHEAD_HEADER] = _ms((x.forwarded_at - x.start) + (now - resp.timestamp_start))
 
+    @_fail_closed
     def response(self, flow: http.HTTPFlow) -> None:
         x: Exchange | None = flow.metadata.get(STATE)
         resp = flow.response
@@ -483,6 +643,8 @@ class Gateway:
                 self.cache.finish(x.cache.key or "", None)
         if x is None or x.finished or resp is None:
             return
+        if x.failed_hook is not None:  # responseheaders raised; the response was buffered, not streamed
+            raise RuntimeError(f"{x.failed_hook} failed")
         now = time.time()
         if x.forwarded_at is None and x.cache is not None and x.cache.status == "HIT":
             self._finish_hit(x, resp, now)
@@ -549,6 +711,7 @@ class Gateway:
             response_body=payload,
         )
 
+    @_fail_closed
     def error(self, flow: http.HTTPFlow) -> None:
         x: Exchange | None = flow.metadata.get(STATE)
         if x is not None and x.cache is not None and x.cache.leader:  # a cut answer is never stored
@@ -631,12 +794,19 @@ class Gateway:
         self.in_flight -= 1
         outcome = kw["outcome"]
         self.metrics.exchanges[outcome] += 1
+        if not x.recorded:  # refused before authentication: counted in rejected, nothing stored
+            return
         if not x.options.collect_log and x.policy.allow_log_opt_out:
             self.metrics.events_skipped += 1
             return
         try:
             event = build_event(x, pricing=self.pricing, **kw)
-            self.publisher.publish(f"{x.account_id}/{x.gateway_id}".encode(), encode(event))
+            value = fit_event(event)
+            if value is None:
+                self.metrics.events_oversize += 1
+                log.error("event %s is too large to deliver even without bodies; dropped", x.event_id)
+                return
+            self.publisher.publish(f"{x.account_id}/{x.gateway_id}".encode(), value)
         except Exception:  # a bug here must cost an event, never the client's response
             log.exception("building the event failed (event %s)", x.event_id)
             return
@@ -648,7 +818,7 @@ class Gateway:
                         "event_id": x.event_id,
                         "account_id": x.account_id,
                         "gateway_id": x.gateway_id,
-                        "path": x.route.path,
+                        "path": x.route.path[:256],
                         "status": kw["status"],
                         "outcome": outcome,
                         "error_type": kw.get("error_type"),
@@ -656,14 +826,84 @@ class Gateway:
                 ).decode()
             )
 
+    async def _await_guarded(self, flow: http.HTTPFlow, hook: str, result: Any) -> None:
+        try:
+            await result
+        except Exception as exc:
+            self._hook_failed(flow, hook, exc)
+
+    def _hook_failed(self, flow: http.HTTPFlow, hook: str, exc: Exception) -> None:
+        """Fail closed: a refusal raised from deep inside is a refusal; anything else is the gateway's own
+        bug, answered 500 and recorded, and the request is not forwarded as it stood."""
+        x: Exchange | None = flow.metadata.get(STATE)
+        if isinstance(exc, RouteError) and (x is None or x.forwarded_at is None):
+            self._reject(flow, exc, x)
+            return
+        self.metrics.hook_errors[hook] += 1
+        # The type and hook only: an exception's text can quote the client's bytes (or its secrets).
+        log.error("internal error in the %s hook (%s); answered 500", hook, type(exc).__name__,
+                  exc_info=log.isEnabledFor(logging.DEBUG))  # fmt: skip
+        try:
+            self._answer_internal_error(flow, hook, exc, x)
+        except Exception:  # last resort: cut the connection rather than let the flow go on
+            log.error("could not answer the internal error of the %s hook; killing the flow", hook)
+            if flow.killable:
+                flow.kill()
+
+    def _answer_internal_error(
+        self, flow: http.HTTPFlow, hook: str, exc: Exception, x: Exchange | None
+    ) -> None:
+        if hook == "responseheaders":
+            # The body is still to come; streaming is not set up, so it is buffered and `response`,
+            # seeing the failure, answers the 500 in its place.
+            if x is not None:
+                x.failed_hook = hook
+            return
+        message = f"the gateway failed while handling this request ({hook}); it was not forwarded"
+        if x is not None and x.forwarded_at is not None:
+            message = f"the gateway failed while handling the response ({hook})"
+        headers = {LOG_ID_HEADER: x.event_id} if x is not None else {}
+        if hook != "error":
+            flow.response = json_response(500, {"message": message}, headers)
+        if x is not None and not x.finished:
+            x.options = RequestOptions(collect_log=x.options.collect_log)
+            self._finish(
+                x,
+                status=500,
+                outcome="gateway_error",
+                error_type="gateway_internal_error",
+                extracted=Extracted(),
+                end=time.time(),
+                error_message=f"internal error in the gateway's {hook} hook ({type(exc).__name__})",
+            )
+
     def _reject(self, flow: http.HTTPFlow, exc: RouteError, x: Exchange | None = None) -> None:
         self.metrics.rejected[exc.status] += 1
+        if x is not None:
+            # What a refused request claims (metadata, custom cost, its own event id) is not recorded:
+            # the event says only what the gateway knows.
+            x.options = RequestOptions(collect_log=x.options.collect_log)
         headers = {LOG_ID_HEADER: x.event_id} if x is not None else {}
         flow.response = json_response(exc.status, {"message": exc.message}, headers)
         if x is None:
             log.info(orjson.dumps({"msg": "rejected", "status": exc.status, "reason": exc.message}).decode())
 
     def _serve_local(self, flow: http.HTTPFlow, route: LocalRoute) -> None:
+        opts = ctx.options
+        trusted = True
+        if opts.gateway_token and opts.protect_local_endpoints:
+            presented = flow.request.headers.fields
+            auth = next((v for k, v in presented if k.lower() == b"cf-aig-authorization"), None)
+            try:
+                check_gateway_token(header_text(auth) if auth is not None else None, (opts.gateway_token,))
+            except RouteError as exc:
+                if route.path != "/healthz":
+                    self._reject(flow, exc)
+                    return
+                trusted = False
+        if not trusted:  # health checks need no token; what the gateway runs and counts does
+            flow.response = json_response(200, {"status": "ok"})
+            return
         if route.path == "/metrics":
             snap = self._snapshot()
             if self.metrics_dir is None:
@@ -686,11 +926,13 @@ class Gateway:
 
 
 def _message_of(resp: http.Response) -> str | None:
+    """The message of an answer the gateway made itself (never an upstream body)."""
     try:
-        body = orjson.loads(resp.content or b"")
-    except (orjson.JSONDecodeError, ValueError):
+        body = orjson.loads(resp.raw_content or b"")
+    except orjson.JSONDecodeError:
         return None
-    return body.get("message") if isinstance(body, dict) else None
+    message = body.get("message") if isinstance(body, dict) else None
+    return message if isinstance(message, str) else None
 
 
 addons = [Gateway()]

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import hmac
 import logging
 import os
 import re
@@ -335,21 +334,6 @@ def load(path: Path, base: GatewayPolicy) -> GatewayConfig:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(str(path), None, "", f"cannot read the configuration: {exc}") from None
     return parse(text, str(path), base)
-
-
-def check_token(presented: str | None, tokens: tuple[str, ...]) -> None:
-    """`cf-aig-authorization: Bearer <token>` must match one of the gateway's tokens (constant time)."""
-    if not tokens:
-        return
-    scheme, _, value = (presented or "").strip().partition(" ")
-    given = value.strip().encode()
-    ok = False
-    for token in tokens:  # every token compared, so the time does not say which one nearly matched
-        ok |= hmac.compare_digest(given, token.encode())
-    if scheme.lower() != "bearer" or not ok:
-        raise RouteError(
-            401, "this gateway requires the header 'cf-aig-authorization: Bearer <gateway token>'"
-        )
 
 
 def check_metadata(metadata: dict[str, str], policy: GatewayPolicy) -> None:

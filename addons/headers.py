@@ -2,6 +2,10 @@
 
 Malformed values are the client's mistake and are answered with 400 and a message naming the header, so
 a typo never silently drops metadata or the client's correlation id.
+
+Header values arrive as bytes and are handled as bytes or latin-1 on purpose: every byte decodes, so no
+client byte can make a parser raise. JSON-valued headers are parsed from their bytes (orjson checks the
+UTF-8), credentials are compared and fingerprinted as bytes.
 """
 
 from __future__ import annotations
@@ -85,10 +89,20 @@ def _metadata_value(header: str, key: str, value: object) -> str:
     raise _bad(header, f"value of {key!r} must be a string, number or boolean")
 
 
-def parse_metadata(value: str) -> dict[str, str]:
+def _json_bytes(value: str | bytes) -> bytes:
+    """The header's bytes: a latin-1 string (as the gateway decodes headers) maps back to them exactly."""
+    if isinstance(value, bytes):
+        return value
+    try:
+        return value.encode("latin-1")
+    except UnicodeEncodeError:  # a str that never was a header (direct callers): its UTF-8
+        return value.encode("utf-8", "replace")
+
+
+def parse_metadata(value: str | bytes) -> dict[str, str]:
     header = "cf-aig-metadata"
     try:
-        obj = orjson.loads(value)
+        obj = orjson.loads(_json_bytes(value))
     except orjson.JSONDecodeError:
         raise _bad(header, 'expected a JSON object like {"user": "alice", "team": 7}') from None
     if not isinstance(obj, dict):
@@ -114,10 +128,10 @@ def _non_negative(header: str, obj: dict, name: str) -> float | None:
     return float(v)
 
 
-def parse_custom_cost(value: str) -> CustomCost:
+def parse_custom_cost(value: str | bytes, max_cost: float = math.inf) -> CustomCost:
     header = "cf-aig-custom-cost"
     try:
-        obj = orjson.loads(value)
+        obj = orjson.loads(_json_bytes(value))
     except orjson.JSONDecodeError:
         obj = None
     if not isinstance(obj, dict):
@@ -134,28 +148,40 @@ def parse_custom_cost(value: str) -> CustomCost:
         raise _bad(header, "give per_token_in/per_token_out or total_cost")
     if cost.total_cost is not None and (cost.per_token_in is not None or cost.per_token_out is not None):
         raise _bad(header, "give either per-token prices or total_cost, not both")
+    # A sum of bounded costs stays finite: one huge value would turn every total it joins into inf/null.
+    for name in ("per_token_in", "per_token_out", "total_cost"):
+        v = getattr(cost, name)
+        if v is not None and v > max_cost:
+            raise _bad(header, f"{name} {v!r} is above the gateway's maximum custom cost of {max_cost!r} USD")
     return cost
 
 
-def parse_request_options(items: Iterable[tuple[str, str]]) -> RequestOptions:
-    """Read every `cf-aig-*` header of a request. Unknown `cf-aig-*` headers (cache, retries) are ignored
-    here and, like all of them, not forwarded upstream."""
+def header_text(raw: bytes) -> str:
+    return raw.decode("latin-1")
+
+
+def parse_request_options(
+    items: Iterable[tuple[str | bytes, str | bytes]], *, max_custom_cost: float = math.inf
+) -> RequestOptions:
+    """Read every `cf-aig-*` header of a request (raw fields or latin-1 strings). Unknown `cf-aig-*`
+    headers (cache, retries) are ignored here and, like all of them, not forwarded upstream."""
     opts = RequestOptions()
-    for name, value in items:
-        lname = name.lower()
+    for raw_name, raw_value in items:
+        lname = (header_text(raw_name) if isinstance(raw_name, bytes) else raw_name).lower()
         if not lname.startswith(CF_PREFIX):
             continue
+        value = header_text(raw_value) if isinstance(raw_value, bytes) else raw_value
         key = lname[len(CF_PREFIX) :]
         if key == "metadata":
-            opts.metadata = parse_metadata(value)
+            opts.metadata = parse_metadata(raw_value)
         elif key == "collect-log":
             opts.collect_log = parse_bool(lname, value)
         elif key == "collect-log-payload":
             opts.collect_payload = parse_bool(lname, value)
         elif key == "custom-cost":
-            opts.custom_cost = parse_custom_cost(value)
+            opts.custom_cost = parse_custom_cost(raw_value, max_custom_cost)
         elif key == "event-id":
-            if not _EVENT_ID.match(value):
+            if not _EVENT_ID.fullmatch(value):
                 raise _bad(lname, "1-128 characters of A-Z a-z 0-9 . _ : -")
             opts.client_event_id = value
         elif key == "account-id":
@@ -184,12 +210,20 @@ def check_singletons(names: Iterable[str]) -> None:
             seen.add(lname)
 
 
-def check_gateway_token(presented: str | None, token: str) -> None:
-    """Authenticated gateway: `cf-aig-authorization: Bearer <token>` must match (constant-time compare)."""
-    if not token:
+def check_gateway_token(presented: str | None, tokens: tuple[str, ...]) -> None:
+    """Authenticated gateway: `cf-aig-authorization: Bearer <token>` must match one of the gateway's
+    tokens (constant-time compare; every token compared, so the time does not say which one nearly
+    matched). No tokens: open."""
+    tokens = tuple(t for t in tokens if t)
+    if not tokens:
         return
     scheme, _, value = (presented or "").strip().partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+    # latin-1 maps every byte back exactly, and never raises (a UTF-8 encode of a client byte could)
+    given = value.strip().encode("latin-1", "replace")
+    ok = False
+    for token in tokens:
+        ok |= hmac.compare_digest(given, token.encode())
+    if scheme.lower() != "bearer" or not ok:
         raise RouteError(
             401, "this gateway requires the header 'cf-aig-authorization: Bearer <gateway token>'"
         )
@@ -205,5 +239,32 @@ def api_key_of(authorization: str | None, x_api_key: str | None = None) -> str |
 
 
 def key_fingerprint(authorization: str | None, x_api_key: str | None = None) -> str | None:
+    """Of latin-1 header values: the key's bytes are hashed, so any byte a client sends fingerprints."""
     key = api_key_of(authorization, x_api_key)
-    return api_key_fingerprint(key) if key else None
+    return api_key_fingerprint(key.encode("latin-1", "replace")) if key else None
+
+
+_CONTROL = re.compile(rb"[\r\n\x00]")
+# Requests that would change the connection into something else (a raw tunnel to the upstream once it
+# answers 101) are not a Cohere API call.
+_UPGRADE_HEADERS = frozenset({b"upgrade", b"http2-settings"})
+
+
+def check_request_head(
+    method: bytes, path: bytes, authority: bytes, fields: Iterable[tuple[bytes, bytes]], max_headers: int
+) -> None:
+    """CR, LF or NUL anywhere in the request head could end a header line (or the request) once an HTTP/2
+    request is written upstream as HTTP/1.1; refused whatever protocol it came in on, as are more header
+    fields than `max_headers` (431) and connection upgrades."""
+    for part, what in ((method, "method"), (path, "request target"), (authority, "authority")):
+        if _CONTROL.search(part):
+            raise RouteError(400, f"the {what} contains CR, LF or NUL, which are not accepted")
+    n = 0
+    for name, value in fields:
+        n += 1
+        if _CONTROL.search(name) or _CONTROL.search(value):
+            raise RouteError(400, "a header name or value contains CR, LF or NUL, which are not accepted")
+        if name.lower() in _UPGRADE_HEADERS:
+            raise RouteError(400, "connection upgrades are not accepted by the gateway")
+    if n > max_headers:
+        raise RouteError(431, f"the request has {n} header fields; the gateway accepts at most {max_headers}")

@@ -21,7 +21,8 @@ from cohere_gateway.events import OUTCOMES
 # {"requests": {mode: n}, "exchanges": {outcome: n}, "rejected": {status: n}, "events_skipped": n,
 #  "publisher": {counter: n}}: plain JSON, so workers can share it through files.
 Snapshot = dict[str, Any]
-_GROUPS = ("requests", "exchanges", "rejected", "publisher", "cache")
+_GROUPS = ("requests", "exchanges", "rejected", "hook_errors", "publisher", "cache")
+_SCALARS = ("events_skipped", "connections_refused", "events_oversize")
 # The response cache's counters (addons/cache.py), always rendered so a dashboard sees zeros.
 CACHE_COUNTERS = ("hit", "miss", "expired", "bypass", "coalesced", "stored", "store_errors")
 
@@ -34,6 +35,9 @@ class Metrics:
         self.exchanges: Counter[str] = Counter()  # by outcome
         self.rejected: Counter[int] = Counter()  # requests the gateway answered itself, by status
         self.events_skipped = 0  # cf-aig-collect-log: false
+        self.hook_errors: Counter[str] = Counter()  # internal errors answered 500, by hook
+        self.connections_refused = 0  # over max_connections
+        self.events_oversize = 0  # too large to deliver even without bodies
         self.cache: Counter[str] = Counter()  # filled by addons/cache.py's ResponseCache
 
     def snapshot(self, publisher: dict[str, int]) -> Snapshot:
@@ -42,6 +46,9 @@ class Metrics:
             "exchanges": dict(self.exchanges),
             "rejected": {str(status): n for status, n in self.rejected.items()},
             "events_skipped": self.events_skipped,
+            "hook_errors": dict(self.hook_errors),
+            "connections_refused": self.connections_refused,
+            "events_oversize": self.events_oversize,
             "publisher": dict(publisher),
             "cache": dict(self.cache),
         }
@@ -50,12 +57,13 @@ class Metrics:
 def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
     """The sum of several workers' snapshots."""
     groups: dict[str, Counter[str]] = {group: Counter() for group in _GROUPS}
-    skipped = 0
+    scalars = dict.fromkeys(_SCALARS, 0)
     for snap in snapshots:
         for group, counts in groups.items():
             counts.update(snap.get(group, {}))
-        skipped += snap.get("events_skipped", 0)
-    return {group: dict(counts) for group, counts in groups.items()} | {"events_skipped": skipped}
+        for name in _SCALARS:
+            scalars[name] += snap.get(name, 0)
+    return {group: dict(counts) for group, counts in groups.items()} | scalars
 
 
 def write_snapshot(directory: Path, snap: Snapshot) -> None:
@@ -102,6 +110,18 @@ def render(snap: Snapshot, workers: int | None = None) -> str:
         "# HELP cohere_gateway_events_skipped_total Exchanges not logged (cf-aig-collect-log: false).",
         "# TYPE cohere_gateway_events_skipped_total counter",
         f"cohere_gateway_events_skipped_total {snap['events_skipped']}",
+        "# HELP cohere_gateway_hook_errors_total Internal errors answered with a JSON 500, by hook.",
+        "# TYPE cohere_gateway_hook_errors_total counter",
+        *(
+            f'cohere_gateway_hook_errors_total{{hook="{h}"}} {n}'
+            for h, n in sorted(snap["hook_errors"].items())
+        ),
+        "# HELP cohere_gateway_connections_refused_total Connections closed at once (max_connections).",
+        "# TYPE cohere_gateway_connections_refused_total counter",
+        f"cohere_gateway_connections_refused_total {snap['connections_refused']}",
+        "# HELP cohere_gateway_events_oversize_total Events dropped: too large even without bodies.",
+        "# TYPE cohere_gateway_events_oversize_total counter",
+        f"cohere_gateway_events_oversize_total {snap['events_oversize']}",
     ]
     cache = snap.get("cache", {})
     lines += [

@@ -74,11 +74,11 @@ def split_target(target: str) -> tuple[str, str]:
         raise RouteError(
             400, "the request target must be a path starting with '/' (absolute-form is refused)"
         )
-    if not _PATH_CHARS.match(path):
+    if not _PATH_CHARS.fullmatch(path):
         if "%" in path:
             raise RouteError(400, "percent-encoded characters are not accepted in the path")
         raise RouteError(400, "the path contains characters that are not accepted (backslash, space, ...)")
-    if sep and not _QUERY_CHARS.match(query):
+    if sep and not _QUERY_CHARS.fullmatch(query):
         raise RouteError(400, "the query string contains characters that are not accepted")
     segments = path.split("/")[1:]
     for seg in segments:
@@ -95,7 +95,7 @@ def check_method(method: str) -> None:
 
 
 def check_id(kind: str, value: str) -> str:
-    if not value or len(value) > ID_MAX_LENGTH or not ID_PATTERN.match(value):
+    if not value or len(value) > ID_MAX_LENGTH or not ID_PATTERN.fullmatch(value):
         raise RouteError(
             400,
             f"invalid {kind} {value[:80]!r}: 1-{ID_MAX_LENGTH} characters of A-Z a-z 0-9 _ . -, "

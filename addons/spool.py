@@ -122,7 +122,9 @@ class Spool:
         if max_bytes <= 0:
             raise ValueError(f"spool max bytes must be positive, got {max_bytes}")
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        # Spooled events may hold request and response bodies: owner-only, whatever the umask.
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.directory, 0o700)
         self._lock_fd: int | None = _lock_directory(self.directory)
         self.max_bytes = max_bytes
         self.fsync = fsync
@@ -211,7 +213,8 @@ class Spool:
     def _open_segment(self) -> None:
         number = self._next_segment
         self._next_segment += 1
-        self._file = open(self.directory / f"{number:012d}{SEGMENT_SUFFIX}", "ab")  # noqa: SIM115
+        path = self.directory / f"{number:012d}{SEGMENT_SUFFIX}"
+        self._file = os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
         self._active = number
         self._sizes[number] = 0
         if self.fsync != "never":
@@ -359,7 +362,9 @@ class Spool:
 
     def _save_cursor(self, pos: Position) -> None:
         tmp = self.directory / (CURSOR_FILE + ".tmp")
-        tmp.write_text(json.dumps({"segment": pos.segment, "offset": pos.offset}))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps({"segment": pos.segment, "offset": pos.offset}))
         os.replace(tmp, self.directory / CURSOR_FILE)
 
     def close(self) -> None:
@@ -373,7 +378,7 @@ class Spool:
 
 def _lock_directory(directory: Path) -> int:
     """An exclusive flock on <dir>/lock for the life of the Spool; the kernel drops it if we die."""
-    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -7,6 +7,7 @@ the OpenAI-compatible API uses `usage.prompt_tokens/completion_tokens`. Missing 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,8 @@ def usage_from_cohere(block: Any) -> Usage:
         cached_tokens=_int(block.get("cached_tokens")),
         search_units=_int(billed.get("search_units")),
         classifications=_int(billed.get("classifications")),
+        images=_int(billed.get("images")),
+        image_tokens=_int(billed.get("image_tokens")),
     )
 
 
@@ -137,7 +140,12 @@ def request_fields(raw: bytes | None) -> tuple[dict | None, str | None, bool]:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        return None, None, False
+        # orjson refuses what Python's json takes (a lone surrogate "\ud800", invalid UTF-8 in a
+        # string); the model and stream flag are still worth knowing. The event sanitises the strings.
+        try:
+            body = json.loads(raw.decode("utf-8", "replace"))
+        except ValueError:
+            return None, None, False
     if not isinstance(body, dict):
         return None, None, False
     return body, _str(body.get("model")), body.get("stream") is True

@@ -22,7 +22,8 @@ def main() -> None:
 
     \b
     Data flow:  client -> proxy (mitmproxy addon) -> Kafka -> consume -> ClickHouse -> report/dashboard
-    Local dev:  `cohere-gateway kafka start`, `cohere-gateway emulator`, then the gateway and consumer.
+    Local dev:  `cohere-gateway kafka start`, `cohere-gateway emulator`, then the gateway and consumer
+                (`cohere-gateway clickhouse start` for a ClickHouse server instead of the embedded engine).
     """
 
 
@@ -83,6 +84,56 @@ def kafka_status(**kwargs: object) -> None:
 
     cfg = s.from_kwargs(s.KafkaSettings, kwargs)
     st = localkafka.status(cfg.data_dir, cfg.port)
+    click.echo(st.describe())
+    sys.exit(0 if st.ready else 1)
+
+
+@main.group()
+def clickhouse() -> None:
+    """Manage a local ClickHouse server: the pinned chdb engine serving ClickHouse's HTTP and native
+    protocols, for `--clickhouse http://USER:PASSWORD@127.0.0.1:PORT/default` without Docker.
+
+    Needs nothing beyond this package. Data persists in --data-dir across restarts.
+    """
+
+
+@clickhouse.command("start")
+@s.click_options(s.ClickHouseSettings)
+def clickhouse_start(**kwargs: object) -> None:
+    """Write its config (users: --user with --password), start the server and wait until it answers
+    /ping. Prints the URL to pass as --clickhouse."""
+    from cohere_gateway import localclickhouse
+
+    cfg = s.from_kwargs(s.ClickHouseSettings, kwargs)
+    try:
+        server = localclickhouse.start(
+            cfg.data_dir, cfg.port, cfg.tcp_port, cfg.host, cfg.user, cfg.password, progress=_progress
+        )
+    except localclickhouse.ClickHouseSetupError as exc:
+        raise click.ClickException(str(exc)) from None
+    shown = server.url("PASSWORD" if cfg.password else "")
+    click.echo(f"ClickHouse is up: --clickhouse {shown} (pid {server.pid}, data {server.data_dir})")
+
+
+@clickhouse.command("stop")
+@s.click_options(s.ClickHouseSettings)
+def clickhouse_stop(**kwargs: object) -> None:
+    """Stop the server started with the same --data-dir (SIGTERM, then SIGKILL after 30 s)."""
+    from cohere_gateway import localclickhouse
+
+    cfg = s.from_kwargs(s.ClickHouseSettings, kwargs)
+    stopped = localclickhouse.stop(cfg.data_dir)
+    click.echo("ClickHouse stopped." if stopped else f"No local ClickHouse running for {cfg.data_dir}.")
+
+
+@clickhouse.command("status")
+@s.click_options(s.ClickHouseSettings)
+def clickhouse_status(**kwargs: object) -> None:
+    """Say whether the server for --data-dir runs and answers /ping on --port; exit 1 if not."""
+    from cohere_gateway import localclickhouse
+
+    cfg = s.from_kwargs(s.ClickHouseSettings, kwargs)
+    st = localclickhouse.status(cfg.data_dir, cfg.port, cfg.host)
     click.echo(st.describe())
     sys.exit(0 if st.ready else 1)
 

@@ -20,7 +20,7 @@ from typing import Annotated, Literal
 import msgspec
 
 SCHEMA_MAJOR = 1
-SCHEMA_MINOR = 1
+SCHEMA_MINOR = 2
 SCHEMA_VERSION = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
 
 DEFAULT_TOPIC = "cohere-gateway.events"
@@ -28,6 +28,11 @@ DEFAULT_TOPIC = "cohere-gateway.events"
 # Longest error message kept in an event; Cohere's messages are short, upstream HTML error pages are not.
 MAX_ERROR_MESSAGE = 1024
 MAX_METADATA_ENTRIES = 5
+# Kafka's default limits (broker message.max.bytes, producer max.request.size) are about 1 MiB per
+# record including key and batch overhead; the gateway builds events of at most half of that, which
+# leaves room for the overhead and for the consumer's dead-letter envelope around an event.
+KAFKA_MAX_MESSAGE_BYTES = 1 << 20
+MAX_EVENT_BYTES = KAFKA_MAX_MESSAGE_BYTES // 2
 
 RouteMode = Literal["gateway", "transparent", "compat"]
 Outcome = Literal["ok", "upstream_error", "gateway_error", "client_aborted", "upstream_timeout"]
@@ -61,6 +66,8 @@ class Usage(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=False):
     search_units: NonNegInt | None = None
     classifications: NonNegInt | None = None
     embeddings: NonNegInt | None = None  # number of vectors returned by an embed call
+    images: NonNegInt | None = None  # 1.1: `billed_units.images` (Embed v3 image inputs)
+    image_tokens: NonNegInt | None = None  # 1.1: `billed_units.image_tokens` (Embed v4 image inputs)
 
 
 class Latency(msgspec.Struct, omit_defaults=True):
@@ -88,6 +95,9 @@ class Event(msgspec.Struct, kw_only=True, omit_defaults=False, forbid_unknown_fi
     method: str
     path: str  # upstream path, without query string
     model: str | None = None
+    # 1.1: the request named no model, `model` is the one Cohere uses by default for this endpoint, and the
+    # cost (if any) was computed at that model's price.
+    model_implied: bool = False
     stream: bool = False
 
     status_code: Annotated[int, msgspec.Meta(ge=0, le=999)]  # 0: no response (connect failure, abort)
@@ -110,7 +120,7 @@ class Event(msgspec.Struct, kw_only=True, omit_defaults=False, forbid_unknown_fi
 
     cost_usd: NonNegFloat | None = None
     cost_source: Literal["pricing", "custom", "unknown_model", "not_billable", "cache"] | None = None
-    # 1.1, the response cache. A HIT was not billed: `usage` is empty, `cost_usd` 0 with cost_source
+    # 1.2, the response cache. A HIT was not billed: `usage` is empty, `cost_usd` 0 with cost_source
     # "cache", and the usage the stored answer reports (what the hit saved) is in saved_*, so sums of
     # usage and cost stay what upstream billed.
     cache_status: Literal["HIT", "MISS", "EXPIRED", "BYPASS"] | None = None
@@ -176,10 +186,11 @@ def utc_from_timestamp(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
 
 
-def api_key_fingerprint(key: str) -> str:
+def api_key_fingerprint(key: str | bytes) -> str:
     """Identifies a key across events without storing it: the first 16 hex digits of its SHA-256,
     like the short fingerprints Cohere's dashboard shows. Keys are high-entropy, so this is not reversible."""
-    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()[:16]
+    raw = key if isinstance(key, bytes) else key.encode("utf-8", "surrogateescape")
+    return "sha256:" + hashlib.sha256(raw).hexdigest()[:16]
 
 
 def truncate(text: str | None, limit: int = MAX_ERROR_MESSAGE) -> str | None:

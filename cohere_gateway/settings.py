@@ -2,8 +2,9 @@
 
 Each command's settings are a frozen dataclass; each field is a CLI flag (`--kafka-bootstrap`) and an
 environment variable with the project prefix (`COHERE_GATEWAY_KAFKA_BOOTSTRAP`), the flag winning.
-The helper commands whose flags would collide with the gateway's (`--port` of `emulator` and `kafka`)
-read `COHERE_GATEWAY_EMULATOR_*` / `COHERE_GATEWAY_KAFKA_*` instead. `cli.py` builds the click options
+The helper commands whose flags would collide with the gateway's (`--port` of `emulator`, `kafka` and
+`clickhouse`) read `COHERE_GATEWAY_EMULATOR_*` / `COHERE_GATEWAY_KAFKA_*` / `COHERE_GATEWAY_CLICKHOUSE_*`
+instead. `cli.py` builds the click options
 from these classes, so help text, defaults and env names are written once, here.
 """
 
@@ -22,6 +23,11 @@ ENV_PREFIX = "COHERE_GATEWAY_"
 DEFAULT_DATA_DIR = Path(".cohere-gateway")
 DEFAULT_TOPIC = "cohere-gateway.events"
 DEFAULT_UPSTREAM = "https://api.cohere.ai"
+DEFAULT_PARTITIONS = 6
+PARTITIONS_HELP = (
+    "Partitions of the event topic, created with this many if missing (a consumer group shares at most "
+    "this many consumers). An existing topic is left as it is: fewer partitions are logged, not changed."
+)
 
 
 def setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None) -> Any:
@@ -56,12 +62,32 @@ class KafkaSettings:
 
 
 @dataclass(frozen=True)
+class ClickHouseSettings:
+    """`clickhouse start|stop|status`: a local ClickHouse server (the chdb engine serving ClickHouse's
+    HTTP and native protocols) for the clickhouse-connect path, without Docker."""
+
+    env_prefix = ENV_PREFIX + "CLICKHOUSE_"
+
+    port: int = setting(8123, "Port of the server's HTTP interface (what --clickhouse URLs point at).")
+    tcp_port: int = setting(9000, "Port of the server's native protocol (clickhouse-client).")
+    host: str = setting(
+        "127.0.0.1", "Interface the server listens on; beyond loopback it needs a --password."
+    )
+    user: str = setting("gateway", "User clients log in as (any name but 'default').")
+    password: str = setting("", "That user's password (only its SHA-256 is written). Empty: none.")
+    data_dir: Path = setting(
+        DEFAULT_DATA_DIR / "clickhouse-server", "Where the server keeps its data, config, pid and output."
+    )
+
+
+@dataclass(frozen=True)
 class ConsumerSettings:
     """`consume`: Kafka -> ClickHouse. Storage is the server at --clickhouse when given, else the embedded
     engine (chdb) under <data-dir>/clickhouse."""
 
     kafka_bootstrap: str = setting("127.0.0.1:9092", "Kafka bootstrap servers, HOST:PORT[,HOST:PORT].")
     topic: str = setting(DEFAULT_TOPIC, "Topic the gateway writes events to.")
+    partitions: int = setting(DEFAULT_PARTITIONS, PARTITIONS_HELP)
     group_id: str = setting(
         "cohere-gateway-consumer", "Kafka consumer group; run several to share partitions."
     )
@@ -88,6 +114,20 @@ class ConsumerSettings:
     aggregate_retention_days: int = setting(400, "Per-minute aggregates older than this are dropped (TTL).")
     http_host: str = setting("127.0.0.1", "Interface of the read API (/readyz, /metrics, /api/...).")
     http_port: int = setting(8091, "Port of the read API; 0 picks a free port, -1 disables it.")
+    api_token: str = setting(
+        "",
+        "Token the read API and dashboard require (HTTP Basic password, any user name, or "
+        "'Authorization: Bearer <token>'). Required when --http-host is not a loopback address.",
+    )
+    allowed_hosts: str = setting(
+        "",
+        "Host header values the read API answers, comma-separated (DNS rebinding guard); '*' any. "
+        "Empty: localhost, 127.0.0.1, [::1] and --http-host.",
+    )
+    read_clickhouse: str = setting(
+        "",
+        "ClickHouse server URL the read API queries with, e.g. a read-only user's. Empty: --clickhouse.",
+    )
     log_level: str = setting("info", "Log level.", choices=("debug", "info", "warning", "error"))
 
 
@@ -104,6 +144,7 @@ class ReportSettings:
     json: bool = setting(False, "Print JSON instead of a table.")
     clickhouse: str = setting("", "ClickHouse server URL (as for consume). Empty: the embedded engine.")
     data_dir: Path = setting(DEFAULT_DATA_DIR, "Data directory of the embedded engine.")
+    api_token: str = setting("", "The consumer's --api-token, when its read API has one.")
 
 
 @dataclass(frozen=True)
@@ -127,7 +168,32 @@ class ProxySettings:
     gateway_token: str = setting(
         "", "If set, requests must send `cf-aig-authorization: Bearer <token>` (401 otherwise)."
     )
-    max_request_bytes: int = setting(10_485_760, "Largest request body accepted; larger ones get 413.")
+    max_request_bytes: int = setting(
+        10_485_760, "Largest request body accepted, compressed or decoded; larger ones get 413."
+    )
+    max_header_bytes: int = setting(
+        65_536, "Largest request head (request line and headers) accepted; larger ones get 431."
+    )
+    max_headers: int = setting(100, "Most header fields a request may carry; more get 431.")
+    max_connections: int = setting(
+        1024, "Most client connections open at once (per worker); further ones are closed at once."
+    )
+    idle_timeout_s: float = setting(
+        180.0,
+        "A connection with no traffic either way for this long is closed (raise it for very long "
+        "non-streamed generations).",
+    )
+    allow_http2: bool = setting(
+        False, "Offer HTTP/2 (ALPN h2) to TLS clients; off: clients speak HTTP/1.1 to the gateway."
+    )
+    max_custom_cost: float = setting(
+        1000.0, "Largest cf-aig-custom-cost value (USD) accepted; larger or non-finite ones get 400."
+    )
+    protect_local_endpoints: bool = setting(
+        True,
+        "With --gateway-token, /metrics and the details of /healthz need the token too "
+        '(/healthz alone still answers {"status": "ok"} for health checks).',
+    )
     log_payloads: bool = setting(False, "Store request and response bodies in events (truncated).")
     payload_max_bytes: int = setting(16_384, "Bodies stored in events are truncated to this many characters.")
     spool_dir: str = setting(
@@ -150,6 +216,11 @@ class ProxySettings:
     )
     max_pending_events: int = setting(
         10_000, "Most events held in memory awaiting Kafka; beyond it events go to the spool."
+    )
+    dead_letter_max_bytes: int = setting(
+        104_857_600,
+        "Size cap of <spool-dir>/dead-letters.jsonl, where events Kafka refuses for good are kept "
+        "(delivery moves on past them); beyond it they are dropped (and counted).",
     )
     shutdown_grace_s: float = setting(
         10.0, "On SIGTERM/SIGINT, how long to keep delivering to Kafka before spooling the rest."
@@ -193,8 +264,16 @@ class UpSettings:
     kafka: str = setting("", "Bootstrap servers of an existing Kafka. Empty: start the local broker.")
     kafka_port: int = setting(9092, "Port of the local broker when --kafka is empty (controller: port+1).")
     topic: str = setting(DEFAULT_TOPIC, "Kafka topic of the events.")
+    partitions: int = setting(DEFAULT_PARTITIONS, PARTITIONS_HELP)
     clickhouse: str = setting("", "ClickHouse server URL. Empty: the embedded engine under --data-dir.")
     data_dir: Path = setting(DEFAULT_DATA_DIR, "Where Kafka, ClickHouse, the spool, the CA and logs live.")
+
+
+def addon_options(*names: str) -> tuple[tuple[str, type, str], ...]:
+    """(name, type, help) of ProxySettings fields, as the gateway addon registers them with mitmproxy."""
+    hints = typing.get_type_hints(ProxySettings)
+    by_name = {f.name: f for f in dataclasses.fields(ProxySettings)}
+    return tuple((name, hints[name], by_name[name].metadata["help"]) for name in names)
 
 
 def env_name(cls: type, name: str) -> str:

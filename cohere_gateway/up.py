@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cohere_gateway import localkafka
+from cohere_gateway.kafka_topics import ensure_topic
 from cohere_gateway.settings import UpSettings
 
 Say = Callable[[str], None]
@@ -65,6 +66,14 @@ class Stack:
             broker = localkafka.start(self.kafka_dir, s.kafka_port, progress=self.say)
             self.kafka_bootstrap = broker.bootstrap
             self.say(f"Kafka: local broker on {broker.bootstrap}")
+        # Up front, so neither the gateway's first event nor a broker default decides the partition count.
+        from kafka.errors import KafkaError
+
+        try:
+            count = ensure_topic(self.kafka_bootstrap, s.topic, s.partitions)
+        except (KafkaError, ValueError) as exc:
+            raise UpError(f"could not create topic {s.topic} on {self.kafka_bootstrap}: {exc}") from exc
+        self.say(f"Kafka: topic {s.topic}, {count if count is not None else 'unknown'} partitions")
 
         self.upstream = s.upstream
         if s.demo:
@@ -81,6 +90,8 @@ class Stack:
             self.kafka_bootstrap,
             "--topic",
             s.topic,
+            "--partitions",
+            str(s.partitions),
             "--http-host",
             s.host,
             "--http-port",

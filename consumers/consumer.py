@@ -14,6 +14,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,13 +22,15 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from cohere_gateway.kafka_topics import ensure_topic
 from cohere_gateway.settings import ConsumerSettings
-from consumers import kafka_fastpath, schema
+from consumers import dedup, kafka_fastpath, schema
+from consumers.assignment import Watch
 from consumers.backends import Backend, BackendUnavailable
 from consumers.batching import Batch, Planner, Range
 from consumers.dead_letters import dead_letter
 from consumers.metrics import Metrics
-from consumers.rows import EVENT_COLUMNS, Rejected, convert
+from consumers.rows import EVENT_COLUMNS, Rejected, Row, to_row
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +69,7 @@ class Converted(NamedTuple):
     partition: int
     offset: int
     timestamp: int
-    row: bytes | Rejected
+    row: Row | Rejected
     record: Any  # as polled, for the dead-letter topic
 
 
@@ -97,6 +100,7 @@ class Consumer:
         self.clock = clock
         self.planner = Planner()
         self._kafka: Any = None
+        self._watch: Watch | None = None
         self._producer: Any = None
         self._rewind: dict[Any, int] = {}
         self._paused = False
@@ -132,12 +136,17 @@ class Consumer:
         from kafka.errors import KafkaError
 
         backoff = Backoff(maximum=10.0)
+        # Unique in the group (pids repeat across containers): the assignment watch finds this member
+        # in the broker's group description by it.
+        client_id = f"cohere-gateway-consumer-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         while not stop.is_set():
             try:
+                # Before the first event, so the topic gets --partitions, not the broker's default.
+                ensure_topic(self.cfg.kafka_bootstrap, self.cfg.topic, self.cfg.partitions)
                 consumer = KafkaConsumer(
                     bootstrap_servers=self.cfg.kafka_bootstrap.split(","),
                     group_id=self.cfg.group_id,
-                    client_id=f"cohere-gateway-consumer-{os.getpid()}",
+                    client_id=client_id,
                     enable_auto_commit=False,
                     auto_offset_reset="earliest",
                     max_poll_records=max(1, min(self.cfg.batch_size, 10_000)),
@@ -156,6 +165,10 @@ class Consumer:
                 continue
             kafka_fastpath.install(consumer)
             consumer.subscribe([self.cfg.topic], listener=_rebalance_listener(self))
+            self._watch = Watch(
+                self.cfg.kafka_bootstrap, self.cfg.topic, self.cfg.group_id, client_id, note=self._note_error
+            )
+            self._watch.start()
             self.metrics.kafka_ready = True
             return consumer
         return None
@@ -172,24 +185,7 @@ class Consumer:
 
     def _ensure_dlq_topic(self) -> None:
         """Create the dead-letter topic if missing (kafka-python's producer does not auto-create)."""
-        self._create_topic(dlq_topic(self.cfg), num_partitions=1)
-
-    def _create_topic(self, name: str, num_partitions: int) -> None:
-        """Create `name` unless it exists; -1 means the broker's default partition count."""
-        from kafka import KafkaAdminClient
-        from kafka.admin import NewTopic
-        from kafka.errors import KafkaError, TopicAlreadyExistsError
-
-        admin = KafkaAdminClient(bootstrap_servers=self.cfg.kafka_bootstrap.split(","))
-        try:
-            admin.create_topics([NewTopic(name, num_partitions=num_partitions, replication_factor=-1)])
-            log.info("created topic %s", name)
-        except TopicAlreadyExistsError:
-            pass
-        except KafkaError as exc:  # e.g. not authorised: the broker may still auto-create it
-            log.warning("could not create topic %s: %s", name, exc)
-        finally:
-            admin.close()
+        ensure_topic(self.cfg.kafka_bootstrap, dlq_topic(self.cfg), 1)
 
     # -- the loop -------------------------------------------------------------------------------------
 
@@ -212,6 +208,9 @@ class Consumer:
                 try:
                     polled = self._kafka.poll(timeout_ms=poll_ms, max_records=self.cfg.batch_size)
                     self._check_kafka()
+                    if self._watch is not None:
+                        self._watch.tick(self._kafka)
+                        self.metrics.assignment_repairs = self._watch.repairs
                 except KafkaError as exc:
                     self.metrics.kafka_ready = False
                     self._note_error(f"Kafka poll failed: {exc}; retrying")
@@ -251,7 +250,7 @@ class Consumer:
         if not records:
             return
         converted = [
-            Converted(r.topic, r.partition, r.offset, r.timestamp, convert(r.value, r.partition, r.offset), r)
+            Converted(r.topic, r.partition, r.offset, r.timestamp, to_row(r.value, r.partition, r.offset), r)
             for r in records
         ]
         if self._inflight is None:
@@ -355,21 +354,34 @@ class Consumer:
         rejected = []
         inserts = []
         for batch in batches:
-            lines = []
+            rows = []
             for polled in batch.records:
                 if isinstance(polled.row, Rejected):
                     rejected.append((polled.record, polled.row.reason))
                 else:
-                    lines.append(polled.row)
-            if lines:
-                inserts.append((batch.range.dedup_token, len(lines), b"".join(lines)))
+                    rows.append(polled.row)
+            if rows:
+                inserts.append((batch.range.dedup_token, rows))
         self._inflight = Inflight(batches, rejected, self._writer.submit(self._write, inserts))
 
-    def _write(self, inserts: list[tuple[str, int, bytes]]) -> None:
-        for token, count, rows in inserts:
+    def _write(self, inserts: list[tuple[str, list[Row]]]) -> None:
+        """On the writer thread, after the previous flush was written: one lookup for the whole flush
+        tells which events are stored already, and those rows (and repeats within the flush) are left out,
+        so no materialized view counts an event twice (consumers/dedup.py)."""
+        seen = dedup.stored_ids(self.backend, [row.event_id for _, rows in inserts for row in rows])
+        for range_token, rows in inserts:
+            kept, dropped = dedup.keep_first(rows, seen)
+            self.metrics.duplicates += dropped
+            if not kept:
+                continue
             started = time.perf_counter()
-            self.backend.insert_json_rows("events", rows, token, EVENT_COLUMNS)
-            self.metrics.record_insert(count, time.perf_counter() - started)
+            self.backend.insert_json_rows(
+                "events",
+                b"".join(row.line for row in kept),
+                dedup.token_for(range_token, kept, len(rows)),
+                EVENT_COLUMNS,
+            )
+            self.metrics.record_insert(len(kept), time.perf_counter() - started)
 
     def _finish_flush(self) -> None:
         """Wait for the flush in flight, then commit it. Records held meanwhile join the planner either
@@ -501,6 +513,8 @@ class Consumer:
         self.metrics.last_error = message
 
     def _close(self) -> None:
+        if self._watch is not None:
+            self._watch.stop()
         self._writer.shutdown(wait=True)
         if self._producer is not None:
             self._producer.close(timeout=5)

@@ -4,6 +4,9 @@ address to <data-dir>/clickhouse/consumer.json for `report` to find."""
 
 from __future__ import annotations
 
+import base64
+import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -25,16 +28,67 @@ log = logging.getLogger(__name__)
 DISCOVERY_FILE = "consumer.json"
 
 
+# Answered without the token: orchestrators' liveness and readiness checks.
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+REALM = 'Basic realm="cohere-gateway", charset="UTF-8"'
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def allowed_host_set(allowed: str, http_host: str) -> frozenset[str] | None:
+    """The Host header names answered; None: any."""
+    names = {h.strip().lower() for h in allowed.split(",") if h.strip()}
+    if "*" in names:
+        return None
+    if not names:
+        names = {"localhost", "127.0.0.1", "[::1]", "::1"}
+        if http_host and http_host not in ("0.0.0.0", "::"):
+            names.add(http_host.lower())
+    return frozenset(names)
+
+
+def check_exposure(http_host: str, token: str) -> None:
+    """The read side serves every account's usage (and bodies, with payload logging): beyond loopback
+    it needs a token; put a reverse proxy with its own authentication in front if you prefer one."""
+    if not token and not is_loopback(http_host):
+        raise ValueError(
+            f"the read API would listen on {http_host} without authentication: set --api-token "
+            "(COHERE_GATEWAY_API_TOKEN), or bind --http-host 127.0.0.1 behind an authenticating reverse proxy"
+        )
+
+
 class ReadApi:
-    def __init__(self, backend: Backend, metrics: Metrics, host: str, port: int) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        metrics: Metrics,
+        host: str,
+        port: int,
+        *,
+        token: str = "",
+        allowed_hosts: frozenset[str] | None = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"}),
+    ) -> None:
+        check_exposure(host, token)
         api = self
+        self.token = token
+        self.allowed_hosts = allowed_hosts
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                status, ctype, body = api.handle(self.path)
+                refused = api.refuse(self.path, self.headers.get("Host"), self.headers.get("Authorization"))
+                status, ctype, body = refused or api.handle(self.path)
                 self.send_response(status)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
+                if status == 401:
+                    self.send_header("WWW-Authenticate", REALM)
                 self.end_headers()
                 self.wfile.write(body)
 
@@ -50,6 +104,8 @@ class ReadApi:
     @property
     def url(self) -> str:
         host, port = self.server.server_address[:2]
+        if host in ("0.0.0.0", "::"):  # every interface: local readers (report) use loopback
+            host = "127.0.0.1"
         return f"http://{host}:{port}"
 
     def start(self) -> None:
@@ -58,6 +114,44 @@ class ReadApi:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+    def refuse(
+        self, target: str, host: str | None, authorization: str | None
+    ) -> tuple[int, str, bytes] | None:
+        """A 421 for a Host not on the allow-list, a 401 without the token; None: go ahead."""
+        name = (host or "").strip().lower()
+        if name.startswith("["):
+            name = name.partition("]")[0] + "]"
+        else:
+            name = name.rpartition(":")[0] if name.count(":") == 1 else name
+        if self.allowed_hosts is not None and name not in self.allowed_hosts:
+            return (
+                421,
+                "application/json",
+                orjson.dumps(
+                    {"error": f"Host {name[:100]!r} is not one this API answers; see --allowed-hosts"}
+                ),
+            )
+        if not self.token or urlsplit(target).path.rstrip("/") in OPEN_PATHS:
+            return None
+        scheme, _, value = (authorization or "").strip().partition(" ")
+        presented = value.strip()
+        if scheme.lower() == "basic":
+            try:
+                presented = base64.b64decode(presented, validate=True).decode("latin-1").partition(":")[2]
+            except ValueError:
+                presented = ""
+        elif scheme.lower() != "bearer":
+            presented = ""
+        if hmac.compare_digest(presented.encode("latin-1", "replace"), self.token.encode()):
+            return None
+        return (
+            401,
+            "application/json",
+            orjson.dumps(
+                {"error": "this API needs the token: HTTP Basic (any user, the token as password) or Bearer"}
+            ),
+        )
 
     def handle(self, target: str) -> tuple[int, str, bytes]:
         parts = urlsplit(target)

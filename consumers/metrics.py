@@ -12,9 +12,11 @@ class Metrics:
     events_inserted: int = 0
     batches_inserted: int = 0
     dead_letters: int = 0
+    duplicates: int = 0  # events left out of an insert: their event_id was stored already
     insert_failures: int = 0
     commit_failures: int = 0
     commits: int = 0
+    assignment_repairs: int = 0  # stalled assignments repaired (consumers/assignment.py)
     lag: dict[tuple[str, int], int] = field(default_factory=dict)
     last_batch_size: int = 0
     buffered: int = 0  # consumed, not yet written
@@ -59,6 +61,18 @@ class Metrics:
                     "counter",
                     "Messages sent to the dead-letter topic.",
                     self.dead_letters,
+                ),
+                *_metric(
+                    "cohere_gateway_consumer_assignment_repairs_total",
+                    "counter",
+                    "Times the group's assignment left partitions unread and was repaired (refresh, rejoin).",
+                    self.assignment_repairs,
+                ),
+                *_metric(
+                    "cohere_gateway_consumer_duplicates_total",
+                    "counter",
+                    "Events not inserted because their event_id was stored already (counted once).",
+                    self.duplicates,
                 ),
                 *_metric(
                     "cohere_gateway_consumer_insert_failures_total",

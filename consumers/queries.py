@@ -32,14 +32,23 @@ class NotFound(LookupError):
     """The query is well-formed but names nothing stored."""
 
 
+# Longest window a query may ask for: beyond any retention, and far from datetime's overflow.
+MAX_DURATION = timedelta(days=3660)
+
+
 def parse_duration(text: str) -> timedelta:
-    """'30m', '1h', '7d', '90s', '2w'."""
-    m = _DURATION.match(text)
+    """'30m', '1h', '7d', '90s', '2w'; at most MAX_DURATION."""
+    m = _DURATION.fullmatch(text)
     if not m:
         raise QueryError(
-            f"duration {text!r} not understood: use a number and a unit s/m/h/d/w, e.g. 30m, 1h, 7d"
+            f"duration {text[:40]!r} not understood: use a number and a unit s/m/h/d/w, e.g. 30m, 1h, 7d"
         )
-    return timedelta(seconds=float(m.group(1)) * _UNIT_SECONDS[m.group(2)])
+    seconds = float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+    if seconds > MAX_DURATION.total_seconds():
+        raise QueryError(
+            f"duration {text[:40]!r} is longer than the {MAX_DURATION.days} days a query may span"
+        )
+    return timedelta(seconds=seconds)
 
 
 @cache
@@ -90,10 +99,38 @@ def _ints(row: dict[str, Any], *names: str) -> dict[str, Any]:
     return row
 
 
+# Counts a row may carry; JSONEachRow quotes them (64-bit).
+COUNTS = (
+    "requests",
+    "errors",
+    "streams",
+    "input_tokens",
+    "output_tokens",
+    "cached_tokens",
+    "search_units",
+    "classifications",
+    "embeddings",
+    "images",
+    "image_tokens",
+    "unpriced_requests",
+    "unpriced_input_tokens",
+    "unpriced_output_tokens",
+    "implied_model_requests",
+)
+
+
+def _costed(row: dict[str, Any]) -> dict[str, Any]:
+    """Counts as numbers, and `cost_complete`: false when any request of the row has no known cost, so
+    `cost_usd` (the priced requests' cost, or null when none was priced) is a lower bound."""
+    _ints(row, *COUNTS)
+    row["cost_complete"] = row.get("unpriced_requests", 0) == 0
+    return row
+
+
 def totals(backend: Backend, window: Window, by: str = "model") -> list[dict[str, Any]]:
     rows = backend.query(sql("totals"), window.params() | {"by": _check_by(by)})
     for row in rows:
-        _ints(row, "requests", "errors", "streams", "input_tokens", "output_tokens")
+        _costed(row)
         row["error_rate"] = row["errors"] / row["requests"] if row["requests"] else 0.0
         _spread_quantiles(row, "latency_ms")
         _spread_quantiles(row, "ttft_ms")
@@ -105,7 +142,7 @@ def timeseries(backend: Backend, window: Window, by: str = "none", step_s: int =
         raise QueryError(f"step must be a whole number of minutes (60, 300, ...), got {step_s} s")
     rows = backend.query(sql("timeseries"), window.params() | {"by": _check_by(by), "step_s": step_s})
     for row in rows:
-        _ints(row, "requests", "errors", "input_tokens", "output_tokens")
+        _costed(row)
         _spread_quantiles(row, "latency_ms")
     return rows
 
@@ -119,14 +156,14 @@ def errors(backend: Backend, window: Window) -> list[dict[str, Any]]:
 
 def top_api_keys(backend: Backend, window: Window, limit: int = 10) -> list[dict[str, Any]]:
     rows = backend.query(sql("top_api_keys"), window.params() | {"limit": limit})
-    return [_ints(r, "requests", "errors", "input_tokens", "output_tokens") for r in rows]
+    return [_costed(r) for r in rows]
 
 
 def top_metadata(backend: Backend, window: Window, key: str, limit: int = 10) -> list[dict[str, Any]]:
     if not key:
         raise QueryError("top_metadata needs a metadata key, e.g. key=user")
     rows = backend.query(sql("top_metadata"), window.params() | {"key": key, "limit": limit})
-    return [_ints(r, "requests", "errors", "input_tokens", "output_tokens") for r in rows]
+    return [_costed(r) for r in rows]
 
 
 CACHE_GROUP_FIELDS = ("account_id", "gateway_id", "model", "none")
@@ -164,9 +201,7 @@ def recent(
         "metadata_key": metadata_key,
         "metadata_value": metadata_value,
     }
-    return [
-        _ints(r, "usage_input_tokens", "usage_output_tokens") for r in backend.query(sql("recent"), params)
-    ]
+    return [_ints(r, *(k for k in r if k.startswith("usage_"))) for r in backend.query(sql("recent"), params)]
 
 
 def event(backend: Backend, window: Window, event_id: str = "") -> dict[str, Any]:

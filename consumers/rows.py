@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 from cohere_gateway.events import Event, EventError, decode, encode
 
@@ -32,8 +33,16 @@ def check_storable(event: Event) -> str | None:
     return None
 
 
-def convert(value: bytes | None, partition: int, offset: int) -> bytes | Rejected:
-    """One JSONEachRow line for the raw table, or why the message is a dead letter."""
+class Row(NamedTuple):
+    """A raw-table row, with what the consumer needs to know of it without parsing the line again."""
+
+    event_id: str
+    start_time: datetime
+    line: bytes  # one JSONEachRow line
+
+
+def to_row(value: bytes | None, partition: int, offset: int) -> Row | Rejected:
+    """The raw-table row of one message, or why the message is a dead letter."""
     if value is None:
         return Rejected("empty message (tombstone) - expected a JSON event")
     try:
@@ -44,4 +53,11 @@ def convert(value: bytes | None, partition: int, offset: int) -> bytes | Rejecte
         return Rejected(f"invalid event: {problem}")
     # Re-encoding the validated event (not the message as it came) drops unknown and duplicate keys,
     # which would fail the whole insert block; the Kafka position is spliced into the closing brace.
-    return encode(event)[:-1] + b',"kafka_partition":%d,"kafka_offset":%d}\n' % (partition, offset)
+    line = encode(event)[:-1] + b',"kafka_partition":%d,"kafka_offset":%d}\n' % (partition, offset)
+    return Row(event.event_id, event.start_time, line)
+
+
+def convert(value: bytes | None, partition: int, offset: int) -> bytes | Rejected:
+    """One JSONEachRow line for the raw table, or why the message is a dead letter."""
+    row = to_row(value, partition, offset)
+    return row if isinstance(row, Rejected) else row.line

@@ -113,6 +113,7 @@ def apply_retention(backend: Backend, raw_days: int, aggregate_days: int) -> Non
     """Rewrite the tables' TTL when --retention-days differs from what the table has."""
     wanted = {
         "events": ("toDateTime(start_time)", raw_days),
+        "event_ids": ("toDateTime(start_time)", raw_days),
         "events_by_minute": ("minute", aggregate_days),
         "errors_by_minute": ("minute", aggregate_days),
         "cache_by_minute": ("minute", aggregate_days),

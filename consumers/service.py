@@ -11,7 +11,7 @@ from typing import Any
 from cohere_gateway.settings import ConsumerSettings
 from consumers.backends import chdb_path, open_backend
 from consumers.consumer import Consumer
-from consumers.http_api import ReadApi, remove_discovery, write_discovery
+from consumers.http_api import ReadApi, allowed_host_set, check_exposure, remove_discovery, write_discovery
 from consumers.metrics import Metrics
 
 log = logging.getLogger("consumers")
@@ -26,12 +26,19 @@ def serve(cfg: ConsumerSettings, stop: threading.Event | None = None) -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR if cfg.log_level != "debug" else logging.DEBUG)
     if cfg.batch_size < 1 or cfg.batch_wait_ms < 1:
         raise ValueError("--batch-size and --batch-wait-ms must be at least 1")
+    if cfg.partitions < 1:
+        raise ValueError(f"--partitions must be at least 1, not {cfg.partitions}")
+    if cfg.http_port >= 0:
+        check_exposure(cfg.http_host, cfg.api_token)  # before anything starts
     stop = stop or threading.Event()
     backend = open_backend(cfg.clickhouse, cfg.data_dir)
+    # The read side may query as a read-only user (server mode): a bug in it then cannot write or drop.
+    reader = open_backend(cfg.read_clickhouse, cfg.data_dir) if cfg.read_clickhouse else backend
     metrics = Metrics()
     api = None
     if cfg.http_port >= 0:
-        api = ReadApi(backend, metrics, cfg.http_host, cfg.http_port)
+        api = ReadApi(reader, metrics, cfg.http_host, cfg.http_port, token=cfg.api_token,
+                      allowed_hosts=allowed_host_set(cfg.allowed_hosts, cfg.http_host))  # fmt: skip
         api.start()
         if not cfg.clickhouse:
             write_discovery(chdb_path(cfg.data_dir), api.url)
@@ -52,5 +59,7 @@ def serve(cfg: ConsumerSettings, stop: threading.Event | None = None) -> None:
             api.stop()
             if not cfg.clickhouse:
                 remove_discovery(chdb_path(cfg.data_dir))
+        if reader is not backend:
+            reader.close()
         backend.close()
         log.info("consumer stopped")

@@ -34,6 +34,9 @@ def own_kafka(tmp_path: Path) -> Iterator[tuple[Path, str]]:
         localkafka.stop(data_dir)
 
 
+# Kafka's outage is the subject here, not storage: one backend keeps the suite's wall time
+# (tests/test_scale_out.py stops a real ClickHouse server under running consumers).
+@pytest.mark.parametrize("storage", ["chdb"], indirect=True)
 @pytest.mark.timeout(150)
 def test_kafka_stopped_mid_run_consumer_waits_and_resumes_exactly_once(
     own_kafka: tuple[Path, str], storage: Storage, tmp_path: Path

@@ -59,6 +59,20 @@ def test_app_services_run_real_cli_commands(service: str) -> None:
         assert flag.split("=", 1)[0] in known, f"{service}: `{subcommand}` has no option {flag}"
 
 
+def test_kafka_is_healthy_once_the_event_topic_exists_with_the_configured_partitions() -> None:
+    """The gateway and the consumer wait for Kafka's healthcheck, which creates the topic: with the
+    settings' topic and partition count, the same count the consumer is given."""
+    from cohere_gateway.settings import DEFAULT_PARTITIONS, DEFAULT_TOPIC
+
+    check = " ".join(COMPOSE["services"]["kafka"]["healthcheck"]["test"][1:])
+    partitions = f"${{COHERE_GATEWAY_PARTITIONS:-{DEFAULT_PARTITIONS}}}"
+    assert "kafka-topics.sh --bootstrap-server localhost:9092 --create --if-not-exists" in check
+    assert f"--topic {DEFAULT_TOPIC} --partitions {partitions}" in check
+    assert f"--partitions={partitions}" in COMPOSE["services"]["consumer"]["command"]
+    for app in ("gateway", "consumer"):
+        assert COMPOSE["services"][app]["depends_on"]["kafka"] == {"condition": "service_healthy"}
+
+
 def test_dockerfile_builds_the_cli_from_the_packages() -> None:
     text = (ROOT / "Dockerfile").read_text()
     assert 'ENTRYPOINT ["cohere-gateway"]' in text

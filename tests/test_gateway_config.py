@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from addons import gateway_config as gc
+from addons.headers import check_gateway_token
 from addons.routing import RouteError
 from cohere_gateway.cli import main
 
@@ -94,11 +95,11 @@ def test_tokens_from_the_environment() -> None:
 
 
 def test_check_token_accepts_any_of_the_gateways_tokens() -> None:
-    gc.check_token(None, ())
-    gc.check_token("Bearer two-token-2", ("one-token-1", "two-token-2"))
+    check_gateway_token(None, ())
+    check_gateway_token("Bearer two-token-2", ("one-token-1", "two-token-2"))
     for presented in (None, "Bearer nope", "Basic two-token-2", "two-token-2"):
         with pytest.raises(RouteError) as info:
-            gc.check_token(presented, ("one-token-1", "two-token-2"))
+            check_gateway_token(presented, ("one-token-1", "two-token-2"))
         assert info.value.status == 401
 
 

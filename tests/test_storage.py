@@ -231,7 +231,7 @@ def test_run_rejects_bad_parameters_clearly(loaded: tuple[Backend, list[Event]])
 
 
 def test_cache_hits_and_savings_per_gateway_and_model(clickhouse_backend: Backend) -> None:
-    """Event 1.1 (migration 0010): a HIT's saved usage and cost land in cache_by_minute; its usage and
+    """Event 1.2 (migration 0007): a HIT's saved usage and cost land in cache_by_minute; its usage and
     cost (nothing billed) keep events_by_minute's token and cost sums what upstream billed."""
     same = {"account_id": "acme", "gateway_id": "prod", "model": "command-r", "outcome": "ok"}
     same |= {"status_code": 200, "error_type": None, "error_message": None}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 
 import pytest
 from hypothesis import given, settings
@@ -224,8 +225,9 @@ def test_stream_detection() -> None:
 
 def test_cost_from_billed_units() -> None:
     usage = Usage(input_tokens=1_000_000, output_tokens=100_000, raw_input_tokens=2_000_000)
+    # command-r-plus is an alias of command-r-plus-04-2024 (Cohere's model page), not of the 08-2024 model
     cost, source = compute_cost(PRICING, "chat", "command-r-plus", usage)
-    assert source == "pricing" and cost == pytest.approx(2.50 + 1.00)
+    assert source == "pricing" and cost == pytest.approx(3.00 + 1.50)
     cost, _ = compute_cost(PRICING, "chat", "command-r-plus-08-2024", usage)
     assert cost == pytest.approx(3.50)
     cost, _ = compute_cost(PRICING, "rerank", "rerank-v3.5", Usage(search_units=3))
@@ -253,7 +255,7 @@ def test_pricing_table_covers_the_documented_models() -> None:
     for model in ("command-r", "command-r-plus", "command-r7b", "command-a", "command-light", "command",
                   "embed-english-v3.0", "embed-multilingual-v3.0", "embed-v4.0", "rerank-v3.5",
                   "rerank-english-v3.0"):  # fmt: skip
-        assert PRICING.lookup(model) is not None, model
+        assert PRICING.lookup(model, datetime.now(UTC)) is not None, model
 
 
 DONE = b"data: [DONE]\n\n"

@@ -12,6 +12,22 @@ const fmtInt = new Intl.NumberFormat("en-US");
 const fmtUsd = (v) => (v == null ? "–" : "$" + Number(v).toFixed(v >= 1 ? 2 : 6));
 const fmtMs = (v) => (v == null ? "–" : Number(v).toFixed(v >= 100 ? 0 : 1));
 const fmtPct = (v) => (v == null ? "–" : (100 * v).toFixed(1) + "%");
+// A cost with unpriced requests in it is a lower bound: say so instead of passing it off as the total.
+const fmtCost = (r) => {
+  if (!r.unpriced_requests) return fmtUsd(r.cost_usd);
+  return r.cost_usd == null ? "unknown" : `≥ ${fmtUsd(r.cost_usd)}`;
+};
+// The units Cohere bills besides input/output tokens, where any were used.
+function fmtUnits(r) {
+  const parts = [
+    ["cached", r.cached_tokens ?? r.usage_cached_tokens],
+    ["search units", r.search_units ?? r.usage_search_units],
+    ["images", r.images ?? r.usage_images],
+    ["image tokens", r.image_tokens ?? r.usage_image_tokens],
+  ];
+  const used = parts.filter(([, v]) => v).map(([name, v]) => `${fmtInt.format(v)} ${name}`);
+  return used.length ? used.join(", ") : "–";
+}
 
 function scope() {
   const p = new URLSearchParams({ since: $("#range").value });
@@ -99,7 +115,16 @@ function drawCards(total, cache) {
   const t = total || {};
   $("#c-requests").textContent = fmtInt.format(t.requests || 0);
   $("#c-tokens").textContent = `${fmtInt.format(t.input_tokens || 0)} / ${fmtInt.format(t.output_tokens || 0)}`;
-  $("#c-cost").textContent = fmtUsd(t.cost_usd ?? 0);
+  $("#c-cost").textContent = t.requests ? fmtCost(t) : fmtUsd(0);
+  $("#c-cost-note").textContent = t.unpriced_requests
+    ? `cost incomplete: ${fmtInt.format(t.unpriced_requests)} of ${fmtInt.format(t.requests)} requests ` +
+      `(${fmtPct(t.unpriced_requests / t.requests)}) unpriced, ` +
+      `${fmtInt.format((t.unpriced_input_tokens || 0) + (t.unpriced_output_tokens || 0))} tokens`
+    : t.implied_model_requests
+      ? `${fmtInt.format(t.implied_model_requests)} priced at Cohere's default model`
+      : "";
+  $("#c-cost-note").className = t.unpriced_requests ? "note incomplete" : "note";
+  $("#c-units").textContent = fmtUnits(t);
   $("#c-errors").textContent = fmtPct(t.error_rate ?? 0);
   $("#c-latency").textContent = `${fmtMs(t.latency_ms_p50)} / ${fmtMs(t.latency_ms_p95)} ms`;
 }
@@ -134,7 +159,9 @@ const BREAKDOWN_COLUMNS = [
   { title: "requests", value: (r) => fmtInt.format(r.requests) },
   { title: "tokens in", value: (r) => fmtInt.format(r.input_tokens) },
   { title: "tokens out", value: (r) => fmtInt.format(r.output_tokens) },
-  { title: "cost USD", value: (r) => fmtUsd(r.cost_usd) },
+  { title: "other units", value: fmtUnits },
+  { title: "cost USD", value: fmtCost },
+  { title: "unpriced", value: (r) => (r.unpriced_requests ? fmtInt.format(r.unpriced_requests) : "–") },
   { title: "errors", value: (r) => fmtInt.format(r.errors) },
 ];
 
@@ -191,8 +218,10 @@ async function drawRecent() {
     { title: "status", value: (r) => r.status_code },
     { title: "outcome", value: (r) => r.outcome, cls: (r) => (r.outcome === "ok" ? "outcome-ok" : "outcome-bad") },
     { title: "tokens in / out", value: (r) => `${r.usage_input_tokens ?? "–"} / ${r.usage_output_tokens ?? "–"}` },
+    { title: "units", value: fmtUnits },
     { title: "latency ms", value: (r) => fmtMs(r.latency_total_ms) },
-    { title: "cost USD", value: (r) => fmtUsd(r.cost_usd) },
+    { title: "cost USD", value: (r) => (r.cost_usd == null ? "unknown" : fmtUsd(r.cost_usd) +
+      (r.model_implied ? " (default model)" : "")) },
   ], rows, showDetail);
 }
 

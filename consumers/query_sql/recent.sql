@@ -1,8 +1,9 @@
 -- The latest requests matching the filters (an empty filter matches all). Bodies are left out.
 SELECT
     event_id, start_time, end_time, account_id, gateway_id, route_mode, api_version, endpoint, method,
-    path, model, stream, status_code, outcome, error_type, error_message, finish_reason,
-    usage_input_tokens, usage_output_tokens, latency_total_ms, latency_ttft_ms, cost_usd,
+    path, model, model_implied, stream, status_code, outcome, error_type, error_message, finish_reason,
+    usage_input_tokens, usage_output_tokens, usage_cached_tokens, usage_search_units, usage_images,
+    usage_image_tokens, latency_total_ms, latency_ttft_ms, cost_usd, cost_source,
     api_key_fingerprint, metadata
 FROM events FINAL
 WHERE start_time >= {since:DateTime64(3, 'UTC')} AND start_time < {until:DateTime64(3, 'UTC')}

@@ -1,0 +1,186 @@
+"""Keeps a consumer off an empty or partial assignment while its topic has partitions.
+
+kafka-python 3.0.12 learns a topic's partitions only from its own metadata, refreshed every
+metadata_max_age_ms (5 min) unless something asks sooner. A group's leader that assigns from metadata
+lacking the topic (a response requested before the subscription, applied after it, also clears the
+pending refresh) hands out nothing and does not look again for minutes; partitions added to a running
+topic stay unread as long; and when members join at the same instant the leader can drop its own second
+assignment. The broker knows better in every case, so this watch asks it, on its own thread and with its
+own admin client (public API): every CHECK_INTERVAL_S it compares the topic's partitions with what the
+group's members hold, and this member's share with what the consumer actually reads. A difference that
+outlives a rebalance (GRACE_S, the group Stable) is repaired from the consume loop, which owns the
+consumer: a metadata refresh, then a rejoin once it is applied (consumers/kafka_group.py), at most once
+per COOLDOWN_S.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from cohere_gateway.kafka_topics import partition_count
+from consumers import kafka_group
+
+log = logging.getLogger(__name__)
+
+CHECK_INTERVAL_S = 2.0
+GRACE_S = 3.0  # a rebalance in progress is not Stable; this covers the moments around one
+COOLDOWN_S = 10.0  # lets the rebalance a repair starts finish before the next is considered
+REFRESH_WAIT_S = 2.0  # rejoin after this long even if the refreshed metadata has not arrived
+ADMIN_TIMEOUT_MS = 5_000
+
+
+@dataclass(frozen=True)
+class GroupView:
+    """What the broker says: the topic's partition count and each member's share of it."""
+
+    partitions: int | None  # None: the broker does not know the topic
+    state: str  # the group's state: Stable, PreparingRebalance, CompletingRebalance, Empty, Dead
+    members: Mapping[str, frozenset[int]]  # client id -> partitions of the topic assigned to it
+
+
+def diagnose(view: GroupView, client_id: str, local: frozenset[int]) -> str | None:
+    """Why ingest is stalled, or None. Only a Stable group is judged: during a rebalance every member's
+    assignment is in flux by design."""
+    if view.partitions is None or view.state != "Stable":
+        return None
+    covered = frozenset().union(*view.members.values())
+    missing = sorted(set(range(view.partitions)) - covered)
+    if missing:
+        return (
+            f"partitions {missing} of {view.partitions} are assigned to no member of the group "
+            f"(the group's assignment covers {sorted(covered)})"
+        )
+    own = view.members.get(client_id)
+    if own is not None and own != local:
+        return f"the group assigned partitions {sorted(own)} to this consumer, which reads {sorted(local)}"
+    return None
+
+
+def describe(admin: Any, topic: str, group_id: str) -> GroupView:
+    partitions = partition_count(admin, topic)
+    group = admin.describe_groups([group_id]).get(group_id) or {}
+    members: dict[str, frozenset[int]] = {}
+    for member in group.get("members") or []:
+        assignment = member.get("member_assignment")
+        parts: set[int] = set()
+        if isinstance(assignment, Mapping):  # undecodable or empty assignments arrive as bytes
+            for entry in assignment.get("assigned_partitions") or []:
+                if entry.get("topic") == topic:
+                    parts.update(int(p) for p in entry.get("partitions") or [])
+        members[str(member.get("client_id"))] = frozenset(parts)
+    return GroupView(partitions, str(group.get("group_state") or ""), members)
+
+
+class Watch:
+    """Started once the consumer has subscribed; `tick()` from the consume loop after every poll."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        group_id: str,
+        client_id: str,
+        note: Callable[[str], None] = log.warning,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.bootstrap, self.topic, self.group_id, self.client_id = bootstrap, topic, group_id, client_id
+        self.note = note
+        self.clock = clock
+        self.repairs = 0
+        self._lock = threading.Lock()
+        self._local: frozenset[int] = frozenset()
+        self._reason: str | None = None
+        self._since: float | None = None  # when the current stall was first seen
+        self._next_repair = 0.0
+        self._refresh: Any = None  # the metadata refresh a pending rejoin waits for
+        self._refresh_at = 0.0
+        self._warned_unavailable = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="assignment-watch", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=2 * ADMIN_TIMEOUT_MS / 1000)
+
+    # -- the consume loop's side ----------------------------------------------------------------------
+
+    def tick(self, consumer: Any) -> None:
+        local = frozenset(tp.partition for tp in consumer.assignment() if tp.topic == self.topic)
+        now = self.clock()
+        with self._lock:
+            self._local = local
+            reason, since = self._reason, self._since
+        if self._refresh is not None:
+            if self._refresh.is_done or now - self._refresh_at >= REFRESH_WAIT_S:
+                kafka_group.request_rejoin(consumer)
+                self._refresh = None
+            return
+        if reason is None or since is None or now - since < GRACE_S or now < self._next_repair:
+            return
+        self._next_repair = now + COOLDOWN_S
+        with self._lock:
+            self._since = None  # judge the repaired group afresh
+        if not kafka_group.available():
+            if not self._warned_unavailable:
+                self.note(
+                    f"ingest stalled on {self.topic}: {reason}; kafka-python {kafka_group.kafka.__version__} "
+                    f"is not the version whose rejoin was checked ({kafka_group.CHECKED_VERSION}), so "
+                    "nothing is repaired: restart this consumer"
+                )
+                self._warned_unavailable = True
+            return
+        self.repairs += 1
+        self.note(f"ingest stalled on {self.topic}: {reason}; refreshing metadata and rejoining the group")
+        self._refresh = kafka_group.request_metadata_refresh(consumer)
+        self._refresh_at = now
+
+    # -- the watch thread -----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        admin = None
+        while not self._stop.wait(CHECK_INTERVAL_S):
+            try:
+                if admin is None:
+                    admin = self._admin()
+                view = describe(admin, self.topic, self.group_id)
+            except Exception as exc:  # the broker away: the consume loop reports that; try again later
+                log.debug("assignment watch: %s", exc)
+                if admin is not None:
+                    _close_quietly(admin)
+                    admin = None
+                continue
+            with self._lock:
+                reason = diagnose(view, self.client_id, self._local)
+                if reason is None:
+                    self._since = None
+                elif self._since is None:
+                    self._since = self.clock()
+                self._reason = reason
+        if admin is not None:
+            _close_quietly(admin)
+
+    def _admin(self) -> Any:
+        from kafka import KafkaAdminClient
+
+        return KafkaAdminClient(
+            bootstrap_servers=self.bootstrap.split(","),
+            client_id=f"{self.client_id}-watch",
+            request_timeout_ms=ADMIN_TIMEOUT_MS,
+            bootstrap_timeout_ms=ADMIN_TIMEOUT_MS,
+        )
+
+
+def _close_quietly(admin: Any) -> None:
+    try:
+        admin.close()
+    except Exception as exc:
+        log.debug("closing the watch's admin client: %s", exc)

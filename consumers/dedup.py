@@ -1,0 +1,62 @@
+"""Counting every event once: the rows of a flush whose event_id is already stored (or appears earlier in
+the same flush) are left out of the insert, before the materialized views see them.
+
+Insert deduplication (consumers/batching.py) covers a re-insert of the same offset range; this covers the
+same event at another offset: a spool replay after a lost acknowledgement, possibly hours later, lands
+the event at a new offset of the same partition (the Kafka key is the gateway). docs/storage.md,
+"Duplicates", says why this design and what it costs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Sequence
+
+from consumers.backends import Backend
+from consumers.queries import sql
+from consumers.rows import Row
+
+_PLAIN = re.compile(r"^[A-Za-z0-9_.:\-]*$")
+
+
+def lookup_params(ids: Iterable[str]) -> dict[str, str]:
+    plain, hexed = [], []
+    for event_id in ids:
+        if _PLAIN.match(event_id):
+            plain.append(event_id)
+        else:
+            hexed.append(event_id.encode().hex())
+    return {"plain": ",".join(plain), "hex": ",".join(hexed)}
+
+
+def stored_ids(backend: Backend, ids: Sequence[str]) -> set[str]:
+    """The ids among `ids` that the raw table already holds (through table `event_ids`)."""
+    if not ids:
+        return set()
+    rows = backend.query(sql("stored_ids"), lookup_params(ids))
+    return {r["event_id"] for r in rows}
+
+
+def keep_first(rows: Iterable[Row], seen: set[str]) -> tuple[list[Row], int]:
+    """The rows whose id is not in `seen`, each id once (the first copy wins); `seen` grows by them.
+    Returns the rows kept and how many were left out."""
+    kept, dropped = [], 0
+    for row in rows:
+        if row.event_id in seen:
+            dropped += 1
+            continue
+        seen.add(row.event_id)
+        kept.append(row)
+    return kept, dropped
+
+
+def token_for(range_token: str, kept: Sequence[Row], total: int) -> str:
+    """The insert's deduplication token. The range's own token while the insert holds the whole range.
+    When duplicates were left out, the rows depend on what was stored when this attempt looked, so the
+    token names them: an attempt after a partial write (some parts of a multi-day insert stored) then
+    inserts the rest under a new token, instead of being dropped as a repeat of the first attempt."""
+    if len(kept) == total:
+        return range_token
+    digest = hashlib.blake2b(b"\n".join(r.event_id.encode() for r in kept), digest_size=8).hexdigest()
+    return f"{range_token}:{digest}"

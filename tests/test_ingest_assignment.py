@@ -1,0 +1,292 @@
+"""Ingest never stalls on an empty or partial assignment (consumers/assignment.py).
+
+Real Kafka broker throughout. The race itself is made deterministic with one seam, in-process: the
+consumer's metadata responses leave the topic out until shortly after the group's leader has assigned
+(as a response requested before the subscription does when it lands after it: kafka-python then also
+forgets the refresh it had pending, and asks again only after metadata_max_age_ms, 5 min). Everything
+else is the real client, broker and group protocol; without the watch the same setup stays empty.
+The end-to-end cases (partitions added to a running topic, a consumer started before its topic exists)
+run `cohere-gateway consume` as a real process with no seam at all.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import kafka
+import pytest
+
+from cohere_gateway.settings import DEFAULT_PARTITIONS
+from consumers import kafka_group
+from consumers.assignment import CHECK_INTERVAL_S, GRACE_S, GroupView, Watch, diagnose
+from tests import test_consumer
+from tests.fixtures.clickhouse import Storage
+from tests.fixtures.kafka import create_topic
+from tests.test_consumer import ConsumerProcess, event_messages, wait_for
+
+# The consumer-process fixtures of tests/test_consumer.py, shared rather than written twice.
+group = test_consumer.group
+running = test_consumer.running
+
+HOLD_AFTER_S = 2.0  # shorter than GRACE_S, so the repair's own refresh gets the real answer
+# A repair needs two observations of the stall GRACE_S apart, then a rebalance: well inside this.
+REPAIR_DEADLINE_S = CHECK_INTERVAL_S + GRACE_S + 15
+
+
+# -- the guarded internals --------------------------------------------------------------------------------
+
+
+def test_the_kafka_python_internals_the_repair_uses_are_still_there(kafka_bootstrap: str) -> None:
+    """Fails loudly when kafka-python moves: the pin changed without rereading consumers/kafka_group.py,
+    or the pinned version lost an internal."""
+    from kafka import KafkaConsumer
+
+    assert kafka.__version__ == kafka_group.CHECKED_VERSION, (
+        f"kafka-python {kafka.__version__} installed; consumers/kafka_group.py was checked against "
+        f"{kafka_group.CHECKED_VERSION}: reread it and update CHECKED_VERSION"
+    )
+    consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=f"g-{uuid.uuid4().hex[:8]}")
+    try:
+        kafka_group.check(consumer)
+        refresh = kafka_group.request_metadata_refresh(consumer)
+        wait_for(lambda: refresh.is_done, "the requested metadata refresh", 10)
+        consumer._coordinator.rejoin_needed = False
+        kafka_group.request_rejoin(consumer)
+        assert consumer._coordinator.need_rejoin() is False  # not subscribed: nothing to rejoin
+        assert consumer._coordinator.rejoin_needed is True
+    finally:
+        consumer.close()
+
+
+# -- what counts as stalled ---------------------------------------------------------------------------
+
+
+def view(partitions: int | None, state: str = "Stable", **members: set[int]) -> GroupView:
+    return GroupView(partitions, state, {k: frozenset(v) for k, v in members.items()})
+
+
+@pytest.mark.parametrize(
+    ("group_view", "local", "stalled"),
+    [
+        (view(3, me={0, 1, 2}), {0, 1, 2}, None),
+        (view(3, me={0}, other={1, 2}), {0}, None),
+        (view(3, me=set(), other={0, 1, 2}), set(), None),  # more members than needed: fine
+        (view(3, me=set()), set(), "partitions [0, 1, 2] of 3 are assigned to no member"),
+        (view(6, me={0, 1, 2}), {0, 1, 2}, "partitions [3, 4, 5] of 6 are assigned to no member"),
+        (view(3, me={0}, other={1, 2}), set(), "assigned partitions [0] to this consumer, which reads []"),
+        (view(3, "PreparingRebalance", me=set()), set(), None),  # mid-rebalance: not judged
+        (view(3, "CompletingRebalance", me=set()), set(), None),
+        (view(None, me=set()), set(), None),  # the broker does not know the topic
+        (view(3, other={0, 1, 2}), set(), None),  # this member not in the group yet
+    ],
+)
+def test_diagnose(group_view: GroupView, local: set[int], stalled: str | None) -> None:
+    reason = diagnose(group_view, "me", frozenset(local))
+    if stalled is None:
+        assert reason is None
+    else:
+        assert reason is not None and stalled in reason
+
+
+# -- the race, deterministically ------------------------------------------------------------------------
+
+
+class HeldMember:
+    """A real KafkaConsumer in a poll loop (as consumers.consumer.Consumer.run drives it), whose metadata
+    responses leave the topic out until HOLD_AFTER_S after its first assignment (the seam, see the module
+    doc): the refresh the leader asks for while assigning is answered inside that window."""
+
+    def __init__(self, bootstrap: str, topic: str, group_id: str, watched: bool) -> None:
+        from kafka import ConsumerRebalanceListener, KafkaConsumer
+
+        self.topic = topic
+        self.client_id = f"held-{uuid.uuid4().hex[:8]}"
+        self.consumer = KafkaConsumer(
+            bootstrap_servers=bootstrap, group_id=group_id, client_id=self.client_id, enable_auto_commit=False
+        )
+        self.first_assignment = threading.Event()
+        self.released_at: float | None = None  # HOLD_AFTER_S after the first assignment
+        cluster = self.consumer._client.cluster
+        apply = cluster.update_metadata
+
+        def response(metadata: Any) -> Any:
+            if self.released_at is None or time.monotonic() < self.released_at:
+                metadata.topics = [t for t in metadata.topics if t.name != topic]
+            return apply(metadata)
+
+        cluster.update_metadata = response
+        member = self
+
+        class Listener(ConsumerRebalanceListener):
+            def on_partitions_revoked(self, revoked: Any) -> None:
+                pass
+
+            def on_partitions_assigned(self, assigned: Any) -> None:
+                if not member.first_assignment.is_set():
+                    member.released_at = time.monotonic() + HOLD_AFTER_S
+                    member.first_assignment.set()
+
+        self.consumer.subscribe([topic], listener=Listener())
+        self.watch = Watch(bootstrap, topic, group_id, self.client_id) if watched else None
+        self.assigned: frozenset[int] = frozenset()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def start(self) -> HeldMember:
+        if self.watch is not None:
+            self.watch.start()
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.consumer.poll(timeout_ms=100)
+            if self.watch is not None:
+                self.watch.tick(self.consumer)
+            self.assigned = frozenset(tp.partition for tp in self.consumer.assignment())
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        if self.watch is not None:
+            self.watch.stop()
+        self.consumer.close(autocommit=False)
+
+
+@pytest.fixture
+def members(kafka_bootstrap: str) -> Iterator[Callable[..., HeldMember]]:
+    started: list[HeldMember] = []
+
+    def start(topic: str, group_id: str, watched: bool) -> HeldMember:
+        started.append(HeldMember(kafka_bootstrap, topic, group_id, watched).start())
+        return started[-1]
+
+    yield start
+    for member in started:
+        member.close()
+
+
+def test_leader_that_assigned_without_the_topic_metadata_is_repaired(
+    members: Callable[..., HeldMember], kafka_topic: str
+) -> None:
+    # Without the watch, kafka-python stays on the empty assignment until metadata_max_age_ms (5 min):
+    # the control shows the race was really hit.
+    control = members(kafka_topic, f"control-{uuid.uuid4().hex[:8]}", watched=False)
+    watched = members(kafka_topic, f"watched-{uuid.uuid4().hex[:8]}", watched=True)
+    for member in (control, watched):
+        wait_for(member.first_assignment.is_set, "the first (empty) assignment", 60)
+    assert not control.assigned and not watched.assigned
+
+    wait_for(
+        lambda: watched.assigned == {0, 1, 2},
+        "the watched consumer to own every partition",
+        REPAIR_DEADLINE_S,
+    )
+    assert watched.watch is not None and watched.watch.repairs >= 1
+    assert control.assigned == frozenset(), "kafka-python recovered by itself: the race was not reproduced"
+
+
+def test_members_joining_at_once_behind_a_leader_without_metadata_cover_every_partition(
+    members: Callable[..., HeldMember], kafka_bootstrap: str
+) -> None:
+    """The simultaneous-join case: three members start together; whichever leads assigns from metadata
+    without the topic. Every partition must end up read, each by one member."""
+    topic = create_topic(kafka_bootstrap, f"test-{uuid.uuid4().hex[:12]}", partitions=6)
+    group_id = f"group-{uuid.uuid4().hex[:8]}"
+    trio = [members(topic, group_id, watched=True) for _ in range(3)]
+    wait_for(lambda: all(m.first_assignment.is_set() for m in trio), "every member's first assignment", 60)
+
+    def covered() -> bool:
+        shares = [m.assigned for m in trio]
+        return sum(map(len, shares)) == 6 and frozenset().union(*shares) == set(range(6))
+
+    wait_for(covered, "all 6 partitions read, each by one member", REPAIR_DEADLINE_S + 10)
+    assert all(m.assigned for m in trio)
+
+
+# -- end to end: `cohere-gateway consume` -----------------------------------------------------------------
+
+
+def produce_to(bootstrap: str, topic: str, partitions: list[int], messages: list[tuple[Any, Any]]) -> None:
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    try:
+        for i, (key, value) in enumerate(messages):
+            producer.send(topic, key=key, value=value, partition=partitions[i % len(partitions)])
+        producer.flush(timeout=30)
+    finally:
+        producer.close()
+
+
+def topic_partitions(bootstrap: str, topic: str) -> int | None:
+    from kafka import KafkaAdminClient
+
+    from cohere_gateway.kafka_topics import partition_count
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        return partition_count(admin, topic)
+    finally:
+        admin.close()
+
+
+def readyz_partitions(consumer: ConsumerProcess) -> list[int]:
+    _, body = consumer.get("/readyz")
+    return body.get("partitions", []) if isinstance(body, dict) else []
+
+
+def test_partitions_added_to_a_running_topic_are_read_within_seconds(
+    running: Callable[..., ConsumerProcess], kafka_bootstrap: str, kafka_topic: str, group: str
+) -> None:
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewPartitions
+
+    consumer = running()
+    wait_for(lambda: readyz_partitions(consumer) == [0, 1, 2], "the consumer to own the 3 partitions")
+    # The fixture's topic has 3, fewer than the default --partitions: said once, and left as it is.
+    log = consumer.log.read_text()
+    assert f"exists with 3 partitions, fewer than the {DEFAULT_PARTITIONS} asked for" in log
+    assert topic_partitions(kafka_bootstrap, kafka_topic) == 3
+
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    try:
+        admin.create_partitions({kafka_topic: NewPartitions(total_count=5)})
+    finally:
+        admin.close()
+    produce_to(kafka_bootstrap, kafka_topic, [3, 4], event_messages(0, 40))
+    started = time.monotonic()
+    wait_for(lambda: consumer.landed() == 40, "the events on the added partitions", REPAIR_DEADLINE_S)
+    assert readyz_partitions(consumer) == [0, 1, 2, 3, 4]
+    assert consumer.metric("cohere_gateway_consumer_assignment_repairs_total") >= 1
+    print(f"events on added partitions landed {time.monotonic() - started:.1f}s after being produced")
+    assert consumer.stop() == 0
+
+
+def test_consumer_started_before_its_topic_exists_creates_it_and_reads_the_first_event(
+    storage: Storage, kafka_bootstrap: str, group: str, tmp_path: Path
+) -> None:
+    topic = f"test-{uuid.uuid4().hex[:12]}"
+    assert topic_partitions(kafka_bootstrap, topic) is None
+    storage.close()  # the consumer process owns the embedded data directory
+    consumer = ConsumerProcess(
+        storage, kafka_bootstrap, topic, group, storage.data_dir, env={"COHERE_GATEWAY_PARTITIONS": "4"}
+    )
+    try:
+        wait_for(lambda: readyz_partitions(consumer) == [0, 1, 2, 3], "the consumer to own its new topic")
+        assert topic_partitions(kafka_bootstrap, topic) == 4  # --partitions, not the broker's default 3
+        produce_to(kafka_bootstrap, topic, [3], event_messages(0, 1))
+        started = time.monotonic()
+        wait_for(lambda: consumer.landed() == 1, "the first event", 10)
+        print(f"first event landed {time.monotonic() - started:.1f}s after being produced")
+        assert consumer.stop() == 0
+    finally:
+        if consumer.proc.poll() is None:
+            consumer.proc.kill()
+            consumer.proc.wait()
+        print(consumer.log.read_text()[-3000:])
