@@ -109,7 +109,8 @@ def render(data: dict[str, Any]) -> None:
         console.print(cache_line(data["cache"]))
         for group in data.get("cache_groups", []):
             console.print(
-                f"  {data['by']} {group['key'] or '(none)'}: " + cache_line(group).removeprefix("cache: ")
+                f"  {data['by']} {escape(group['key']) if group['key'] else '(none)'}: "
+                + cache_line(group).removeprefix("cache: ")
             )
 
 
