@@ -153,7 +153,8 @@ def test_cohere_v1_chat_and_ndjson_stream(gw: GatewayProcess, emulator_requests:
     texts, docs = ["v1 embed " + uid()], ["v1 doc " + uid(), "other"]
     embeds = [co.embed(texts=texts, model="embed-english-v3.0", input_type="search_document") for _ in "ab"]
     reranks = [co.rerank(query="q", documents=docs, model="rerank-v3.5") for _ in "ab"]
-    assert embeds[0].model_dump() == embeds[1].model_dump() and reranks[0].model_dump() == reranks[1].model_dump()
+    assert embeds[0].model_dump() == embeds[1].model_dump()
+    assert reranks[0].model_dump() == reranks[1].model_dump()
     assert st.seen[4:] == ["MISS", "HIT", "MISS", "HIT"]
     assert len(emulator_requests.for_path("/v1/embed")) == len(emulator_requests.for_path("/v1/rerank")) == 1
     # the same body asking for SSE (Cohere's `Accepts` header) is another answer, not the NDJSON one
