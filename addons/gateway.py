@@ -557,6 +557,18 @@ class Gateway:
         x.forwarded_at = time.time()
 
     async def _cache_lookup(self, flow: http.HTTPFlow, x: Exchange, body: bytes) -> None:
+        try:
+            await self._serve_cached(flow, x, body)
+        except Exception:  # a bug in the cache must cost its saving, never the request
+            log.exception("cache lookup failed (event %s); forwarding", x.event_id)
+            if x.cache is not None and x.cache.leader:
+                self.cache.finish(x.cache.key or "", None)
+            x.cache = None
+            flow.response = None
+            if x.forwarded_at is None:
+                self._forward(x)
+
+    async def _serve_cached(self, flow: http.HTTPFlow, x: Exchange, body: bytes) -> None:
         c = x.cache
         assert c is not None
         headers = flow.request.headers
@@ -578,6 +590,7 @@ class Gateway:
             self._forward(x)
             return
         fields = [*entry.headers, (rcache.STATUS_HEADER, "HIT"), (LOG_ID_HEADER, x.event_id)]
+        fields.append((OVERHEAD_HEADER, _ms(time.time() - x.start)))
         replay = http.Headers([(k.encode("latin-1"), v.encode("latin-1")) for k, v in fields])
         flow.response = http.Response.make(entry.status, entry.body, replay)
 
@@ -648,7 +661,11 @@ class Gateway:
         x: Exchange | None = flow.metadata.get(STATE)
         resp = flow.response
         if x is not None and x.cache is not None and x.cache.leader and resp is not None:
-            self._cache_store(x, resp)
+            try:
+                self._cache_store(x, resp)
+            except Exception:  # never at the cost of the client's answer or its event
+                log.exception("storing the answer failed (event %s)", x.event_id)
+                self.cache.finish(x.cache.key or "", None)
         if x is None or x.finished or resp is None:
             return
         if x.failed_hook is not None:  # responseheaders raised; the response was buffered, not streamed
