@@ -134,9 +134,8 @@ _CACHE_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "client_control": (_bool, "true or false"),
     "max_entry_bytes": (_int_in(1, MAX_CACHE_ENTRY_BYTES), f"an integer 1..{MAX_CACHE_ENTRY_BYTES}"),
 }
-_CACHE_FIELD = {"enabled": "enabled", "ttl": "ttl_s", "client_control": "client_control"} | {
-    "max_entry_bytes": "max_entry_bytes"
-}
+# file key -> CachePolicy field (`ttl` reads like Cloudflare's setting; the field says its unit)
+_CACHE_FIELD = {key: "ttl_s" if key == "ttl" else key for key in _CACHE_KEYS}
 
 
 @dataclass(frozen=True, slots=True)

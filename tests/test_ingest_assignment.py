@@ -26,7 +26,7 @@ from consumers import kafka_group
 from consumers.assignment import CHECK_INTERVAL_S, GRACE_S, GroupView, Watch, diagnose
 from tests import test_consumer
 from tests.fixtures.clickhouse import Storage
-from tests.fixtures.kafka import create_topic
+from tests.fixtures.kafka import create_topic, topic_partitions
 from tests.test_consumer import ConsumerProcess, event_messages, wait_for
 
 # The consumer-process fixtures of tests/test_consumer.py, shared rather than written twice.
@@ -222,18 +222,6 @@ def produce_to(bootstrap: str, topic: str, partitions: list[int], messages: list
         producer.flush(timeout=30)
     finally:
         producer.close()
-
-
-def topic_partitions(bootstrap: str, topic: str) -> int | None:
-    from kafka import KafkaAdminClient
-
-    from cohere_gateway.kafka_topics import partition_count
-
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        return partition_count(admin, topic)
-    finally:
-        admin.close()
 
 
 def readyz_partitions(consumer: ConsumerProcess) -> list[int]:

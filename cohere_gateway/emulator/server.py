@@ -29,7 +29,13 @@ from aiohttp import web
 
 from cohere_gateway.emulator import catalog, chat, classify, compat, embed, generate, rerank, tokenizer
 from cohere_gateway.emulator.errors import ApiError, error_body
-from cohere_gateway.emulator.faults import FAULT_HEADER, Fault, parse_fault, with_random_faults
+from cohere_gateway.emulator.faults import (
+    FAULT_HEADER,
+    Fault,
+    parse_fault,
+    with_random_faults,
+    with_stream_error,
+)
 from cohere_gateway.emulator.recorder import Recorder
 from cohere_gateway.emulator.results import JsonResult, Result, StreamResult
 from cohere_gateway.emulator.wire import frames
@@ -194,7 +200,7 @@ async def write_result(
 async def write_stream(
     request: web.Request, result: StreamResult, fault: Fault, chunk_delay_ms: float
 ) -> web.StreamResponse:
-    chunks = frames(result)
+    chunks = frames(with_stream_error(result) if fault.stream_error else result)
     response = web.StreamResponse(
         status=200,
         headers={"Content-Type": result.content_type, "Cache-Control": "no-cache", **result.headers},
