@@ -199,7 +199,7 @@ class Gateway:
         self.started = time.time()
         self.in_flight = 0  # exchanges started and not finished: shutdown waits for them
         self._counted: set[str] = set()  # ids of the client connections open now (max_connections)
-        self.config = gwconfig.ConfigWatcher(None, gwconfig.GatewayPolicy())
+        self.config = gwconfig.ConfigWatcher(None, gwconfig.GatewayPolicy(), self.metrics.config)
         self.cache = rcache.ResponseCache(None, self.metrics.cache)
         self._watching: asyncio.Task[None] | None = None
 
@@ -283,7 +283,8 @@ class Gateway:
             self.config.set_base(base)
             return
         try:
-            self.config = gwconfig.ConfigWatcher(Path(opts.config) if opts.config else None, base)
+            path = Path(opts.config) if opts.config else None
+            self.config = gwconfig.ConfigWatcher(path, base, self.metrics.config)
         except gwconfig.ConfigError as exc:
             raise exceptions.OptionsError(f"invalid configuration: {exc}") from None
 

@@ -384,6 +384,9 @@ def test_hot_reload_changes_policy_without_a_restart(
         path.write_text('[gateways."*/*"]\ncache = { enabled = "maybe" }\n')
         wait_for(lambda: "configuration not reloaded" in g.log_text(), "the refusal in the log")
         assert "gateways.toml:2: " in g.log_text()
+        text = g.get("/metrics").decode()
+        assert 'cohere_gateway_config_reloads_total{result="reloaded"} 1' in text
+        assert 'cohere_gateway_config_reloads_total{result="refused"} 1' in text
         assert post(g, "/cohere/v2/chat", body)[1]["cf-aig-cache-status"] == "HIT"
         assert g.proc.poll() is None
     finally:
