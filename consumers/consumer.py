@@ -305,6 +305,9 @@ class Consumer:
         return True
 
     def _pause(self, reason: str) -> None:
+        if not self.metrics.kafka_ready and "Kafka" not in reason:
+            # both are down: the storage retry must not hide that Kafka is gone as well
+            reason += f"; Kafka at {self.cfg.kafka_bootstrap} is unavailable too"
         self._note_error(reason)
         if self._kafka is not None:
             self._kafka.pause(*self._kafka.assignment())
