@@ -125,10 +125,18 @@ DEAD_LETTER_FILE = "dead-letters.jsonl"
 
 
 def is_permanent(exc: BaseException) -> bool:
-    """A Kafka error no retry can cure (the record itself is refused), as opposed to an unavailable one."""
-    from kafka.errors import KafkaError
+    """Kafka refused this record itself, and would refuse it again: too large, or invalid. Only these:
+    other non-retriable errors (a producer closed under its sends, IllegalStateError) say nothing about
+    the record, and setting it aside for them would lose events a working Kafka would take."""
+    from kafka import errors
 
-    return isinstance(exc, KafkaError) and not exc.retriable
+    refusals = (
+        errors.MessageSizeTooLargeError,
+        errors.RecordListTooLargeError,
+        errors.InvalidRecordError,
+        errors.UnsupportedForMessageFormatError,
+    )
+    return isinstance(exc, refusals)
 
 
 class DeadLetters:

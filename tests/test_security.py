@@ -859,3 +859,17 @@ def test_compose_has_no_default_passwords_and_keeps_the_read_side_local() -> Non
     grants = [q.text for q in reader.findall("users/reader/grants/query")]
     assert grants == ["GRANT SELECT ON cohere_gateway.*"]
     assert reader.find("users/reader/password").get("from_env") == "CLICKHOUSE_READER_PASSWORD"  # type: ignore[union-attr]
+
+
+def test_only_record_level_refusals_set_a_record_aside() -> None:
+    """A producer aborted under its sends fails them with IllegalStateError (non-retriable, but about
+    the producer, not the record): those events must be spooled and replayed, never dead-lettered."""
+    from kafka import errors
+
+    from addons.delivery import is_permanent
+
+    assert is_permanent(errors.MessageSizeTooLargeError("x")) and is_permanent(errors.InvalidRecordError())
+    closed = errors.IllegalStateError("Producer is closed forcefully.")
+    others = (errors.KafkaTimeoutError(), errors.KafkaConnectionError(), errors.NotLeaderForPartitionError())
+    for exc in (closed, *others, RuntimeError()):
+        assert not is_permanent(exc), exc
