@@ -33,7 +33,7 @@ from mitmproxy.proxy.mode_specs import RegularMode, ReverseMode
 
 from addons import cache as rcache
 from addons import gateway_config as gwconfig
-from addons import mitmproxy_seam
+from addons import mitmproxy_seam, provider_keys, retries
 from addons.bodies import DECODE_INLINE_BYTES, check_content_encoding, decode_body, is_identity, too_large
 from addons.capture import Exchange, build_event, fit_event
 from addons.delivery import DELIVERY_OPTIONS, DeliveryConfig, default_spool_dir
@@ -52,6 +52,7 @@ from addons.metrics import Metrics, Snapshot, merge, read_snapshots, render, wri
 from addons.outcomes import classify_proxy_error, classify_status
 from addons.pricing import DEFAULT_PRICING, load_pricing
 from addons.publish import NullPublisher, Publisher
+from addons.relay import RELAY_HEADER, Relay, Ticket
 from addons.routing import (
     LocalRoute,
     Route,
@@ -73,6 +74,7 @@ STATE = "cohere_gateway"  # key of the Exchange in flow.metadata
 SECRET_HEADER_BYTES = frozenset(name.encode() for name in SECRET_HEADERS)
 OVERHEAD_HEADER = "x-cohere-gateway-overhead-ms"
 LOG_ID_HEADER = "cf-aig-log-id"
+ATTEMPTS_HEADER = "x-cohere-gateway-attempts"
 
 
 def _opt_default(name: str) -> object:
@@ -194,6 +196,7 @@ class Gateway:
         self.config = gwconfig.ConfigWatcher(None, gwconfig.GatewayPolicy())
         self.cache = rcache.ResponseCache(None, self.metrics.cache)
         self._watching: asyncio.Task[None] | None = None
+        self.relay = Relay()  # makes the upstream call for requests with a timeout or retries
 
     # --- configuration -------------------------------------------------------------------------------
 
@@ -366,6 +369,7 @@ class Gateway:
         if self._watching is not None:
             self._watching.cancel()
         await self.cache.close()
+        await self.relay.close()
         if self._sharing is not None and self.metrics_dir is not None:
             self._sharing.cancel()
             # The last counts stay in the directory: the workers still running keep summing them.
@@ -448,6 +452,9 @@ class Gateway:
                     x.recorded = False
                     raise
             gwconfig.check_metadata(x.options.metadata, x.policy)
+            x.retry = retries.parse_retry_headers(first, x.policy.retry)
+            if x.policy.provider_key is not None:
+                x.key_fingerprint = provider_keys.use(req.headers, x.policy)
             decision = rcache.decide(x.policy.cache, rcache.parse_cache_headers(first.items()), req.method)
             if decision.status is not None:
                 status = "BYPASS" if decision.status == "BYPASS" else None
@@ -534,12 +541,30 @@ class Gateway:
             return self._cache_lookup(flow, x, content)
         if x.cache is not None and x.cache.status is None:  # no store configured (cache_url=none)
             x.cache = None
-        self._forward(x)
-        return None
+        return self._forward(flow, x)
 
-    def _forward(self, x: Exchange) -> None:
+    def _forward(self, flow: http.HTTPFlow, x: Exchange) -> Awaitable[None] | None:
         self.metrics.requests[x.route.mode] += 1
         x.forwarded_at = time.time()
+        if not x.retry.active:
+            return None
+        if not self.relay.port:
+            return self._via_relay_started(flow, x)
+        self._via_relay(flow, x)
+        return None
+
+    async def _via_relay_started(self, flow: http.HTTPFlow, x: Exchange) -> None:
+        await self.relay.start()
+        self._via_relay(flow, x)
+
+    def _via_relay(self, flow: http.HTTPFlow, x: Exchange) -> None:
+        """mitmproxy sends this request to the relay (addons/relay.py), which makes the attempts."""
+        x.ticket = Ticket(self.upstream, x.retry, x.stream)
+        x.relay_token = self.relay.register(x.ticket)
+        req = flow.request
+        req.scheme, req.host, req.port = "http", "127.0.0.1", self.relay.port
+        req.host_header = self.upstream.host_header
+        req.headers[RELAY_HEADER] = x.relay_token
 
     async def _cache_lookup(self, flow: http.HTTPFlow, x: Exchange, body: bytes) -> None:
         c = x.cache
@@ -560,7 +585,9 @@ class Gateway:
         self.cache.counters[c.status.lower()] += 1
         if entry is None:
             c.chunks = [] if c.leader else None
-            self._forward(x)
+            pending = self._forward(flow, x)
+            if pending is not None:
+                await pending
             return
         fields = [*entry.headers, (rcache.STATUS_HEADER, "HIT"), (LOG_ID_HEADER, x.event_id)]
         replay = http.Headers([(k.encode("latin-1"), v.encode("latin-1")) for k, v in fields])
@@ -575,6 +602,7 @@ class Gateway:
         if x is None or resp is None or x.forwarded_at is None:
             return
         resp.headers[LOG_ID_HEADER] = x.event_id
+        resp.headers[ATTEMPTS_HEADER] = str(len(x.ticket.attempts) if x.ticket is not None else 1)
         if x.cache is not None and x.cache.status is not None:
             resp.headers[rcache.STATUS_HEADER] = x.cache.status
         if not is_stream_response(resp.headers.get("content-type", ""), x.stream) or resp.headers.get(
@@ -775,6 +803,11 @@ class Gateway:
     def _finish(self, x: Exchange, **kw) -> None:
         x.finished = True
         self.in_flight -= 1
+        if x.relay_token is not None:
+            self.relay.discard(x.relay_token)
+        if x.ticket is not None and x.ticket.failure is not None and kw["outcome"] != "client_aborted":
+            # The relay answered itself (504/502): no attempt got an answer from upstream.
+            kw["outcome"], kw["error_type"], kw["status"] = retries.failure_outcome(x.ticket.failure)
         outcome = kw["outcome"]
         self.metrics.exchanges[outcome] += 1
         if not x.recorded:  # refused before authentication: counted in rejected, nothing stored

@@ -20,7 +20,7 @@ from typing import Annotated, Literal
 import msgspec
 
 SCHEMA_MAJOR = 1
-SCHEMA_MINOR = 2
+SCHEMA_MINOR = 3
 SCHEMA_VERSION = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
 
 DEFAULT_TOPIC = "cohere-gateway.events"
@@ -128,6 +128,13 @@ class Event(msgspec.Struct, kw_only=True, omit_defaults=False, forbid_unknown_fi
     saved_output_tokens: NonNegInt | None = None
     saved_search_units: NonNegInt | None = None
     saved_cost_usd: NonNegFloat | None = None  # None: what it would have cost is unknown
+    # 1.3, retries: how many times the gateway sent the request upstream and each attempt's status, in
+    # order (0: no answer - timed out, not reachable, or a body cut short; the last is what the client
+    # was answered from). None: never sent upstream (refused, cache hit).
+    attempts: Annotated[int, msgspec.Meta(ge=1, le=16)] | None = None
+    attempt_statuses: (
+        Annotated[list[Annotated[int, msgspec.Meta(ge=0, le=999)]], msgspec.Meta(max_length=16)] | None
+    ) = None
 
     request_body: str | None = None  # only when payload logging is on, truncated
     response_body: str | None = None
