@@ -27,6 +27,7 @@ from .cache import CacheState
 from .gateway_config import GatewayPolicy
 from .headers import RequestOptions
 from .pricing import PricingTable, compute_cost
+from .ratelimits import Reservation
 from .relay import Ticket
 from .retries import RetryPolicy
 from .routing import Route
@@ -105,6 +106,8 @@ class Exchange:
     retry: RetryPolicy = field(default_factory=RetryPolicy)  # the gateway's, with this request's headers
     ticket: Ticket | None = None  # sent through the relay (addons/relay.py): its attempts
     relay_token: str | None = None
+    reservation: Reservation | None = None  # what this request holds of its gateway's token limits
+    refusal: str | None = None  # the gateway's own refusal after authentication: the event's error_type
 
 
 def _ms(seconds: float) -> float:

@@ -33,7 +33,7 @@ from mitmproxy.proxy.mode_specs import RegularMode, ReverseMode
 
 from addons import cache as rcache
 from addons import gateway_config as gwconfig
-from addons import mitmproxy_seam, provider_keys, retries
+from addons import mitmproxy_seam, provider_keys, ratelimits, retries
 from addons.bodies import DECODE_INLINE_BYTES, check_content_encoding, decode_body, is_identity, too_large
 from addons.capture import Exchange, build_event, fit_event
 from addons.delivery import DELIVERY_OPTIONS, DeliveryConfig, default_spool_dir
@@ -114,6 +114,7 @@ OPTIONS: tuple[tuple[str, type, str], ...] = (
     ),
     *DELIVERY_OPTIONS,
     *settings.option_specs(settings.ProxySettings, "config", "cache_ttl", "cache_url", "cache_max_bytes"),
+    *settings.option_specs(settings.ProxySettings, "state_url"),
 )
 # Options the `*/*` defaults of the per-gateway configuration come from.
 _POLICY_OPTIONS = frozenset({"config", "gateway_token", "log_payloads", "payload_max_bytes", "cache_ttl"})
@@ -197,6 +198,8 @@ class Gateway:
         self.cache = rcache.ResponseCache(None, self.metrics.cache)
         self._watching: asyncio.Task[None] | None = None
         self.relay = Relay()  # makes the upstream call for requests with a timeout or retries
+        self.limiter = ratelimits.RateLimiter()
+        self._settling: set[asyncio.Task[None]] = set()
 
     # --- configuration -------------------------------------------------------------------------------
 
@@ -225,6 +228,13 @@ class Gateway:
             self._configure_policy(opts, "config" in updated)
         if updated & _CACHE_OPTIONS:
             self._configure_cache(opts)
+        if "state_url" in updated:
+            try:
+                self.limiter = ratelimits.RateLimiter(opts.state_url)
+            except ValueError as exc:
+                from mitmproxy import exceptions
+
+                raise exceptions.OptionsError(str(exc)) from None
         if "max_custom_cost" in updated and not (
             math.isfinite(opts.max_custom_cost) and opts.max_custom_cost >= 0
         ):
@@ -537,6 +547,11 @@ class Gateway:
                 )
                 if s
             )  # fmt: skip
+        if x.policy.rate_limits:
+            return self._admit(flow, x, content, body)
+        return self._lookup_or_forward(flow, x, content)
+
+    def _lookup_or_forward(self, flow: http.HTTPFlow, x: Exchange, content: bytes) -> Awaitable[None] | None:
         if x.cache is not None and x.cache.status is None and self.cache.store is not None:
             return self._cache_lookup(flow, x, content)
         if x.cache is not None and x.cache.status is None:  # no store configured (cache_url=none)
@@ -552,6 +567,52 @@ class Gateway:
             return self._via_relay_started(flow, x)
         self._via_relay(flow, x)
         return None
+
+    async def _admit(self, flow: http.HTTPFlow, x: Exchange, content: bytes, body: dict | None) -> None:
+        """Count the request against its gateway's rate limits before anything else is done with it;
+        over a limit it is answered 429 here and never forwarded (nor served from the cache)."""
+        rules = x.policy.rate_limits
+        if self.metrics_dir is not None and not self.limiter.shared:
+            # Each worker would count alone, allowing limit x workers: refuse rather than pretend.
+            raise RouteError(
+                503, "rate limits with --workers > 1 need shared counters: start with --state-url"
+            )
+        max_tokens = body.get("max_tokens") if isinstance(body, dict) else None
+        ids = [ratelimits.identity(r, x.account_id, x.gateway_id, x.key_fingerprint, x.options.metadata)
+               for r in rules]  # fmt: skip
+        estimates = [ratelimits.token_estimate(r, max_tokens, len(content)) for r in rules]
+        verdict = await ratelimits.bounded(self.limiter.admit(rules, ids, estimates), "admit")
+        if isinstance(verdict, ratelimits.Refusal):
+            self.metrics.rejected[429] += 1
+            x.refusal = "rate_limited"
+            headers = {**verdict.headers(time.time()), LOG_ID_HEADER: x.event_id}
+            flow.response = json_response(429, {"message": verdict.message()}, headers)
+            return
+        x.reservation = verdict
+        pending = self._lookup_or_forward(flow, x, content)
+        if pending is not None:
+            await pending
+
+    def _settle(self, x: Exchange, kw: dict[str, Any]) -> None:
+        """Token reservations become the billed usage (an error, a refusal or a cache hit bills none)."""
+        reservation = x.reservation
+        if reservation is None or not reservation.held:
+            return
+        usage = kw["extracted"].usage
+        billed: int | None = 0
+        hit = x.cache is not None and x.cache.status == "HIT"
+        if 200 <= kw["status"] < 400 and not hit:
+            counts = (usage.input_tokens, usage.output_tokens)
+            billed = None if counts == (None, None) else sum(c or 0 for c in counts)
+        task = asyncio.get_running_loop().create_task(self._settle_now(reservation, billed))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def _settle_now(self, reservation: ratelimits.Reservation, billed: int | None) -> None:
+        try:
+            await ratelimits.bounded(self.limiter.settle(reservation, billed), "settle")
+        except Exception as exc:  # the reservation stands: counted as estimated, never lost
+            log.error("settling a token reservation failed (%s)", type(exc).__name__)
 
     async def _via_relay_started(self, flow: http.HTTPFlow, x: Exchange) -> None:
         await self.relay.start()
@@ -665,7 +726,7 @@ class Gateway:
                 x,
                 status=resp.status_code,
                 outcome="gateway_error",
-                error_type="gateway_rejected",
+                error_type=x.refusal or "gateway_rejected",
                 extracted=Extracted(),
                 end=now,
                 error_message=_message_of(resp),
@@ -805,6 +866,7 @@ class Gateway:
         self.in_flight -= 1
         if x.relay_token is not None:
             self.relay.discard(x.relay_token)
+        self._settle(x, kw)
         if x.ticket is not None and x.ticket.failure is not None and kw["outcome"] != "client_aborted":
             # The relay answered itself (504/502): no attempt got an answer from upstream.
             kw["outcome"], kw["error_type"], kw["status"] = retries.failure_outcome(x.ticket.failure)

@@ -39,7 +39,7 @@ from typing import Any
 
 from cohere_gateway.events import MAX_METADATA_ENTRIES, api_key_fingerprint
 
-from . import retries
+from . import ratelimits, retries
 from .retries import RetryPolicy
 from .routing import ID_MAX_LENGTH, RouteError
 
@@ -56,7 +56,7 @@ _PATTERN_SIDE = re.compile(r"^[A-Za-z0-9_.\-*?\[\]!]+$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Sections the next control issue adds (limits, budgets, retries, timeouts, provider keys): refused with
 # a message saying so, rather than accepted and ignored.
-_NOT_YET = ("rate_limits", "budgets")
+_NOT_YET = ("budgets",)
 # A Cohere API key as the gateway holds it: printable ASCII without spaces, like every key Cohere issues.
 _PROVIDER_KEY = re.compile(r"^[\x21-\x7e]{8,512}$")
 
@@ -106,6 +106,7 @@ class GatewayPolicy:
     cache: CachePolicy = field(default_factory=CachePolicy)
     retry: RetryPolicy = field(default_factory=RetryPolicy)  # cf-aig-* headers override it per request
     provider_key: ProviderKey | None = None  # set: upstream gets this key, whatever the client sent
+    rate_limits: tuple[ratelimits.RateRule, ...] = ()  # the most specific entry's list, whole
 
 
 # --- validation of one entry: key -> (checker, what is allowed) --------------------------------------
@@ -133,6 +134,17 @@ def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str]:
         return v
 
     return check
+
+
+def _rule_key(v: Any) -> str:
+    if not isinstance(v, str):
+        raise TypeError
+    name = v.removeprefix("metadata.")
+    if v in ratelimits.KEYS or (
+        v.startswith("metadata.") and 1 <= len(name) <= 64 and not name.startswith("cf.")
+    ):
+        return v
+    raise TypeError
 
 
 def _tokens(v: Any) -> tuple[str, ...]:
@@ -304,12 +316,17 @@ def _entry(file: str, loc: _Locator, pattern: str, raw: Any, env: dict[str, str]
         if key == "request_timeout":
             retry["timeout_ms"] = _checked(file, where, f"{header}.request_timeout", _TIMEOUT_SPEC, value)
             continue
+        if key == "rate_limits":
+            values["rate_limits"] = _rate_limits(file, where, f"{header}.rate_limits", value)
+            continue
         if key == "provider_key":
             values["provider_key"] = _provider_key(file, where, f"{header}.provider_key", value, env)
             continue
         spec = _GATEWAY_KEYS.get(key)
         if spec is None:
-            allowed = ", ".join([*_GATEWAY_KEYS, "cache", "retries", "request_timeout", "provider_key"])
+            allowed = ", ".join(
+                [*_GATEWAY_KEYS, "cache", "retries", "request_timeout", "provider_key", "rate_limits"]
+            )
             raise ConfigError(file, where, f"{header}.{key}", f"unknown key; allowed: {allowed}")
         checked = _checked(file, where, f"{header}.{key}", spec, value)
         if key == "tokens":
@@ -330,6 +347,48 @@ def _entry(file: str, loc: _Locator, pattern: str, raw: Any, env: dict[str, str]
     if "tokens" in raw or "tokens_env" in raw:
         values["tokens"] = tuple(tokens)
     return Entry(pattern, account, gateway, values, cache, retry)
+
+
+_RULE_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
+    "limit": (_int_in(1, ratelimits.MAX_LIMIT), f"an integer 1..{ratelimits.MAX_LIMIT}"),
+    "window": (
+        _int_in(1, ratelimits.MAX_WINDOW_S),
+        f"an integer number of seconds 1..{ratelimits.MAX_WINDOW_S}",
+    ),
+    "unit": (_one_of(ratelimits.UNITS), "one of " + ", ".join(ratelimits.UNITS)),
+    "technique": (_one_of(ratelimits.TECHNIQUES), "one of " + ", ".join(ratelimits.TECHNIQUES)),
+    "key": (_rule_key, "gateway, account, api_key or metadata.NAME (a cf-aig-metadata entry)"),
+    "estimate": (_int_in(1, 10_000_000), "an integer number of tokens 1..10000000"),
+}
+_RULE_FIELD = {"window": "window_s"}
+
+
+def _rate_limits(file: str, line: int | None, key: str, value: Any) -> tuple[ratelimits.RateRule, ...]:
+    if not isinstance(value, list) or len(value) > 16:
+        raise ConfigError(file, line, key, "expected a list of at most 16 rules: [{ limit, window, ... }]")
+    rules = []
+    for i, raw in enumerate(value):
+        where = f"{key}[{i}]"
+        if not isinstance(raw, dict) or not {"limit", "window"} <= set(raw):
+            raise ConfigError(file, line, where, "expected a table with at least limit and window")
+        fields: dict[str, Any] = {}
+        for rkey, rvalue in raw.items():
+            spec = _RULE_KEYS.get(rkey)
+            if spec is None:
+                raise ConfigError(
+                    file, line, f"{where}.{rkey}", f"unknown key; allowed: {', '.join(_RULE_KEYS)}"
+                )
+            fields[_RULE_FIELD.get(rkey, rkey)] = _checked(file, line, f"{where}.{rkey}", spec, rvalue)
+        rule = ratelimits.RateRule(**fields)
+        if rule.unit == "tokens" and rule.technique == "sliding":
+            raise ConfigError(
+                file,
+                line,
+                f"{where}.technique",
+                "token limits count in fixed windows only (technique = fixed)",
+            )
+        rules.append(rule)
+    return tuple(rules)
 
 
 def _provider_key(file: str, line: int | None, key: str, value: Any, env: dict[str, str]) -> ProviderKey:

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.fixtures.emulator import start_emulator
-from tests.fixtures.gateway import EventReader, GatewayProcess, start_gateway
+from tests.fixtures.gateway import EventReader, GatewayProcess, free_port, start_gateway
 
 API_KEY = "key-" + uuid.uuid4().hex
 CHAT = {"model": "command-r", "messages": [{"role": "user", "content": "hello"}]}
@@ -263,3 +263,19 @@ def test_the_cohere_sdk_sees_its_typed_gateway_timeout(gw: GatewayProcess) -> No
             },
         )
     assert time.monotonic() - start < 10
+
+
+def test_an_unreachable_upstream_is_retried_then_answered_502(
+    kafka_bootstrap: str, gateway_topic: str, gateway_events: EventReader
+) -> None:
+    g = start_gateway(f"http://127.0.0.1:{free_port()}", kafka_bootstrap, gateway_topic, transparent=False)
+    try:
+        cid = "unreachable-" + uuid.uuid4().hex
+        resp = httpx.post(g.base() + "/cohere/v2/chat", json=CHAT, timeout=60,
+                          headers=headers(cid, **{ATTEMPTS: "3", "cf-aig-retry-delay": "50"}))  # fmt: skip
+    finally:
+        g.stop()
+    assert resp.status_code == 502 and "could not reach the upstream (3 attempts)" in resp.json()["message"]
+    event = gateway_events.wait_until(lambda e: e.client_event_id == cid)[0]
+    assert (event.status_code, event.outcome, event.error_type) == (0, "upstream_error", "connection_failed")
+    assert event.attempt_statuses == [0, 0, 0] and event.cost_usd == 0
