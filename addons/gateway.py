@@ -50,7 +50,7 @@ from addons.headers import (
 )
 from addons.metrics import Metrics, Snapshot, merge, read_snapshots, render, write_snapshot
 from addons.outcomes import classify_proxy_error, classify_status
-from addons.pricing import DEFAULT_PRICING, load_pricing
+from addons.pricing import DEFAULT_PRICING, compute_cost, load_pricing
 from addons.publish import NullPublisher, Publisher
 from addons.relay import RELAY_HEADER, Relay, Ticket
 from addons.routing import (
@@ -66,7 +66,7 @@ from addons.sidecar import SidecarPublisher
 from addons.streaming import StreamWatcher, is_stream_response
 from addons.usage import Extracted, extract_body, request_fields
 from cohere_gateway import settings
-from cohere_gateway.events import new_event_id, truncate
+from cohere_gateway.events import Usage, new_event_id, truncate, utc_from_timestamp
 
 log = logging.getLogger("cohere_gateway.gateway")
 
@@ -547,7 +547,7 @@ class Gateway:
                 )
                 if s
             )  # fmt: skip
-        if x.policy.rate_limits:
+        if x.policy.rate_limits or x.policy.budgets:
             return self._admit(flow, x, content, body)
         return self._lookup_or_forward(flow, x, content)
 
@@ -571,16 +571,18 @@ class Gateway:
     async def _admit(self, flow: http.HTTPFlow, x: Exchange, content: bytes, body: dict | None) -> None:
         """Count the request against its gateway's rate limits before anything else is done with it;
         over a limit it is answered 429 here and never forwarded (nor served from the cache)."""
-        rules = x.policy.rate_limits
+        rules = x.policy.rate_limits + x.policy.budgets
         if self.metrics_dir is not None and not self.limiter.shared:
             # Each worker would count alone, allowing limit x workers: refuse rather than pretend.
             raise RouteError(
                 503, "rate limits with --workers > 1 need shared counters: start with --state-url"
             )
         max_tokens = body.get("max_tokens") if isinstance(body, dict) else None
-        ids = [ratelimits.identity(r, x.account_id, x.gateway_id, x.key_fingerprint, x.options.metadata)
-               for r in rules]  # fmt: skip
-        estimates = [ratelimits.token_estimate(r, max_tokens, len(content)) for r in rules]
+        now = time.time()
+        model = x.model or self.pricing.implied_model(x.route.api_version, x.route.endpoint)
+        ids = [ratelimits.identity(r, x.account_id, x.gateway_id, x.key_fingerprint, x.options.metadata,
+                                   model, now) for r in rules]  # fmt: skip
+        estimates = [self._estimate(x, r, model, max_tokens, len(content)) for r in rules]
         verdict = await ratelimits.bounded(self.limiter.admit(rules, ids, estimates), "admit")
         if isinstance(verdict, ratelimits.Refusal):
             self.metrics.rejected[429] += 1
@@ -593,6 +595,22 @@ class Gateway:
         if pending is not None:
             await pending
 
+    def _estimate(self, x: Exchange, rule: ratelimits.RateRule, model: str | None, max_tokens: Any,
+                  size: int) -> int:  # fmt: skip
+        """What a request reserves of a rule: 1 request, its worst-case tokens, or their price."""
+        if rule.unit != "cost":
+            return ratelimits.token_estimate(rule, max_tokens, size)
+        usage = Usage(input_tokens=size // 4 + 1, output_tokens=ratelimits.output_estimate(rule, max_tokens))
+        cost, _ = compute_cost(self.pricing, x.route.endpoint, model, usage, x.options.custom_cost,
+                               at=utc_from_timestamp(x.start))  # fmt: skip
+        if cost is None:  # a spend limit cannot hold what it cannot price: refused, not let through free
+            raise RouteError(
+                422,
+                f"this gateway limits spend and the cost of model {(model or '')[:80]!r} is unknown (not in "
+                "the pricing table); send cf-aig-custom-cost or use a priced model",
+            )
+        return math.ceil(cost * ratelimits.MICRO)
+
     def _settle(self, x: Exchange, kw: dict[str, Any]) -> None:
         """Token reservations become the billed usage (an error, a refusal or a cache hit bills none)."""
         reservation = x.reservation
@@ -604,13 +622,18 @@ class Gateway:
         if 200 <= kw["status"] < 400 and not hit:
             counts = (usage.input_tokens, usage.output_tokens)
             billed = None if counts == (None, None) else sum(c or 0 for c in counts)
-        task = asyncio.get_running_loop().create_task(self._settle_now(reservation, billed))
+        cost: float | None = None
+        if any(rule.unit == "cost" for rule, _, _ in reservation.held):
+            cost = build_event(x, pricing=self.pricing, **kw).cost_usd  # priced exactly as its event
+        task = asyncio.get_running_loop().create_task(self._settle_now(reservation, billed, cost))
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
 
-    async def _settle_now(self, reservation: ratelimits.Reservation, billed: int | None) -> None:
+    async def _settle_now(
+        self, reservation: ratelimits.Reservation, billed: int | None, cost: float | None
+    ) -> None:
         try:
-            await ratelimits.bounded(self.limiter.settle(reservation, billed), "settle")
+            await ratelimits.bounded(self.limiter.settle(reservation, billed, cost), "settle")
         except Exception as exc:  # the reservation stands: counted as estimated, never lost
             log.error("settling a token reservation failed (%s)", type(exc).__name__)
 

@@ -56,7 +56,7 @@ _PATTERN_SIDE = re.compile(r"^[A-Za-z0-9_.\-*?\[\]!]+$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Sections the next control issue adds (limits, budgets, retries, timeouts, provider keys): refused with
 # a message saying so, rather than accepted and ignored.
-_NOT_YET = ("budgets",)
+_NOT_YET: tuple[str, ...] = ()
 # A Cohere API key as the gateway holds it: printable ASCII without spaces, like every key Cohere issues.
 _PROVIDER_KEY = re.compile(r"^[\x21-\x7e]{8,512}$")
 
@@ -107,6 +107,7 @@ class GatewayPolicy:
     retry: RetryPolicy = field(default_factory=RetryPolicy)  # cf-aig-* headers override it per request
     provider_key: ProviderKey | None = None  # set: upstream gets this key, whatever the client sent
     rate_limits: tuple[ratelimits.RateRule, ...] = ()  # the most specific entry's list, whole
+    budgets: tuple[ratelimits.RateRule, ...] = ()  # cost limits over calendar periods, the same way
 
 
 # --- validation of one entry: key -> (checker, what is allowed) --------------------------------------
@@ -319,13 +320,24 @@ def _entry(file: str, loc: _Locator, pattern: str, raw: Any, env: dict[str, str]
         if key == "rate_limits":
             values["rate_limits"] = _rate_limits(file, where, f"{header}.rate_limits", value)
             continue
+        if key == "budgets":
+            values["budgets"] = _budgets(file, where, f"{header}.budgets", value)
+            continue
         if key == "provider_key":
             values["provider_key"] = _provider_key(file, where, f"{header}.provider_key", value, env)
             continue
         spec = _GATEWAY_KEYS.get(key)
         if spec is None:
             allowed = ", ".join(
-                [*_GATEWAY_KEYS, "cache", "retries", "request_timeout", "provider_key", "rate_limits"]
+                [
+                    *_GATEWAY_KEYS,
+                    "cache",
+                    "retries",
+                    "request_timeout",
+                    "provider_key",
+                    "rate_limits",
+                    "budgets",
+                ]
             )
             raise ConfigError(file, where, f"{header}.{key}", f"unknown key; allowed: {allowed}")
         checked = _checked(file, where, f"{header}.{key}", spec, value)
@@ -349,8 +361,14 @@ def _entry(file: str, loc: _Locator, pattern: str, raw: Any, env: dict[str, str]
     return Entry(pattern, account, gateway, values, cache, retry)
 
 
+def _positive(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v <= ratelimits.MAX_LIMIT:
+        raise TypeError
+    return float(v)
+
+
 _RULE_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
-    "limit": (_int_in(1, ratelimits.MAX_LIMIT), f"an integer 1..{ratelimits.MAX_LIMIT}"),
+    "limit": (_positive, "a number > 0 (requests or tokens: an integer; cost: USD)"),
     "window": (
         _int_in(1, ratelimits.MAX_WINDOW_S),
         f"an integer number of seconds 1..{ratelimits.MAX_WINDOW_S}",
@@ -379,15 +397,70 @@ def _rate_limits(file: str, line: int | None, key: str, value: Any) -> tuple[rat
                     file, line, f"{where}.{rkey}", f"unknown key; allowed: {', '.join(_RULE_KEYS)}"
                 )
             fields[_RULE_FIELD.get(rkey, rkey)] = _checked(file, line, f"{where}.{rkey}", spec, rvalue)
+        unit = fields.get("unit", "requests")
+        if unit == "cost":
+            fields["limit"] = max(1, round(fields["limit"] * ratelimits.MICRO))
+        elif fields["limit"] != int(fields["limit"]):
+            raise ConfigError(file, line, f"{where}.limit", f"{unit} limits are whole numbers")
+        else:
+            fields["limit"] = int(fields["limit"])
         rule = ratelimits.RateRule(**fields)
-        if rule.unit == "tokens" and rule.technique == "sliding":
+        if rule.unit != "requests" and rule.technique == "sliding":
             raise ConfigError(
                 file,
                 line,
                 f"{where}.technique",
-                "token limits count in fixed windows only (technique = fixed)",
+                "token and cost limits count in fixed windows only (technique = fixed)",
             )
         rules.append(rule)
+    return tuple(rules)
+
+
+_BUDGET_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
+    "usd": (_positive, "a number of US dollars > 0"),
+    "period": (_one_of(ratelimits.PERIODS), "one of " + ", ".join(ratelimits.PERIODS) + " (calendar, UTC)"),
+    "window": (
+        _int_in(1, ratelimits.MAX_WINDOW_S),
+        f"an integer number of seconds 1..{ratelimits.MAX_WINDOW_S} (periods aligned to the epoch, UTC)",
+    ),
+    "key": (_rule_key, "gateway, account, api_key, model or metadata.NAME (a cf-aig-metadata entry)"),
+    "estimate": (_int_in(1, 10_000_000), "an integer number of output tokens 1..10000000"),
+}
+_PERIOD_S = {"day": 86400, "week": 7 * 86400, "month": 31 * 86400}
+
+
+def _budgets(file: str, line: int | None, key: str, value: Any) -> tuple[ratelimits.RateRule, ...]:
+    """Budgets are cost limits whose windows are calendar periods: the same counters as rate_limits."""
+    if not isinstance(value, list) or len(value) > 16:
+        raise ConfigError(
+            file, line, key, 'expected a list of at most 16 budgets: [{ usd, period = "month" }]'
+        )
+    rules = []
+    for i, raw in enumerate(value):
+        where = f"{key}[{i}]"
+        if not isinstance(raw, dict) or "usd" not in raw or ("period" in raw) == ("window" in raw):
+            raise ConfigError(file, line, where, "expected a table with usd and one of period or window")
+        fields: dict[str, Any] = {}
+        for bkey, bvalue in raw.items():
+            spec = _BUDGET_KEYS.get(bkey)
+            if spec is None:
+                raise ConfigError(
+                    file, line, f"{where}.{bkey}", f"unknown key; allowed: {', '.join(_BUDGET_KEYS)}"
+                )
+            fields[bkey] = _checked(file, line, f"{where}.{bkey}", spec, bvalue)
+        period = fields.pop("period", "")
+        window = fields.pop("window", None) or _PERIOD_S[period]
+        usd = fields.pop("usd")
+        rules.append(
+            ratelimits.RateRule(
+                limit=max(1, round(usd * ratelimits.MICRO)),
+                window_s=window,
+                unit="cost",
+                period=period,
+                aligned=True,
+                **fields,
+            )
+        )
     return tuple(rules)
 
 

@@ -19,8 +19,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 
 import limits
 import limits.aio.strategies
@@ -28,9 +30,11 @@ import limits.storage
 
 log = logging.getLogger("cohere_gateway.ratelimits")
 
-UNITS = ("requests", "tokens")
+UNITS = ("requests", "tokens", "cost")
+PERIODS = ("day", "week", "month")  # budgets: calendar periods, UTC
+MICRO = 1_000_000  # cost counters count micro-dollars: the library counts integers
 TECHNIQUES = ("fixed", "sliding")
-KEYS = ("gateway", "account", "api_key")  # or "metadata.<name>"
+KEYS = ("gateway", "account", "api_key", "model")  # or "metadata.<name>"
 MAX_WINDOW_S = 31 * 24 * 3600
 MAX_LIMIT = 10**12
 DEFAULT_ESTIMATE = 1024  # output tokens reserved for a request that names no max_tokens
@@ -46,9 +50,34 @@ class RateRule:
     technique: str = "fixed"
     key: str = "gateway"
     estimate: int = DEFAULT_ESTIMATE  # token rules: output tokens reserved when max_tokens is absent
+    # Budgets: the window is a period aligned to UTC ("day", "week" from Monday, "month"), or, with
+    # aligned set and no period, every window_s seconds since the epoch; "" for a rate limit's window.
+    period: str = ""
+    aligned: bool = False
 
     def item(self) -> limits.RateLimitItem:
         return limits.RateLimitItemPerSecond(self.limit, self.window_s, namespace=NAMESPACE)
+
+    def shown_limit(self) -> str:
+        return f"${self.limit / MICRO:g}" if self.unit == "cost" else f"{self.limit} {self.unit}"
+
+
+def period_of(rule: RateRule, now: float) -> tuple[str, float]:
+    """The label of the budget period `now` is in, and when it ends (epoch seconds)."""
+    t = datetime.fromtimestamp(now, UTC)
+    if rule.period == "day":
+        start = t.replace(hour=0, minute=0, second=0, microsecond=0)
+        end = start + timedelta(days=1)
+    elif rule.period == "week":
+        start = t.replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=t.weekday())
+        end = start + timedelta(days=7)
+    elif rule.period == "month":
+        start = t.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        end = (start + timedelta(days=32)).replace(day=1)
+    else:
+        n = int(now // rule.window_s)
+        return str(n), (n + 1) * rule.window_s
+    return start.date().isoformat(), end.timestamp()
 
 
 @dataclass(slots=True)
@@ -67,27 +96,46 @@ class Refusal:
 
     def headers(self, now: float) -> dict[str, str]:
         wait = max(1, math.ceil(self.reset_at - now))
+        limit: float = self.rule.limit
+        remaining: float = max(0, self.remaining)
+        if self.rule.unit == "cost":  # in USD, like the configuration
+            limit, remaining = limit / MICRO, remaining / MICRO
         return {
             "retry-after": str(wait),
-            "x-ratelimit-limit": str(self.rule.limit),
-            "x-ratelimit-remaining": str(max(0, self.remaining)),
+            "x-ratelimit-limit": f"{limit:g}",
+            "x-ratelimit-remaining": f"{remaining:g}",
             "x-ratelimit-reset": str(wait),
         }
 
     def message(self) -> str:
-        unit = "requests" if self.rule.unit == "requests" else "tokens"
+        if self.rule.aligned:
+            span = f"this {self.rule.period}" if self.rule.period else f"these {self.rule.window_s} s"
+            return (
+                f"budget of this gateway spent: {self.rule.shown_limit()} {span} (UTC, per {self.rule.key}); "
+                "it resumes in the next period, see retry-after"
+            )
         return (
-            f"rate limit of this gateway reached: {self.rule.limit} {unit} per {self.rule.window_s} s "
+            f"rate limit of this gateway reached: {self.rule.shown_limit()} per {self.rule.window_s} s "
             f"({self.rule.technique} window, per {self.rule.key}); retry after the time in retry-after"
         )
 
 
 def identity(
-    rule: RateRule, account: str, gateway: str, fingerprint: str | None, meta: dict[str, str]
+    rule: RateRule,
+    account: str,
+    gateway: str,
+    fingerprint: str | None,
+    meta: dict[str, str],
+    model: str | None = None,
+    now: float = 0.0,
 ) -> tuple[str, ...] | None:
     """The counter a request counts against under `rule`; None: the rule does not apply (no key, or no
     such metadata entry)."""
     base = (rule.unit, rule.technique, str(rule.limit), str(rule.window_s), rule.key)
+    if rule.aligned:  # a budget: each period its own counter, so it resumes when the next begins
+        base = (*base, rule.period, period_of(rule, now)[0])
+    if rule.key == "model":
+        return (*base, account, gateway, model or "")
     if rule.key == "gateway":
         return (*base, account, gateway)
     if rule.key == "account":
@@ -99,9 +147,12 @@ def identity(
     return (*base, account, gateway, value) if value is not None else None
 
 
+def output_estimate(rule: RateRule, max_tokens: int | None) -> int:
+    return max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else rule.estimate
+
+
 def token_estimate(rule: RateRule, max_tokens: int | None, request_bytes: int) -> int:
-    out = max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else rule.estimate
-    return out + request_bytes // 4 + 1
+    return output_estimate(rule, max_tokens) + request_bytes // 4 + 1
 
 
 class RateLimiter:
@@ -129,7 +180,7 @@ class RateLimiter:
             if key is None:
                 continue
             item = rule.item()
-            cost = estimate if rule.unit == "tokens" else 1
+            cost = estimate if rule.unit != "requests" else 1
             if rule.technique == "sliding":  # requests only (a token cost would be that many entries)
                 ok = await self.moving.hit(item, *key, cost=cost)
                 counted = ok  # the moving window records nothing for a refused hit
@@ -145,8 +196,9 @@ class RateLimiter:
                 await self._give_back(taken)
                 strategy = self.moving if rule.technique == "sliding" else self.fixed
                 stats = await strategy.get_window_stats(item, *key)
-                return Refusal(rule, stats.remaining, stats.reset_time)
-        return Reservation([t for t in taken if t[0].unit == "tokens"])
+                reset = period_of(rule, time.time())[1] if rule.aligned else stats.reset_time
+                return Refusal(rule, stats.remaining, reset)
+        return Reservation([t for t in taken if t[0].unit != "requests"])
 
     async def _give_back(self, taken: list[tuple[RateRule, tuple[str, ...], int]]) -> None:
         for rule, key, cost in taken:
@@ -154,15 +206,21 @@ class RateLimiter:
                 await self._refund(rule, key, cost)
             # a sliding window's entry stays until it slides out: counted, as Cloudflare counts refusals
 
-    async def settle(self, reservation: Reservation, billed_tokens: int | None) -> None:
-        """Replace each reservation by the billed usage (None: unknown, the reservation stands)."""
+    async def settle(
+        self, reservation: Reservation, billed_tokens: int | None, billed_usd: float | None
+    ) -> None:
+        """Replace each reservation by what was billed (None: unknown, the reservation stands)."""
         if reservation.settled:
             return
         reservation.settled = True
-        if billed_tokens is None:
-            return
         for rule, key, held in reservation.held:
-            delta = billed_tokens - held
+            if rule.unit == "tokens":
+                billed = billed_tokens
+            else:
+                billed = math.ceil(billed_usd * MICRO) if billed_usd is not None else None
+            if billed is None:
+                continue
+            delta = billed - held
             if delta > 0:
                 await self.storage.incr(rule.item().key_for(*key), rule.item().get_expiry(), delta)
             elif delta < 0:

@@ -39,6 +39,10 @@ rate_limits = [{ limit = 1, window = 60, key = "metadata.user" }]
 rate_limits = [{ limit = 2, window = 1, technique = "sliding" }]
 [gateways."acct/tokens"]
 rate_limits = [{ limit = 400, window = 60, unit = "tokens" }]
+[gateways."acct/budget"]
+budgets = [{ usd = 0.0002, window = 5 }]
+[gateways."acct/cost"]
+rate_limits = [{ limit = 0.001, window = 60, unit = "cost", key = "model" }]
 [gateways."acct/shared"]
 rate_limits = [{ limit = 5, window = 60 }, { limit = 1000, window = 60, unit = "tokens" }]
 """
@@ -194,3 +198,46 @@ def test_workers_share_the_counters_through_redis_and_refuse_without(
         assert resp.status_code == 503 and "--state-url" in resp.json()["message"]
     finally:
         g.stop()
+
+
+def test_a_budget_stops_requests_once_spent_and_resumes_in_the_next_period(
+    gw: GatewayProcess, gateway_events: EventReader, emulator_url: str
+) -> None:
+    marker = "budget-" + uuid.uuid4().hex
+    codes = []
+    for i in range(60):
+        resp = chat(gw, "budget", f"{marker}-{i}")
+        codes.append(resp.status_code)
+        if resp.status_code == 429:
+            break
+    assert codes[0] == 200 and codes[-1] == 429, codes
+    assert "budget of this gateway spent: $0.0002" in resp.json()["message"]
+    assert 1 <= int(resp.headers["retry-after"]) <= 5
+    assert float(resp.headers["x-ratelimit-limit"]) == 0.0002
+    # the next period (windows of 5 s aligned to the epoch) takes requests again
+    deadline = time.monotonic() + 15
+    while chat(gw, "budget", f"{marker}-next").status_code == 429:
+        assert time.monotonic() < deadline, "the budget never resumed"
+        time.sleep(0.2)
+    admitted = codes.count(200)
+    events = gateway_events.wait_until(
+        lambda e: (e.client_event_id or "").startswith(marker + "-") and e.status_code == 200, admitted + 1
+    )
+    spent: dict[int, float] = {}
+    for e in events:
+        assert e.cost_usd is not None and e.cost_usd > 0
+        period = int(e.start_time.timestamp() // 5)
+        spent[period] = spent.get(period, 0.0) + e.cost_usd
+    assert max(spent.values()) <= 0.0002 + 1e-12  # reserved at the worst case: never overspent
+    assert reached_upstream(emulator_url, marker) == admitted + 1
+
+
+def test_a_cost_limit_per_model_and_an_unpriced_model_is_refused(gw: GatewayProcess) -> None:
+    marker = "cost-" + uuid.uuid4().hex
+    codes = [chat(gw, "cost", f"{marker}-{i}").status_code for i in range(40)]
+    assert codes[0] == 200 and 429 in codes
+    # spend that cannot be priced cannot be held to a limit: refused, never let through as free
+    body = {"model": "no-such-model", "messages": [{"role": "user", "content": marker}]}
+    resp = httpx.post(gw.base("acct", "cost") + "/cohere/v2/chat", json=body, timeout=30,
+                      headers={"Authorization": f"Bearer {API_KEY}"})  # fmt: skip
+    assert resp.status_code == 422 and "unknown" in resp.json()["message"]
