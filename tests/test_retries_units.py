@@ -101,3 +101,45 @@ def test_configuration_errors_name_the_key(snippet: str, message: str) -> None:
     assert message in str(err.value) and "g.toml:2" in str(err.value)
     if "SHORT" in snippet:  # what the variable holds is never quoted
         assert "abc" not in str(err.value)
+
+
+def test_rate_limit_and_budget_rules() -> None:
+    from addons import ratelimits as rl
+
+    text = (
+        '[gateways."a/b"]\nrate_limits = [{ limit = 10, window = 60 }, '
+        '{ limit = 0.5, window = 3600, unit = "cost", key = "model" }]\n'
+        'budgets = [{ usd = 20, period = "day", key = "metadata.user" }, { usd = 1, window = 3600 }]\n'
+    )
+    policy = gc.parse(text, "g.toml", gc.GatewayPolicy()).resolve("a", "b")
+    assert policy.rate_limits == (rl.RateRule(10, 60), rl.RateRule(500_000, 3600, "cost", key="model"))
+    day, hourly = policy.budgets
+    assert (day.limit, day.window_s, day.period, day.aligned, day.key) == (
+        20_000_000, 86400, "day", True, "metadata.user"
+    )  # fmt: skip
+    # a budget's counter is its period's: 2026-03-31 23:59:59 UTC and one second later differ
+    assert rl.period_of(day, 1775001599.0) == ("2026-03-31", 1775001600.0)
+    assert rl.period_of(day, 1775001600.0)[0] == "2026-04-01"
+    month = rl.RateRule(1, 31 * 86400, "cost", period="month", aligned=True)
+    assert rl.period_of(month, 1775001600.0 - 1) == ("2026-03-01", 1775001600.0)
+    week = rl.RateRule(1, 7 * 86400, "cost", period="week", aligned=True)
+    assert rl.period_of(week, 1775001600.0)[0] == "2026-03-30"  # the Monday of that week
+    assert rl.period_of(hourly, 7200.5) == ("2", 10800)
+
+
+@pytest.mark.parametrize(
+    ("snippet", "message"),
+    [("rate_limits = [{ limit = 10 }]", "at least limit and window"),
+     ("rate_limits = [{ limit = 1.5, window = 60 }]", "requests limits are whole numbers"),
+     ("rate_limits = [{ limit = 5, window = 60, unit = \"tokens\", technique = \"sliding\" }]",
+      "fixed windows only"),
+     ("rate_limits = [{ limit = 5, window = 60, key = \"ip\" }]", "metadata.NAME"),
+     ("rate_limits = [{ limit = 5, window = 60, per = 1 }]", "unknown key"),
+     ("budgets = [{ usd = 5 }]", "one of period or window"),
+     ("budgets = [{ usd = 5, period = \"year\" }]", "one of day, week, month"),
+     ("budgets = [{ usd = -1, period = \"day\" }]", "a number of US dollars > 0")],
+)  # fmt: skip
+def test_rule_errors_name_the_key(snippet: str, message: str) -> None:
+    with pytest.raises(gc.ConfigError) as err:
+        gc.parse(f'[gateways."a/b"]\n{snippet}\n', "g.toml", gc.GatewayPolicy())
+    assert message in str(err.value) and "g.toml:2" in str(err.value)
