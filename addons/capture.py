@@ -218,7 +218,7 @@ def build_event(
         saved_search_units=saved.search_units,
         saved_cost_usd=saved_cost,
         attempts=len(attempts) if attempts is not None else None,
-        attempt_statuses=attempts,
+        attempt_statuses=attempts or [],
     )
 
 

@@ -143,3 +143,21 @@ def test_rule_errors_name_the_key(snippet: str, message: str) -> None:
     with pytest.raises(gc.ConfigError) as err:
         gc.parse(f'[gateways."a/b"]\n{snippet}\n', "g.toml", gc.GatewayPolicy())
     assert message in str(err.value) and "g.toml:2" in str(err.value)
+
+
+def test_attempts_are_stored_and_read_back(clickhouse_backend) -> None:  # type: ignore[no-untyped-def]
+    """Migration 0008: the 1.3 fields survive the raw table on both backends (the consumer inserts every
+    contract field, so without the columns every insert would fail)."""
+    from datetime import UTC, datetime, timedelta
+
+    from tests.fixtures.clickhouse import make_event
+    from tests.test_storage import event_from_row, insert_events
+
+    base = (datetime.now(UTC) - timedelta(days=1)).replace(second=0, microsecond=0)
+    events = [
+        make_event(0, base, attempts=3, attempt_statuses=[500, 0, 200]),
+        make_event(1, base, attempts=None, attempt_statuses=[]),
+    ]
+    insert_events(clickhouse_backend, events, "attempts-1")
+    rows = clickhouse_backend.query("SELECT * FROM events FINAL ORDER BY start_time")
+    assert [event_from_row(r) for r in rows] == events
