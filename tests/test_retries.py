@@ -5,6 +5,8 @@ loosely (lower bounds from the configured delays, generous upper bounds)."""
 
 from __future__ import annotations
 
+import json
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -279,3 +281,28 @@ def test_an_unreachable_upstream_is_retried_then_answered_502(
     event = gateway_events.wait_until(lambda e: e.client_event_id == cid)[0]
     assert (event.status_code, event.outcome, event.error_type) == (0, "upstream_error", "connection_failed")
     assert event.attempt_statuses == [0, 0, 0] and event.cost_usd == 0
+
+
+def test_a_client_that_leaves_stops_the_retries(
+    gw: GatewayProcess, gateway_events: EventReader, emulator_url: str
+) -> None:
+    cid = "leaves-" + uuid.uuid4().hex
+    body = json.dumps(CHAT).encode()
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers(cid, "status=503", **{ATTEMPTS: "5",
+                   "cf-aig-retry-delay": "1500"}).items())  # fmt: skip
+    port = int(gw.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(
+            f"POST /v1/acct/gw/cohere/v2/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n{head}\r\n".encode()
+            + body
+        )
+        deadline = time.monotonic() + 20
+        while upstream_calls(emulator_url, cid) < 1:  # the first attempt was made; the backoff runs
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    # the client left during the 1.5 s backoff: no further attempt, the exchange ends as client_aborted
+    event = gateway_events.wait_until(lambda e: e.client_event_id == cid)[0]
+    assert event.outcome == "client_aborted"
+    time.sleep(2.0)  # past the next backoff: an attempt the relay went on with would have arrived
+    assert upstream_calls(emulator_url, cid) == 1
