@@ -97,6 +97,7 @@ class Exchange:
     response_payload: list[bytes] | None = None  # streamed bodies kept for payload logging
     payload_kept: int = 0
     finished: bool = False  # the event is built exactly once, whichever hook ends the exchange
+    strip_usage: bool = False  # compat stream: the gateway asked upstream for usage the client did not
     recorded: bool = True  # False: refused before authentication, no event at all
     failed_hook: str | None = None  # a response hook raised: the response is replaced by a 500
     secrets: tuple[str, ...] = ()  # this request's credentials, redacted from logged bodies

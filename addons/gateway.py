@@ -63,7 +63,7 @@ from addons.routing import (
     route_transparent,
 )
 from addons.sidecar import SidecarPublisher
-from addons.streaming import StreamWatcher, is_stream_response
+from addons.streaming import StreamWatcher, UsageStripper, is_stream_response, want_stream_usage
 from addons.usage import Extracted, extract_body, request_fields
 from cohere_gateway import settings
 from cohere_gateway.events import Usage, new_event_id, truncate, utc_from_timestamp
@@ -106,6 +106,7 @@ OPTIONS: tuple[tuple[str, type, str], ...] = (
         "max_headers",
         "max_connections",
         "idle_timeout_s",
+        "header_timeout_s",
         "allow_http2",
         "max_custom_cost",
         "protect_local_endpoints",
@@ -128,18 +129,25 @@ def json_response(status: int, body: dict, headers: dict[str, str] | None = None
     )
 
 
+def json_error_body(status_code: int, message: str = "") -> bytes:
+    """The body of an error mitmproxy answers itself, as the gateway's own: JSON `{"message"}`."""
+    text = message or http.status_codes.RESPONSES.get(status_code, "error")
+    if status_code == 413:  # mitmproxy's body_size_limit, set from max_request_bytes: say so in our words
+        text = too_large(ctx.options.max_request_bytes).message
+    if status_code == 502:
+        text = f"the gateway could not reach the upstream: {text}"
+    return orjson.dumps({"message": text})
+
+
 def json_error_page(status_code: int, message: str = "") -> bytes:
     """What mitmproxy sends for errors it answers itself (upstream unreachable, malformed request line):
     JSON `{"message"}` like the gateway's own errors, so the SDKs raise their typed errors, not ApiError
     on an HTML page."""
     from mitmproxy.net.http import http1
 
-    text = message or http.status_codes.RESPONSES.get(status_code, "error")
-    if status_code == 502:
-        text = f"the gateway could not reach the upstream: {text}"
     resp = http.Response.make(
         status_code,
-        orjson.dumps({"message": text}),
+        json_error_body(status_code, message),
         {"content-type": "application/json", "connection": "close"},
     )
     return http1.assemble_response(resp)
@@ -194,7 +202,7 @@ class Gateway:
         self.started = time.time()
         self.in_flight = 0  # exchanges started and not finished: shutdown waits for them
         self._counted: set[str] = set()  # ids of the client connections open now (max_connections)
-        self.config = gwconfig.ConfigWatcher(None, gwconfig.GatewayPolicy())
+        self.config = gwconfig.ConfigWatcher(None, gwconfig.GatewayPolicy(), self.metrics.config)
         self.cache = rcache.ResponseCache(None, self.metrics.cache)
         self._watching: asyncio.Task[None] | None = None
         self.relay = Relay()  # makes the upstream call for requests with a timeout or retries
@@ -208,8 +216,10 @@ class Gateway:
             loader.add_option(name, kind, _opt_default(name), help_text)
         # mitmproxy has no hook for the error pages it writes itself: every error this process sends is
         # JSON only through this seam.
-        mitmproxy_seam.install_error_pages(json_error_page)
-        mitmproxy_seam.install_head_limit(lambda: ctx.options.max_header_bytes, json_error_page)
+        mitmproxy_seam.install_error_pages(json_error_page, json_error_body)
+        mitmproxy_seam.install_head_limit(
+            lambda: ctx.options.max_header_bytes, json_error_page, lambda: ctx.options.header_timeout_s
+        )
 
     def configure(self, updated: set[str]) -> None:
         opts = ctx.options
@@ -286,7 +296,8 @@ class Gateway:
             self.config.set_base(base)
             return
         try:
-            self.config = gwconfig.ConfigWatcher(Path(opts.config) if opts.config else None, base)
+            path = Path(opts.config) if opts.config else None
+            self.config = gwconfig.ConfigWatcher(path, base, self.metrics.config)
         except gwconfig.ConfigError as exc:
             raise exceptions.OptionsError(f"invalid configuration: {exc}") from None
 
@@ -533,6 +544,11 @@ class Gateway:
                 x.model = name
                 body["model"] = name
                 flow.request.content = orjson.dumps(body)
+        if body is not None and want_stream_usage(x.route.api_version, x.route.endpoint, x.stream, body):
+            # Without usage a compat stream cannot be priced: ask for it, and strip it from the answer.
+            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+            flow.request.content = orjson.dumps(body)
+            x.strip_usage = True
         if x.stream:
             # the stream is read as it passes; a compressed one could not be
             flow.request.headers["accept-encoding"] = "identity"
@@ -651,6 +667,18 @@ class Gateway:
         req.headers[RELAY_HEADER] = x.relay_token
 
     async def _cache_lookup(self, flow: http.HTTPFlow, x: Exchange, body: bytes) -> None:
+        try:
+            await self._serve_cached(flow, x, body)
+        except Exception:  # a bug in the cache must cost its saving, never the request
+            log.exception("cache lookup failed (event %s); forwarding", x.event_id)
+            if x.cache is not None and x.cache.leader:
+                self.cache.finish(x.cache.key or "", None)
+            x.cache = None
+            flow.response = None
+            if x.forwarded_at is None:
+                self._forward(x)
+
+    async def _serve_cached(self, flow: http.HTTPFlow, x: Exchange, body: bytes) -> None:
         c = x.cache
         assert c is not None
         headers = flow.request.headers
@@ -674,6 +702,7 @@ class Gateway:
                 await pending
             return
         fields = [*entry.headers, (rcache.STATUS_HEADER, "HIT"), (LOG_ID_HEADER, x.event_id)]
+        fields.append((OVERHEAD_HEADER, _ms(time.time() - x.start)))
         replay = http.Headers([(k.encode("latin-1"), v.encode("latin-1")) for k, v in fields])
         flow.response = http.Response.make(entry.status, entry.body, replay)
 
@@ -701,17 +730,27 @@ class Gateway:
         if keep:
             x.response_payload = []
 
-        def tap(chunk: bytes) -> bytes:
+        stripper = UsageStripper() if x.strip_usage and fmt == "sse" else None
+
+        def tap(chunk: bytes) -> bytes | list[bytes]:
             # The client's stream must not break on a bug in watching it: what was seen stays counted.
             try:
                 watch(chunk)
+                if stripper is None:
+                    return chunk
+                if not chunk:
+                    return stripper.flush()
+                # a list, because an empty bytes chunk would end the client's response
+                out = stripper.feed(chunk)
+                return [out] if out else []
             except Exception as exc:
                 resp.stream = True
                 self.metrics.hook_errors["stream"] += 1
                 log.error(
                     "internal error watching a stream (%s); passing it on unwatched", type(exc).__name__
                 )
-            return chunk
+                # what the stripper held back goes on first, so the stream stays whole
+                return (stripper.flush() if stripper is not None else b"") + chunk
 
         def watch(chunk: bytes) -> None:
             if chunk:
@@ -735,7 +774,11 @@ class Gateway:
         x: Exchange | None = flow.metadata.get(STATE)
         resp = flow.response
         if x is not None and x.cache is not None and x.cache.leader and resp is not None:
-            self._cache_store(x, resp)
+            try:
+                self._cache_store(x, resp)
+            except Exception:  # never at the cost of the client's answer or its event
+                log.exception("storing the answer failed (event %s)", x.event_id)
+                self.cache.finish(x.cache.key or "", None)
         if x is None or x.finished or resp is None:
             return
         if x.failed_hook is not None:  # responseheaders raised; the response was buffered, not streamed
@@ -788,6 +831,8 @@ class Gateway:
         assert resp is not None and x.watcher is not None
         outcome, error_type = classify_status(resp.status_code)
         x.watcher.finish()
+        if outcome == "ok" and x.watcher.stream_error:
+            outcome, error_type = "upstream_error", "stream_error"
         payload: str | None = None
         if x.response_payload is not None:
             payload = truncate(

@@ -32,6 +32,7 @@ import logging
 import os
 import re
 import tomllib
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,9 +194,8 @@ _TIMEOUT_SPEC = (
     _int_in(1, retries.MAX_REQUEST_TIMEOUT_MS),
     f"an integer number of milliseconds 1..{retries.MAX_REQUEST_TIMEOUT_MS}",
 )
-_CACHE_FIELD = {"enabled": "enabled", "ttl": "ttl_s", "client_control": "client_control"} | {
-    "max_entry_bytes": "max_entry_bytes"
-}
+# file key -> CachePolicy field (`ttl` reads like Cloudflare's setting; the field says its unit)
+_CACHE_FIELD = {key: "ttl_s" if key == "ttl" else key for key in _CACHE_KEYS}
 
 
 @dataclass(frozen=True, slots=True)
@@ -587,12 +587,13 @@ class ConfigWatcher:
     change, so an operator's typo never takes a running gateway down or opens it up.
     """
 
-    def __init__(self, path: Path | None, base: GatewayPolicy) -> None:
+    def __init__(self, path: Path | None, base: GatewayPolicy, counters: Counter[str] | None = None) -> None:
         self.path = path
         self._stamp: tuple[int, int, int] | None = None
+        self._settling: tuple[int, int, int] | None = None  # a change seen once, not yet taken
         self.current = GatewayConfig(base)
-        self.reloads = 0
-        self.reload_errors = 0
+        # "reloaded" / "refused" (the gateway's /metrics shows them)
+        self.counters: Counter[str] = Counter() if counters is None else counters
         if path is not None:
             self._stamp = self._stat()
             self.current = load(path, base)  # a bad file at start is the caller's error to raise
@@ -610,24 +611,32 @@ class ConfigWatcher:
 
     def check(self) -> bool:
         """Reload if the file changed; True if a new configuration is now in force. Blocking (a stat,
-        and a read of a small file when it changed): run it off the event loop."""
+        and a read of a small file when it changed): run it off the event loop.
+
+        A change is taken once the file has stayed the same for one check: an editor that truncates and
+        then writes leaves a moment where the file is empty, which is valid TOML (no entries) and would
+        otherwise be put in force for a second."""
         if self.path is None:
             return False
         stamp = self._stat()
         if stamp == self._stamp:
+            self._settling = None
             return False
-        self._stamp = stamp
+        if stamp != self._settling:
+            self._settling = stamp
+            return False
+        self._stamp, self._settling = stamp, None
         if stamp is None:
-            self.reload_errors += 1
+            self.counters["refused"] += 1
             log.error("configuration %s is gone; keeping the one in force", self.path)
             return False
         try:
             new = load(self.path, self.current.base)
         except ConfigError as exc:
-            self.reload_errors += 1
+            self.counters["refused"] += 1
             log.error("configuration not reloaded, keeping the one in force: %s", exc)
             return False
         self.current = new
-        self.reloads += 1
+        self.counters["reloaded"] += 1
         log.info("configuration reloaded from %s (%d entries)", self.path, len(new.entries))
         return True

@@ -21,7 +21,7 @@ from cohere_gateway.events import OUTCOMES
 # {"requests": {mode: n}, "exchanges": {outcome: n}, "rejected": {status: n}, "events_skipped": n,
 #  "publisher": {counter: n}}: plain JSON, so workers can share it through files.
 Snapshot = dict[str, Any]
-_GROUPS = ("requests", "exchanges", "rejected", "hook_errors", "publisher", "cache")
+_GROUPS = ("requests", "exchanges", "rejected", "hook_errors", "publisher", "cache", "config")
 _SCALARS = ("events_skipped", "connections_refused", "events_oversize")
 # The response cache's counters (addons/cache.py), always rendered so a dashboard sees zeros.
 CACHE_COUNTERS = ("hit", "miss", "expired", "bypass", "coalesced", "stored", "store_errors")
@@ -39,6 +39,7 @@ class Metrics:
         self.connections_refused = 0  # over max_connections
         self.events_oversize = 0  # too large to deliver even without bodies
         self.cache: Counter[str] = Counter()  # filled by addons/cache.py's ResponseCache
+        self.config: Counter[str] = Counter()  # configuration file reloads: "reloaded" | "refused"
 
     def snapshot(self, publisher: dict[str, int]) -> Snapshot:
         return {
@@ -51,6 +52,7 @@ class Metrics:
             "events_oversize": self.events_oversize,
             "publisher": dict(publisher),
             "cache": dict(self.cache),
+            "config": dict(self.config),
         }
 
 
@@ -130,6 +132,14 @@ def render(snap: Snapshot, workers: int | None = None) -> str:
     ]
     for name in CACHE_COUNTERS:
         lines.append(f'cohere_gateway_cache_total{{result="{name}"}} {cache.get(name, 0)}')
+    config = snap.get("config", {})
+    lines += [
+        "# HELP cohere_gateway_config_reloads_total Configuration file changes: reloaded, or refused "
+        "(the file did not parse or is gone; the configuration in force stays).",
+        "# TYPE cohere_gateway_config_reloads_total counter",
+    ]
+    for name in ("reloaded", "refused"):
+        lines.append(f'cohere_gateway_config_reloads_total{{result="{name}"}} {config.get(name, 0)}')
     for name, value in sorted(snap["publisher"].items()):
         metric = f"cohere_gateway_{name}" + ("" if name.endswith("_pending") else "_total")
         kind = "gauge" if name.endswith("_pending") else "counter"

@@ -2,12 +2,14 @@
 
 mitmproxy has no public hook for any of them:
 - the error pages its HTTP/1 layer writes itself (upstream unreachable, malformed request line) are built
-  by `mitmproxy.proxy.layers.http._http1.make_error_response`, looked up by name at call time;
+  by `mitmproxy.proxy.layers.http._http1.make_error_response`, looked up by name at call time, and its
+  HTTP/2 layer's error bodies by `_http2.format_error` (its content-type header stays text/html);
 - its listeners bind with `asyncio.start_server()` and offer no `reuse_port`, which `--workers N` needs;
 - its HTTP/1 reader buffers a request head without limit (one unterminated 300 MiB header line grew the
   process by 600 MB): `_http1.Http1Server.read_headers` is wrapped to answer 431 and close once the
-  buffered head (`Http1Connection.buf`) passes `max_header_bytes` without ending. HTTP/2 needs no such
-  patch: h2's HPACK decoder bounds a header list itself.
+  buffered head (`Http1Connection.buf`) passes `max_header_bytes` without ending, and 408 once it has
+  taken longer than `header_timeout_s`. HTTP/2 needs no such patch: h2's HPACK decoder bounds a header
+  list itself.
 
 All are checked against the running mitmproxy before use: a release that moves them makes the gateway
 refuse to start with a message naming the tested version, instead of silently sending HTML errors or
@@ -18,7 +20,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import re
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -47,6 +51,11 @@ def check() -> None:
     fn = getattr(_http1, "make_error_response", None)
     if fn is None or list(inspect.signature(fn).parameters) != ["status_code", "message"]:
         raise SeamMoved(f"mitmproxy {version}: _http1.make_error_response(status_code, message) moved")
+    from mitmproxy.proxy.layers.http import _http2
+
+    body = getattr(_http2, "format_error", None)
+    if body is None or list(inspect.signature(body).parameters) != ["status_code", "message"]:
+        raise SeamMoved(f"mitmproxy {version}: _http2.format_error(status_code, message) moved")
     if "asyncio.start_server(" not in inspect.getsource(mode_servers):
         raise SeamMoved(f"mitmproxy {version}: mode_servers no longer binds with asyncio.start_server")
     server = getattr(_http1, "Http1Server", None)
@@ -59,12 +68,17 @@ def check() -> None:
         raise SeamMoved(f"mitmproxy {version}: Http1Server.read_headers no longer reads from self.buf")
 
 
-def install_error_pages(make: Callable[[int, str], bytes]) -> None:
-    """Make every error page mitmproxy's HTTP/1 layer writes in this process come from `make`."""
+def install_error_pages(
+    make: Callable[[int, str], bytes], make_body: Callable[[int, str], bytes] | None = None
+) -> None:
+    """Make every error page mitmproxy's HTTP/1 layer writes in this process come from `make`, and the
+    body of every HTTP/2 one from `make_body`."""
     check()
-    from mitmproxy.proxy.layers.http import _http1
+    from mitmproxy.proxy.layers.http import _http1, _http2
 
     _http1.make_error_response = make
+    if make_body is not None:
+        _http2.format_error = make_body
 
 
 def reuse_port() -> None:
@@ -83,9 +97,15 @@ def reuse_port() -> None:
     mode_servers.asyncio.start_server = start_server  # type: ignore[attr-defined]
 
 
-def install_head_limit(limit: Callable[[], int], error_page: Callable[[int, str], bytes]) -> None:
-    """Refuse (431, then close) a request head that grows past `limit()` bytes without ending; what was
-    buffered is dropped with it. Installed once per process."""
+def install_head_limit(
+    limit: Callable[[], int],
+    error_page: Callable[[int, str], bytes],
+    deadline_s: Callable[[], float] = lambda: math.inf,
+) -> None:
+    """Refuse (431, then close) a request head that grows past `limit()` bytes without ending, and (408)
+    one still not complete `deadline_s()` after its first byte: a client trickling a byte at a time
+    (slowloris) keeps the idle timeout from firing, not this. What was buffered is dropped with it.
+    Installed once per process."""
     check()
     from mitmproxy.proxy import commands, events
     from mitmproxy.proxy.layers.http import _http1
@@ -94,15 +114,26 @@ def install_head_limit(limit: Callable[[], int], error_page: Callable[[int, str]
     if getattr(original, "cohere_gateway_limit", False):
         return
 
+    def refuse(self: Any, status: int, message: str) -> Any:
+        self.buf = type(self.buf)()
+        self.state = self.done
+        yield commands.SendData(self.conn, error_page(status, message))
+        yield commands.CloseConnection(self.conn)
+
     def read_headers(self: Any, event: Any) -> Any:
         if isinstance(event, events.DataReceived):
             n = limit()
+            now = time.monotonic()
+            if len(self.buf) == len(event.data):  # this event starts a request head
+                self.cohere_gateway_head_started = now
             if len(self.buf) > n and not _HEAD_END.search(bytes(self.buf)[: n + 2]):
-                self.buf = type(self.buf)()
-                self.state = self.done
-                message = f"the request head is larger than the gateway's {n} bytes"
-                yield commands.SendData(self.conn, error_page(431, message))
-                yield commands.CloseConnection(self.conn)
+                yield from refuse(self, 431, f"the request head is larger than the gateway's {n} bytes")
+                return
+            started = getattr(self, "cohere_gateway_head_started", now)
+            if now - started > deadline_s() and not _HEAD_END.search(bytes(self.buf)):
+                yield from refuse(
+                    self, 408, f"the request head took longer than {deadline_s():g} s to arrive"
+                )
                 return
         yield from original(self, event)
 

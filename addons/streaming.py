@@ -8,6 +8,7 @@ because streams are the hot path.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 
@@ -71,6 +72,9 @@ class StreamWatcher:
         # saw the last data the stream carries (v1 stream-end, or `[DONE]`): the event can be published
         # before that chunk is passed on, so a client never sees a finished stream whose event is not yet out
         self.complete = False
+        # the upstream answered 200 and then reported a failure inside the stream (v1 `stream-error`,
+        # v2 `message-end` carrying an error): the exchange is not ok, whatever its status
+        self.stream_error = False
         self.bytes_seen = 0
         self._data: list[bytes] = []  # SSE data lines of the event being read
         if api_version == "compat":
@@ -147,9 +151,9 @@ class StreamWatcher:
             whole.generation_id = whole.generation_id or ex.generation_id
             self.extracted = whole
         elif kind == "stream-error":
-            self.ended = self.complete = True
+            self.ended = self.complete = self.stream_error = True
             ex.finish_reason = _str(obj.get("finish_reason")) or "ERROR"
-            ex.error_message = _str(obj.get("err"))
+            ex.error_message = _str(obj.get("err")) or "stream-error without a message"
 
     def _v2(self, obj: dict) -> None:
         kind = obj.get("type")
@@ -162,8 +166,9 @@ class StreamWatcher:
             ex.finish_reason = _str(delta.get("finish_reason"))
             ex.usage = usage_from_cohere(delta.get("usage"))
             err = delta.get("error")
-            if isinstance(err, str) and err:
-                ex.error_message = err
+            if err:  # Cohere sends a string; anything else is kept as its JSON text
+                self.stream_error = True
+                ex.error_message = err if isinstance(err, str) else orjson.dumps(err).decode()
 
     def _compat(self, obj: dict) -> None:
         ex = self.extracted
@@ -181,3 +186,67 @@ class StreamWatcher:
         if isinstance(obj.get("usage"), dict):
             ex.usage = usage_from_compat(obj["usage"])
             self.ended = True
+
+
+_EVENT_END = re.compile(rb"\r?\n\r?\n")
+
+
+class UsageStripper:
+    """A compat (OpenAI-style) SSE stream given back as the client asked for it, when the gateway asked
+    upstream for usage (`stream_options.include_usage`) on the client's behalf: the usage-only chunk
+    (`choices: []`) is left out and the `"usage": null` the other chunks then carry is removed. Events are
+    passed on whole, so a chunk boundary inside an event holds that event until its end arrives; events
+    without `"usage"` pass byte for byte."""
+
+    __slots__ = ("_pending",)
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._pending + chunk if self._pending else chunk
+        out = []
+        start = 0
+        for end in _EVENT_END.finditer(data):
+            out.append(self._event(data[start : end.start()], end.group()))
+            start = end.end()
+        self._pending = data[start:]
+        if len(self._pending) > MAX_PENDING_LINE:  # not a well-formed event: stop holding it
+            out.append(self._pending)
+            self._pending = b""
+        return b"".join(out)
+
+    def flush(self) -> bytes:
+        rest, self._pending = self._pending, b""
+        return rest
+
+    @staticmethod
+    def _event(event: bytes, end: bytes) -> bytes:
+        if b'"usage"' not in event:
+            return event + end
+        lines = event.splitlines()
+        data = [line for line in lines if line.startswith(b"data:")]
+        try:
+            obj = orjson.loads(b"\n".join(line[5:] for line in data))
+        except orjson.JSONDecodeError:
+            return event + end
+        if not isinstance(obj, dict) or "usage" not in obj:
+            return event + end
+        if not obj.get("choices"):
+            return b""  # the usage chunk the client did not ask for
+        del obj["usage"]
+        kept = [line for line in lines if not line.startswith(b"data:")]
+        newline = b"\r\n" if end.startswith(b"\r") else b"\n"
+        return newline.join([*kept, b"data: " + orjson.dumps(obj)]) + end
+
+
+def want_stream_usage(api_version: str, endpoint: str, stream: bool, body: dict) -> bool:
+    """A compat chat stream whose request did not ask for usage: without it the stream cannot be priced,
+    so the gateway asks upstream for it (and strips it again, UsageStripper). A `stream_options` that is
+    not an object is left for upstream to refuse."""
+    if api_version != "compat" or endpoint != "chat.completions" or not stream:
+        return False
+    options = body.get("stream_options")
+    if options is None:
+        return True
+    return isinstance(options, dict) and options.get("include_usage") is not True

@@ -11,8 +11,10 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from bench import targets
 from bench.loadgen import LoadResult, encode_request, run_load
@@ -127,6 +129,15 @@ def budgets(pooled: dict[tuple[str, int], Measured], sizes: Sizes, gateway: str)
             f"≤ {CPU_RATIO_LIMIT:.2f}×",
             verdict(ok),
         )
+        old = pooled.get((f"{gateway} (baseline install)", c))
+        if old is not None:  # informational: the same gateway on another platform, same run
+            table.add(
+                f"{gateway} CPU/request vs baseline install, conc. {c}",
+                f"{ratio(gw.cpu_per_request, old.cpu_per_request):.2f}×",
+                f"baseline install {us(old.cpu_per_request)} µs",
+                "—",
+                "—",
+            )
     gw, bare = pooled[(gateway, 1)].load, pooled[("bare mitmdump", 1)].load
     for q, slack in ((50, P50_SLACK_S), (99, P99_SLACK_S)):
         ok = gw.p(q) <= bare.p(q) + slack
@@ -147,14 +158,47 @@ def publisher_counters(url: str) -> dict[str, int]:
     return {}
 
 
+# Another installation to measure beside this one in the same run (e.g. the previous platform's:
+# `git worktree add ../old <commit>` with its own venv): the bin/ directory holding its `mitmdump` and
+# `cohere-gateway`. Its targets are named "... (baseline install)".
+BASELINE_ENV = "BENCH_BASELINE_BIN"
+
+
+def baseline_targets(
+    stack: contextlib.ExitStack, upstream: str, kafka: targets.Kafka
+) -> list[targets.Target]:
+    bin_dir = os.environ.get(BASELINE_ENV)
+    if not bin_dir:
+        return []
+    base = Path(bin_dir)
+    return [
+        stack.enter_context(
+            targets.bare_mitmdump(upstream, str(base / "mitmdump"), "bare mitmdump (baseline install)")
+        ),
+        stack.enter_context(
+            targets.gateway(
+                "gateway (baseline install)",
+                upstream,
+                kafka.bootstrap,
+                kafka.topic("bench-overhead"),
+                command=[str(base / "cohere-gateway"), "proxy"],
+            )
+        ),
+    ]
+
+
 def run(quick: bool) -> Outcome:
     sizes = QUICK if quick else FULL
-    with targets.kafka() as kafka, targets.emulator() as direct, targets.bare_mitmdump(direct.url) as bare:
-        topic = kafka.topic("bench-overhead")
-        with targets.gateway("gateway", direct.url, kafka.bootstrap, topic) as gw:
-            tgts = [direct, bare, gw]
-            pooled = run_rounds(tgts, sizes)
-            counters = publisher_counters(gw.url)
+    with contextlib.ExitStack() as stack:
+        kafka = stack.enter_context(targets.kafka())
+        direct = stack.enter_context(targets.emulator())
+        bare = stack.enter_context(targets.bare_mitmdump(direct.url))
+        gw = stack.enter_context(
+            targets.gateway("gateway", direct.url, kafka.bootstrap, kafka.topic("bench-overhead"))
+        )
+        tgts = [direct, bare, gw, *baseline_targets(stack, direct.url, kafka)]
+        pooled = run_rounds(tgts, sizes)
+        counters = publisher_counters(gw.url)
     table = results_table(tgts, pooled, sizes)
     budget, ok = budgets(pooled, sizes, "gateway")
     notes = [

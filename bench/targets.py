@@ -108,11 +108,14 @@ def process(
             stop(proc)
 
 
-def bare_mitmdump(upstream: str) -> contextlib.AbstractContextManager[Target]:
+def bare_mitmdump(
+    upstream: str, mitmdump: str | None = None, name: str = "bare mitmdump"
+) -> contextlib.AbstractContextManager[Target]:
     """`mitmdump --mode reverse:UPSTREAM` without scripts: the baseline. Its per-flow printing is off
-    (flow_detail=0) as in the gateway, so the baseline is not slowed by writing to a terminal."""
+    (flow_detail=0) as in the gateway, so the baseline is not slowed by writing to a terminal.
+    `mitmdump`: another installation's (default: this one's)."""
     port = free_port()
-    mitmdump = str(Path(sys.executable).with_name("mitmdump"))
+    mitmdump = mitmdump or str(Path(sys.executable).with_name("mitmdump"))
     args = [
         mitmdump,
         "--mode",
@@ -122,12 +125,14 @@ def bare_mitmdump(upstream: str) -> contextlib.AbstractContextManager[Target]:
         "--set",
         "flow_detail=0",
     ]
-    return process("bare mitmdump", args, port)
+    return process(name, args, port)
 
 
 @contextlib.contextmanager
-def gateway(name: str, upstream: str, bootstrap: str, topic: str, **options: Any) -> Iterator[Target]:
-    gw = start_gateway(upstream, bootstrap, topic, transparent=False, **options)
+def gateway(
+    name: str, upstream: str, bootstrap: str, topic: str, command: list[str] | None = None, **options: Any
+) -> Iterator[Target]:
+    gw = start_gateway(upstream, bootstrap, topic, transparent=False, command=command, **options)
     try:
         # with --workers, every worker must listen before load starts, or the first gets all connections
         port, workers = int(gw.url.rsplit(":", 1)[1]), int(options.get("workers", 1))

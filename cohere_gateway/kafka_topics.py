@@ -9,8 +9,12 @@ key maps to, and Kafka cannot remove them.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 log = logging.getLogger(__name__)
+
+
+TIMEOUT_MS = 10_000  # per call; a caller that retries (the consumer at start) stays responsive to SIGTERM
 
 
 def ensure_topic(bootstrap: str, name: str, partitions: int) -> int | None:
@@ -22,7 +26,9 @@ def ensure_topic(bootstrap: str, name: str, partitions: int) -> int | None:
 
     if partitions < 1:
         raise ValueError(f"--partitions must be at least 1, not {partitions}")
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","))
+    admin = KafkaAdminClient(
+        bootstrap_servers=bootstrap.split(","), bootstrap_timeout_ms=TIMEOUT_MS, request_timeout_ms=TIMEOUT_MS
+    )
     try:
         try:
             admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=-1)])
@@ -51,12 +57,12 @@ def ensure_topic(bootstrap: str, name: str, partitions: int) -> int | None:
         admin.close()
 
 
-def partition_count(admin: object, name: str) -> int | None:
+def partition_count(admin: Any, name: str) -> int | None:
     """The topic's partition count as the broker reports it now; None if it does not know the topic."""
     from kafka.errors import KafkaError
 
     try:
-        described = admin.describe_topics([name])  # type: ignore[attr-defined]
+        described = admin.describe_topics([name])
     except KafkaError as exc:
         log.debug("describing topic %s failed: %s", name, exc)
         return None

@@ -42,6 +42,7 @@ from cohere_gateway.localkafka import _alive, _log_tail, _port_free
 PINNED = {"chdb": "4.4.0", "chdb-core": "26.9.0"}
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
+KEEP_ALIVE_S = 2
 PASSWORD_ENV = settings.env_name(settings.ClickHouseSettings, "password")
 
 # The query that keeps the listeners open: one row a second for ~3000 years, stopped by KILL QUERY.
@@ -50,9 +51,7 @@ SERVE_SQL = (
     "SELECT sleepEachRow(1) FROM numbers(100000000000) "
     "SETTINGS function_sleep_max_microseconds_per_block = 0, max_block_size = 1 FORMAT Null"
 )
-# The engine's own session runs as `default` with no password, and only a user allowed from any host or
-# from `localhost` passes its network check - which loopback clients pass too. So `default` gets no
-# password and no privilege but the one that session needs; clients use the configured user.
+# Ended from outside (the engine runs one query per session at a time): only the serving query is Local.
 STOP_SQL = "KILL QUERY WHERE interface = 'Local' AND query LIKE '%sleepEachRow%'"
 
 Progress = Callable[[str], None]
@@ -156,7 +155,10 @@ def _write_config(data_dir: Path, host: str, http_port: int, tcp_port: int, user
         raise ClickHouseSetupError(
             f"--host {host} is reachable from other machines: set a --password (or {PASSWORD_ENV})."
         )
-    # Only the hash is written: no password on disk.
+    # The engine's own session runs as `default` with no password, and only a user allowed from any host
+    # or from `localhost` passes its network check - which loopback clients pass too. So `default` gets
+    # no password and no privilege but the one that session needs; clients use the configured user, whose
+    # password is written only as its hash.
     auth = (
         f"<password_sha256_hex>{hashlib.sha256(password.encode()).hexdigest()}</password_sha256_hex>"
         if password
@@ -183,10 +185,13 @@ def _write_config(data_dir: Path, host: str, http_port: int, tcp_port: int, user
   <quotas><default/></quotas>
 </clickhouse>
 """
+    # At shutdown the engine waits for idle keep-alive connections to time out, and after 5 s exits
+    # with status 1: a short keep-alive keeps `stop` clean and quick (clients reconnect as usual).
     config = f"""<clickhouse>
   <listen_host>{escape(host)}</listen_host>
   <http_port>{http_port}</http_port>
   <tcp_port>{tcp_port}</tcp_port>
+  <keep_alive_timeout>{KEEP_ALIVE_S}</keep_alive_timeout>
   <users_config>{escape(str((data_dir / "users.xml").resolve()))}</users_config>
 </clickhouse>
 """
@@ -296,7 +301,12 @@ def stop(data_dir: Path, timeout: float = STOP_TIMEOUT_S) -> bool:
 
 
 def status(data_dir: Path, port: int, host: str = "127.0.0.1") -> Status:
-    pid = _read_pid(Path(data_dir).resolve())
+    """Whether the server for `data_dir` runs and answers; on the ports it was started with, if it runs."""
+    data_dir = Path(data_dir).resolve()
+    pid = _read_pid(data_dir)
+    if pid is not None and (data_dir / "config.xml").exists():
+        cfg = _read_config(data_dir)
+        host, port = _client_host(cfg["host"]), int(cfg["http_port"])
     address = f"http://{_url_host(host)}:{port}"
     return Status(pid, pid is not None, pid is not None and ping(host, port), address)
 

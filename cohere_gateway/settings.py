@@ -183,6 +183,9 @@ class ProxySettings:
         "A connection with no traffic either way for this long is closed (raise it for very long "
         "non-streamed generations).",
     )
+    header_timeout_s: float = setting(
+        30.0, "A request head (HTTP/1.1) not complete this long after its first byte gets 408 (slowloris)."
+    )
     allow_http2: bool = setting(
         False, "Offer HTTP/2 (ALPN h2) to TLS clients; off: clients speak HTTP/1.1 to the gateway."
     )

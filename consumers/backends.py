@@ -6,6 +6,7 @@ data directory. Both take the same SQL, with server-side `{name:Type}` parameter
 from __future__ import annotations
 
 import os
+import re
 import ssl
 import threading
 from dataclasses import dataclass
@@ -24,6 +25,30 @@ FAULT_FILE_ENV = "COHERE_GATEWAY_TEST_CLICKHOUSE_DOWN_FILE"
 
 class BackendUnavailable(RuntimeError):
     """ClickHouse could not be reached or refused the operation; the caller retries later."""
+
+
+class BackendRejected(BackendUnavailable):
+    """ClickHouse refused the data itself (a value it cannot parse or store, too many partitions in one
+    insert): retrying the same insert fails the same way, so the caller splits it and sets aside the rows
+    that still fail. A subclass of BackendUnavailable so a caller that does not split retries (and pauses)
+    rather than dropping anything."""
+
+
+# Error codes that mean "this data", not "this server, now": CANNOT_PARSE_TEXT, CANNOT_PARSE_QUOTED_STRING,
+# CANNOT_PARSE_INPUT_ASSERTION_FAILED, CANNOT_PARSE_DATE, CANNOT_PARSE_DATETIME, TYPE_MISMATCH,
+# ARGUMENT_OUT_OF_BOUND, CANNOT_CONVERT_TYPE, CANNOT_PARSE_NUMBER, INCORRECT_DATA, TOO_LARGE_STRING_SIZE,
+# VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE, CANNOT_INSERT_NULL_IN_ORDINARY_COLUMN, CANNOT_PARSE_BOOL. Schema and
+# access errors are left out on purpose: every row would fail them, and they are fixed by an operator.
+_DATA_ERROR_CODES = frozenset({6, 26, 27, 38, 41, 53, 69, 70, 72, 117, 131, 321, 349, 467})
+_ERROR_CODE = re.compile(r"Code: (\d+)\.")
+
+
+def is_data_error(text: str) -> bool:
+    """Whether a ClickHouse error message blames the inserted data (see BackendRejected)."""
+    if "Too many partitions for single INSERT block" in text:  # TOO_MANY_PARTS, for this block only
+        return True
+    m = _ERROR_CODE.search(text)
+    return m is not None and int(m.group(1)) in _DATA_ERROR_CODES
 
 
 class DataDirBusy(BackendUnavailable):
@@ -117,7 +142,8 @@ class ChdbBackend:
         try:
             return fn()
         except RuntimeError as exc:  # ChdbError is a RuntimeError
-            raise BackendUnavailable(f"ClickHouse (embedded) error: {exc}") from None
+            kind = BackendRejected if is_data_error(str(exc)) else BackendUnavailable
+            raise kind(f"ClickHouse (embedded) error: {exc}") from None
 
     def close(self) -> None:
         with self._lock:
@@ -304,7 +330,8 @@ class ServerBackend:
             try:
                 return fn(client)
             except Exception as exc:
-                raise BackendUnavailable(explain_server_error(exc, self._cfg)) from None
+                kind = BackendRejected if is_data_error(str(exc)) else BackendUnavailable
+                raise kind(explain_server_error(exc, self._cfg)) from None
 
     def close(self) -> None:
         if self._client is not None:

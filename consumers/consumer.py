@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import orjson
@@ -26,11 +27,11 @@ from cohere_gateway.kafka_topics import ensure_topic
 from cohere_gateway.settings import ConsumerSettings
 from consumers import dedup, kafka_fastpath, schema
 from consumers.assignment import Watch
-from consumers.backends import Backend, BackendUnavailable
+from consumers.backends import Backend, BackendRejected, BackendUnavailable
 from consumers.batching import Batch, Planner, Range
 from consumers.dead_letters import dead_letter
 from consumers.metrics import Metrics
-from consumers.rows import EVENT_COLUMNS, Rejected, Row, to_row
+from consumers.rows import EVENT_COLUMNS, Rejected, Row, outside_retention, to_row
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 CRASH_AFTER_INSERTS_ENV = "COHERE_GATEWAY_TEST_CRASH_AFTER_INSERTS"
 
 COMMIT_TIMEOUT_MS = 10_000
+# ClickHouse's max_partitions_per_insert_block (default 100); `events` is partitioned by day.
+MAX_PARTITIONS_PER_INSERT = 100
 SESSION_TIMEOUT_MS = 10_000
 
 LOAD_INTENTS_SQL = """
@@ -79,7 +82,7 @@ class Inflight:
 
     batches: list[Batch]
     rejected: list[tuple[Any, str]]  # (record, reason): dead letters, sent once the inserts succeeded
-    written: Future[None]
+    written: Future[list[tuple[Any, str]]]  # what ClickHouse refused, to dead-letter as well
 
 
 def dlq_topic(cfg: ConsumerSettings) -> str:
@@ -249,10 +252,15 @@ class Consumer:
         batches being written."""
         if not records:
             return
-        converted = [
-            Converted(r.topic, r.partition, r.offset, r.timestamp, to_row(r.value, r.partition, r.offset), r)
-            for r in records
-        ]
+        wall = datetime.now(UTC)
+        converted = []
+        for r in records:
+            row = to_row(r.value, r.partition, r.offset)
+            if isinstance(row, Row) and (
+                why := outside_retention(row.start_time, wall, self.cfg.retention_days)
+            ):
+                row = Rejected(f"not storable: {why}")
+            converted.append(Converted(r.topic, r.partition, r.offset, r.timestamp, row, r))
         if self._inflight is None:
             self.planner.add(tp, converted, now)
         else:
@@ -290,7 +298,7 @@ class Consumer:
         if self._paused and self._inflight is None:
             log.info("storage and Kafka answer again; resuming")
             self._kafka.resume(*self._kafka.assignment())
-            self._paused = False
+            self._paused = self.metrics.paused = False
         self._backoff.reset()
         self.metrics.storage_ready = True
         self.metrics.kafka_ready = True
@@ -300,7 +308,7 @@ class Consumer:
         self._note_error(reason)
         if self._kafka is not None:
             self._kafka.pause(*self._kafka.assignment())
-        self._paused = True
+        self._paused = self.metrics.paused = True
         self._retry_at = self.clock() + self._backoff.next()
 
     def _drop_all(self) -> None:
@@ -359,29 +367,65 @@ class Consumer:
                 if isinstance(polled.row, Rejected):
                     rejected.append((polled.record, polled.row.reason))
                 else:
-                    rows.append(polled.row)
+                    rows.append(polled)
             if rows:
                 inserts.append((batch.range.dedup_token, rows))
         self._inflight = Inflight(batches, rejected, self._writer.submit(self._write, inserts))
 
-    def _write(self, inserts: list[tuple[str, list[Row]]]) -> None:
+    def _write(self, inserts: list[tuple[str, list[Converted]]]) -> list[tuple[Any, str]]:
         """On the writer thread, after the previous flush was written: one lookup for the whole flush
         tells which events are stored already, and those rows (and repeats within the flush) are left out,
-        so no materialized view counts an event twice (consumers/dedup.py)."""
-        seen = dedup.stored_ids(self.backend, [row.event_id for _, rows in inserts for row in rows])
-        for range_token, rows in inserts:
+        so no materialized view counts an event twice (consumers/dedup.py). Returns the records ClickHouse
+        refused as data (dead letters, sent before the commit)."""
+        ids = [polled.row.event_id for _, rows in inserts for polled in rows]  # type: ignore[union-attr]
+        seen = dedup.stored_ids(self.backend, ids)
+        refused: list[tuple[Any, str]] = []
+        for range_token, polled in inserts:
+            rows: list[Row] = [p.row for p in polled]  # type: ignore[misc]
             kept, dropped = dedup.keep_first(rows, seen)
             self.metrics.duplicates += dropped
-            if not kept:
-                continue
-            started = time.perf_counter()
+            if kept:
+                records = {p.row.event_id: p.record for p in polled}  # type: ignore[union-attr]
+                refused += self._insert(range_token, kept, len(rows), records)
+        return refused
+
+    def _insert(
+        self, range_token: str, rows: list[Row], total: int, records: dict[str, Any]
+    ) -> list[tuple[Any, str]]:
+        """Insert `rows`; when ClickHouse refuses the data itself, insert each half on its own, down to
+        the single rows it refuses, which become dead letters: a bad row (or a replay spanning more
+        partitions than one insert may touch) never stalls its partition. Outages still raise."""
+        days = sorted({row.start_time.astimezone(UTC).date() for row in rows})
+        if len(days) > MAX_PARTITIONS_PER_INSERT:
+            # Split by day before ClickHouse sees it: chdb's streaming insert drops such an insert
+            # without an error (chdb 4.4: max_partitions_per_insert_block), so it must never be sent.
+            self.metrics.insert_splits += 1
+            refused = []
+            for first in range(0, len(days), MAX_PARTITIONS_PER_INSERT):
+                chunk_days = set(days[first : first + MAX_PARTITIONS_PER_INSERT])
+                chunk = [row for row in rows if row.start_time.astimezone(UTC).date() in chunk_days]
+                refused += self._insert(range_token, chunk, total, records)
+            return refused
+        started = time.perf_counter()
+        try:
             self.backend.insert_json_rows(
                 "events",
-                b"".join(row.line for row in kept),
-                dedup.token_for(range_token, kept, len(rows)),
+                b"".join(row.line for row in rows),
+                dedup.token_for(range_token, rows, total),
                 EVENT_COLUMNS,
             )
-            self.metrics.record_insert(len(kept), time.perf_counter() - started)
+        except BackendRejected as exc:
+            if len(rows) == 1:
+                log.warning("ClickHouse refused event %s: %s", rows[0].event_id, exc)
+                return [(records[rows[0].event_id], f"ClickHouse refused the event: {exc}"[:2000])]
+            self.metrics.insert_splits += 1
+            half = len(rows) // 2
+            # Each half is named by its ids (token_for with total > len), so a retry re-inserts the same.
+            return self._insert(range_token, rows[:half], total, records) + self._insert(
+                range_token, rows[half:], total, records
+            )
+        self.metrics.record_insert(len(rows), time.perf_counter() - started)
+        return []
 
     def _finish_flush(self) -> None:
         """Wait for the flush in flight, then commit it. Records held meanwhile join the planner either
@@ -391,7 +435,7 @@ class Consumer:
         inflight = self._inflight
         assert inflight is not None
         try:
-            inflight.written.result()
+            inflight.rejected += inflight.written.result()
             # Dead letters go out only after the inserts succeeded: a flush that fails on storage is
             # retried, and sending them before would send them once per attempt.
             if inflight.rejected:

@@ -163,6 +163,7 @@ class ReadApi:
                 "ready": self.metrics.ready,
                 "storage": self.metrics.storage_ready,
                 "kafka": self.metrics.kafka_ready,
+                "paused": self.metrics.paused,
                 "last_error": self.metrics.last_error,
                 "partitions": self.metrics.partitions,
             }

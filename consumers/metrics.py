@@ -12,6 +12,7 @@ class Metrics:
     events_inserted: int = 0
     batches_inserted: int = 0
     dead_letters: int = 0
+    insert_splits: int = 0  # inserts ClickHouse refused as data, split in two and retried
     duplicates: int = 0  # events left out of an insert: their event_id was stored already
     insert_failures: int = 0
     commit_failures: int = 0
@@ -26,6 +27,7 @@ class Metrics:
     batch_sizes: deque[int] = field(default_factory=lambda: deque(maxlen=512))
     storage_ready: bool = False
     kafka_ready: bool = False
+    paused: bool = False  # the consumer stopped consuming to retry a failed write, commit or dead letter
     last_error: str = ""
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -39,7 +41,7 @@ class Metrics:
 
     @property
     def ready(self) -> bool:
-        return self.storage_ready and self.kafka_ready
+        return self.storage_ready and self.kafka_ready and not self.paused
 
     def render(self) -> str:
         with self.lock:
@@ -73,6 +75,12 @@ class Metrics:
                     "counter",
                     "Events not inserted because their event_id was stored already (counted once).",
                     self.duplicates,
+                ),
+                *_metric(
+                    "cohere_gateway_consumer_insert_splits_total",
+                    "counter",
+                    "Inserts refused as data and split in two (a row refused alone is a dead letter).",
+                    self.insert_splits,
                 ),
                 *_metric(
                     "cohere_gateway_consumer_insert_failures_total",

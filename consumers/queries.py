@@ -225,6 +225,7 @@ def summary(backend: Backend, window: Window, by: str = "model") -> dict[str, An
         "total": overall[0] if overall else None,
         "groups": totals(backend, window, by) if by != "none" else [],
         "cache": cached[0] if cached and cached[0]["lookups"] else None,
+        "cache_groups": cache(backend, window, by) if by in CACHE_GROUP_FIELDS and by != "none" else [],
     }
 
 

@@ -107,6 +107,11 @@ def render(data: dict[str, Any]) -> None:
         )
     if data.get("cache"):
         console.print(cache_line(data["cache"]))
+        for group in data.get("cache_groups", []):
+            console.print(
+                f"  {data['by']} {escape(group['key']) if group['key'] else '(none)'}: "
+                + cache_line(group).removeprefix("cache: ")
+            )
 
 
 def cache_line(c: dict[str, Any]) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import http.client
-import os
 import re
 import subprocess
 import time
@@ -19,11 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import cohere
+import diskcache
 import httpx
 import orjson
 import pytest
 from openai import OpenAI
 
+from addons.cache import EXPIRED_GRACE_S, Entry
 from cohere_gateway.events import Usage
 from tests.fixtures.emulator import EmulatorRequests
 from tests.fixtures.gateway import EventReader, GatewayProcess, start_gateway
@@ -149,6 +150,13 @@ def test_cohere_v1_chat_and_ndjson_stream(gw: GatewayProcess, emulator_requests:
     assert events[0] == events[1] and events[0][-1]["event_type"] == "stream-end"
     assert st.seen == ["MISS", "HIT", "MISS", "HIT"]
     assert len(emulator_requests.for_path("/v1/chat")) == 2
+    texts, docs = ["v1 embed " + uid()], ["v1 doc " + uid(), "other"]
+    embeds = [co.embed(texts=texts, model="embed-english-v3.0", input_type="search_document") for _ in "ab"]
+    reranks = [co.rerank(query="q", documents=docs, model="rerank-v3.5") for _ in "ab"]
+    assert embeds[0].model_dump() == embeds[1].model_dump()
+    assert reranks[0].model_dump() == reranks[1].model_dump()
+    assert st.seen[4:] == ["MISS", "HIT", "MISS", "HIT"]
+    assert len(emulator_requests.for_path("/v1/embed")) == len(emulator_requests.for_path("/v1/rerank")) == 1
     # the same body asking for SSE (Cohere's `Accepts` header) is another answer, not the NDJSON one
     body = {"message": text + "s", "model": "command-r", "stream": True}
     sse = [post(gw, "/cohere/v1/chat", body, Accepts="text/event-stream") for _ in "ab"]
@@ -360,13 +368,25 @@ def test_hot_reload_changes_policy_without_a_restart(
     try:
         body = chat_body("reload " + uid())
         assert "cf-aig-cache-status" not in post(g, "/cohere/v2/chat", body)[1]
-        path.write_text('[gateways."*/*"]\ncache = { enabled = true, ttl = 600 }\n')
-        wait_for(lambda: "cf-aig-cache-status" in post(g, "/cohere/v2/chat", body)[1], "the reload")
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            # a request in flight across the reload finishes, under the policy it started with
+            slow = pool.submit(
+                post, g, "/cohere/v2/chat", chat_body("slow"), **{"x-emulator-fault": "delay-ms=4000"}
+            )
+            wait_for(lambda: len(emulator_requests.all()) == 2, "the slow request to reach upstream")
+            path.write_text('[gateways."*/*"]\ncache = { enabled = true, ttl = 600 }\n')
+            wait_for(lambda: "cf-aig-cache-status" in post(g, "/cohere/v2/chat", body)[1], "the reload")
+            assert not slow.done(), "the slow request ended before the reload: the test proves nothing"
+            status, headers, _ = slow.result(timeout=30)
+            assert status == 200 and "cf-aig-cache-status" not in headers
         assert post(g, "/cohere/v2/chat", body)[1]["cf-aig-cache-status"] == "HIT"
         # a broken file is refused, logged, and the policy in force stays
         path.write_text('[gateways."*/*"]\ncache = { enabled = "maybe" }\n')
         wait_for(lambda: "configuration not reloaded" in g.log_text(), "the refusal in the log")
         assert "gateways.toml:2: " in g.log_text()
+        text = g.get("/metrics").decode()
+        assert 'cohere_gateway_config_reloads_total{result="reloaded"} 1' in text
+        assert 'cohere_gateway_config_reloads_total{result="refused"} 1' in text
         assert post(g, "/cohere/v2/chat", body)[1]["cf-aig-cache-status"] == "HIT"
         assert g.proc.poll() is None
     finally:
@@ -378,7 +398,8 @@ def test_hit_events_cost_nothing_and_keep_what_they_saved(
 ) -> None:
     topic = create_topic(kafka_bootstrap, "cache-" + uid()[:12])
     path = tmp_path / "gateways.toml"
-    path.write_text('[gateways."acct/strict"]\nallow_log_opt_out = false\nmax_metadata_entries = 1\n')
+    strict_entry = "allow_log_opt_out = false\nmax_metadata_entries = 1\nlog_payloads = true\n"
+    path.write_text('[gateways."acct/strict"]\n' + strict_entry)
     g = start_gateway(
         emulator_url, kafka_bootstrap, topic, transparent=False, cache_ttl=600, config=str(path)
     )
@@ -401,7 +422,9 @@ def test_hit_events_cost_nothing_and_keep_what_they_saved(
         kept = post(
             g, "/cohere/v2/chat", chat_body("x " + uid()), base=strict, **{"cf-aig-collect-log": "false"}
         )
-        assert events.wait_for(kept[1]["cf-aig-log-id"]).gateway_id == "strict"
+        strict_event = events.wait_for(kept[1]["cf-aig-log-id"])
+        assert strict_event.gateway_id == "strict" and strict_event.request_body  # this gateway logs bodies
+        assert m.request_body is None  # the others follow --no-log-payloads
         meta = {"cf-aig-metadata": '{"a": 1, "b": 2}'}
         assert post(g, "/cohere/v2/chat", chat_body("y"), base=strict, **meta)[0] == 400
         assert post(g, "/cohere/v2/chat", chat_body("y"), **meta)[0] == 200
@@ -414,19 +437,45 @@ def test_gateway_tokens_from_the_configuration(
     emulator_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "gateways.toml"
-    path.write_text('[gateways."acct/locked"]\ntokens_env = ["CACHE_TEST_GW_TOKEN"]\n')
-    monkeypatch.setenv("CACHE_TEST_GW_TOKEN", "locked-token-" + uid())
-    os.environ["CACHE_TEST_GW_TOKEN"] = os.environ["CACHE_TEST_GW_TOKEN"]
+    entry = 'tokens_env = ["CACHE_TEST_GW_TOKEN"]\ncache = { enabled = true }\n'
+    path.write_text('[gateways."acct/locked"]\n' + entry)
+    token = "locked-token-" + uid()
+    monkeypatch.setenv("CACHE_TEST_GW_TOKEN", token)  # start_gateway passes the environment on
     g = start_gateway(emulator_url, "", "unused", transparent=False, config=str(path))
     try:
         locked = g.base("acct", "locked")
-        token = os.environ["CACHE_TEST_GW_TOKEN"]
-        assert post(g, "/cohere/v2/chat", chat_body("t"), base=locked)[0] == 401
-        ok = post(
-            g, "/cohere/v2/chat", chat_body("t"), base=locked, **{"cf-aig-authorization": f"Bearer {token}"}
-        )
-        assert ok[0] == 200
+        body = chat_body("locked " + uid())
+        assert post(g, "/cohere/v2/chat", body, base=locked)[0] == 401
+        auth = {"cf-aig-authorization": f"Bearer {token}"}
+        answers = [post(g, "/cohere/v2/chat", body, base=locked, **auth) for _ in "ab"]
+        assert [a[1]["cf-aig-cache-status"] for a in answers] == ["MISS", "HIT"]
+        assert post(g, "/cohere/v2/chat", body, base=locked)[0] == 401  # a hit needs the token too
         assert post(g, "/cohere/v2/chat", chat_body("t"))[0] == 200  # other gateways stay open
         assert token not in g.log_text()
     finally:
         g.stop()
+
+
+def test_the_requests_ttl_is_the_stored_entrys(gw: GatewayProcess) -> None:
+    """TTL expiry itself is tested with a clock over the real stores (test_cache_units.py) rather than
+    by waiting out Cloudflare's one-minute minimum; this proves a request's TTL reaches the store."""
+    _, headers, answer = post(gw, "/cohere/v2/chat", chat_body("ttl " + uid()), **{"cf-aig-cache-ttl": "120"})
+    assert headers["cf-aig-cache-status"] == "MISS"
+    wait_for(lambda: metric(gw, "stored") >= 1, "the entry to be stored")
+    store = diskcache.Cache(str(gw.data_dir / "cache"))  # diskcache is safe to open beside the gateway
+    try:
+
+        def entry_of_answer() -> tuple[Entry, float] | None:
+            for key in store.iterkeys():
+                raw, expire_time = store.get(key, expire_time=True)
+                entry = Entry.decode(raw) if isinstance(raw, bytes) else None
+                if entry is not None and entry.body == answer:
+                    return entry, expire_time
+            return None
+
+        wait_for(lambda: entry_of_answer() is not None, "the answer in the store")
+        entry, expire_time = entry_of_answer()  # type: ignore[misc]
+        assert entry.expires_at - entry.stored_at == 120
+        assert abs(expire_time - (entry.expires_at + EXPIRED_GRACE_S)) < 5  # the store drops it after that
+    finally:
+        store.close()

@@ -1,11 +1,13 @@
 """The consumer end to end: a real Kafka broker, `cohere-gateway consume` as a real subprocess, real
-ClickHouse (chdb, or the server at CLICKHOUSE_URL). Fault seams, used where no real fault can be made
-here, are named in the tests that use them."""
+ClickHouse, each test against both backends (embedded chdb, and a real server through clickhouse-connect;
+the read API is the consumer's own). Fault seams, used where no real fault can be made here, are named
+in the tests that use them."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -38,14 +40,16 @@ def wait_for(condition: Callable[[], Any], what: str, timeout: float = 60.0) -> 
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-def produce(bootstrap: str, topic: str, messages: list[tuple[bytes | None, bytes | None]]) -> None:
+def produce(
+    bootstrap: str, topic: str, messages: list[tuple[bytes | None, bytes | None]], partitions: int = 3
+) -> None:
     from kafka import KafkaProducer
 
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
     try:
-        # Round-robin over the 3 partitions: the 4 account/gateway keys alone may hash to only two.
+        # Round-robin over the partitions: the 4 account/gateway keys alone may hash to only two.
         for i, (key, value) in enumerate(messages):
-            producer.send(topic, key=key, value=value, partition=i % 3)
+            producer.send(topic, key=key, value=value, partition=i % partitions)
         producer.flush(timeout=30)
     finally:
         producer.close()
@@ -71,6 +75,7 @@ class ConsumerProcess:
         batch_wait_ms: int = 200,
     ) -> None:
         self.data_dir = data_dir
+        self.embedded = storage.embedded
         args = [sys.executable, "-m", "cohere_gateway.cli", "consume", *storage.cli_args]
         args[args.index("--data-dir") + 1] = str(data_dir)
         args += [
@@ -97,12 +102,21 @@ class ConsumerProcess:
 
     def api_url(self) -> str:
         if not self.url:
-            info = wait_for(
-                lambda: read_discovery(chdb_path(self.data_dir)) or self._check_alive(),
-                "the consumer's discovery file",
-            )
-            self.url = info["url"]
+            if self.embedded:
+                info = wait_for(
+                    lambda: read_discovery(chdb_path(self.data_dir)) or self._check_alive(),
+                    "the consumer's discovery file",
+                )
+                self.url = info["url"]
+            else:  # a server's consumers write no discovery file (they own no directory): the log says
+                self.url = wait_for(
+                    lambda: self._logged_api_url() or self._check_alive(), "the consumer's read API"
+                )
         return self.url
+
+    def _logged_api_url(self) -> str | None:
+        found = re.search(r"read API on (http://\S+)", self.log.read_text(errors="replace"))
+        return found.group(1) if found else None
 
     def _check_alive(self) -> None:
         if self.proc.poll() is not None:
@@ -184,13 +198,13 @@ def expected_errors(start: int, count: int) -> int:
     return sum(make_event(i, BASE).outcome != "ok" for i in range(start, start + count))
 
 
-def committed(bootstrap: str, group: str, topic: str) -> int:
-    """Sum of the group's committed offsets over the topic's 3 partitions (without joining the group)."""
+def committed(bootstrap: str, group: str, topic: str, partitions: int = 3) -> int:
+    """Sum of the group's committed offsets over the topic's partitions (without joining the group)."""
     from kafka import KafkaConsumer, TopicPartition
 
     reader = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
     try:
-        return sum(reader.committed(TopicPartition(topic, p)) or 0 for p in range(3))
+        return sum(reader.committed(TopicPartition(topic, p)) or 0 for p in range(partitions))
     finally:
         reader.close(autocommit=False)
 

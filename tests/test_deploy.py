@@ -124,10 +124,22 @@ def test_every_grafana_panel_query_runs_against_the_schema(clickhouse_backend: B
     os.environ.get("COHERE_GATEWAY_TEST_DOCKER") != "1",
     reason="needs a Docker engine: set COHERE_GATEWAY_TEST_DOCKER=1 where one runs",
 )
-def test_compose_stack_comes_up_with_docker() -> None:  # pragma: no cover - no Docker on CI machines
+def test_compose_stack_comes_up_with_docker(tmp_path: Path) -> None:  # pragma: no cover - no Docker on CI
+    import secrets
+
     from testcontainers.compose import DockerCompose
 
-    with DockerCompose(str(ROOT), compose_file_name="docker-compose.yml", build=True, wait=True) as stack:
+    # compose has no default passwords (docs/security.md): this run's own
+    names = (
+        "CLICKHOUSE_PASSWORD",
+        "CLICKHOUSE_READER_PASSWORD",
+        "GRAFANA_ADMIN_PASSWORD",
+        "COHERE_GATEWAY_API_TOKEN",
+    )
+    env_file = tmp_path / "compose.env"
+    env_file.write_text("".join(f"{name}={secrets.token_hex(16)}\n" for name in names))
+    with DockerCompose(str(ROOT), compose_file_name="docker-compose.yml", build=True, wait=True,
+                       env_file=str(env_file)) as stack:  # fmt: skip
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             try:

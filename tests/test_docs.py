@@ -19,7 +19,8 @@ SECTIONS = {
     settings.ConsumerSettings: "### `cohere-gateway consume`",
     settings.ReportSettings: "### `cohere-gateway report`",
     settings.EmulatorSettings: "### `cohere-gateway emulator`",
-    settings.KafkaSettings: "### `cohere-gateway emulator`",  # one table for both helper commands
+    settings.KafkaSettings: "### `cohere-gateway emulator`",  # one table for the helper commands
+    settings.ClickHouseSettings: "### `cohere-gateway emulator`",
 }
 
 

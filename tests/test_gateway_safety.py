@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -18,8 +19,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.fixtures.capture_upstream import CaptureUpstream, parse_request
 from tests.fixtures.gateway import EventReader, GatewayProcess, start_gateway
-from tests.fixtures.kafka import create_topic
+from tests.fixtures.kafka import create_topic, dead_bootstrap
 
 SECRET = "sk-secret-" + uuid.uuid4().hex
 
@@ -202,3 +204,207 @@ def test_no_secret_in_kafka_or_logs(gw: GatewayProcess, kafka_bootstrap: str, to
     leaked = [v for k, v in raw if SECRET.encode() in v or SECRET.encode() in (k or b"")]
     assert not leaked, leaked[0][:300]
     assert SECRET not in gw.log_text()
+
+
+# --- against a capturing upstream (every byte the gateway sends, unparsed), HTTP/1.1 and HTTP/2 -----------
+
+TOKEN = "gwtok-" + uuid.uuid4().hex
+PREFIX = "/pfx"
+# Header lines the gateway itself writes upstream (everything else must be one the client sent as a header).
+GATEWAY_SET = frozenset({b"host", b"content-length", b"accept-encoding"})
+
+
+@pytest.fixture(scope="module")
+def capture() -> Iterator[CaptureUpstream]:
+    up = CaptureUpstream()
+    yield up
+    up.close()
+
+
+@pytest.fixture(scope="module")
+def cap_topic(kafka_bootstrap: str) -> str:
+    return create_topic(kafka_bootstrap, f"gw-props-{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture(scope="module")
+def gw_cap(capture: CaptureUpstream, kafka_bootstrap: str, cap_topic: str) -> Iterator[GatewayProcess]:
+    """HTTP/1.1 side: a token, payload logging on, events to the real Kafka."""
+    g = start_gateway(capture.url + PREFIX, kafka_bootstrap, cap_topic, transparent=False,
+                      gateway_token=TOKEN, log_payloads=True, max_request_bytes=4096)  # fmt: skip
+    yield g
+    g.stop()
+
+
+@pytest.fixture(scope="module")
+def gw_cap_h2(capture: CaptureUpstream) -> Iterator[GatewayProcess]:
+    """HTTP/2 side: offered h2, payload logging on, Kafka unreachable so every event lands in the spool."""
+    g = start_gateway(capture.url + PREFIX, dead_bootstrap(), "t", transparent=False, gateway_token=TOKEN,
+                      log_payloads=True, allow_http2=True, max_request_bytes=4096,
+                      delivery_timeout_ms=200)  # fmt: skip
+    yield g
+    g.stop()
+
+
+def check_forwarded(raw: bytes, sent: list[tuple[bytes, bytes]]) -> None:
+    """One well-formed HTTP/1.1 request inside the prefix whose every header line the client sent as a
+    header (or the gateway set), and no cf-aig-* header."""
+    line, headers, _ = parse_request(raw)
+    target = line.split(b" ")[1]
+    assert target.startswith(PREFIX.encode() + b"/"), line
+    assert b".." not in target and b"//" not in target and b"%" not in target, line
+    # as the lines the client wrote parse: "X:Colon: v" is the header "X" with the value "Colon: v"
+    lines = [n + b": " + v for n, v in sent]
+    client = {(n.lower(), v.strip()) for n, _, v in (line.partition(b":") for line in lines)}
+    for name, value in headers:
+        lname = name.lower()
+        assert not lname.startswith(b"cf-aig-"), name
+        assert lname in GATEWAY_SET or (lname, value) in client, (name, value)
+
+
+def check_refused(status: Any, body: bytes) -> None:
+    assert isinstance(status, int) and 400 <= status < 600, status
+    assert isinstance(json.loads(body)["message"], str)
+
+
+_TOKENISH = st.sampled_from([f"Bearer {TOKEN}", f"Bearer {TOKEN}", "Bearer nope", "", f"bearer {TOKEN} "])
+_VALUES = st.one_of(
+    st.sampled_from(
+        [
+            "application/json",
+            "x",
+            SECRET,
+            f"Bearer {SECRET}",
+            "a\r\nInjected: 1",
+            "a\nX: 1",
+            "a\x00b",
+            "a\rb",
+            "  padded  ",
+            "é",
+            "gzip",
+            "bz2",
+            "identity",
+        ]
+    ),
+    st.text(max_size=20),
+)
+_NAMES = st.sampled_from(["X-Note", "Content-Type", "Content-Encoding", "User-Agent", "X-Api-Key", "Cookie",
+                          "Transfer-Encoding", "Upgrade", "Connection", "Expect", "cf-aig-metadata",
+                          "cf-aig-custom-cost", "cf-aig-event-id", "Host", "Bad Name", "X:Colon",
+                          "X\r\nInjected"])  # fmt: skip
+_BODIES = st.one_of(
+    st.just(b'{"model": "command-r", "message": "hi"}'),
+    st.just(f'{{"model": "command-r", "message": "{SECRET} and Bearer {SECRET}"}}'.encode()),
+    st.just(b'{"model": "\\ud800", "message": "x"}'),
+    st.binary(max_size=64),
+    st.just(b"x" * 5000),
+)
+_PATHS = st.sampled_from(["/v1/acc/gw/cohere/v1/chat", "/v1/acc/gw/cohere/v2/chat",
+                          "/v1/acc/gw/compat/chat/completions",
+                          "/v1/acc/gw/cohere/v1/../../x", "/v1/acc/gw/cohere/v1/chat\r\nX: 1", "/healthz",
+                          "/v1/acc/gw/cohere/%2e%2e/x", "/v1/acc/gw/cohere/v1/chat?x=1", "//evil/v1",
+                          "/v1/acc\n/gw/cohere/v1/chat"])  # fmt: skip
+
+
+def encode_latin1(text: str) -> bytes:
+    return text.encode("utf-8") if any(ord(c) > 255 for c in text) else text.encode("latin-1")
+
+
+def test_http1_requests_reach_the_upstream_only_well_formed_or_get_a_json_error(
+    gw_cap: GatewayProcess, capture: CaptureUpstream
+) -> None:
+    seen = {"forwarded": 0, "refused": 0}
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.sampled_from(["POST", "GET", "PUT", "TRACE", "CONNECT"]), _PATHS, _TOKENISH,
+           st.lists(st.tuples(_NAMES, _VALUES), max_size=5), _BODIES)  # fmt: skip
+    def check(method: str, path: str, token: str, extra: list[tuple[str, str]], body: bytes) -> None:
+        capture.clear()
+        sent = [(b"Host", b"gw"), (b"Authorization", f"Bearer {SECRET}".encode()), (b"Connection", b"close"),
+                (b"Content-Length", str(len(body)).encode())]  # fmt: skip
+        if token:
+            sent.append((b"cf-aig-authorization", token.encode()))
+        sent += [(encode_latin1(n), encode_latin1(v)) for n, v in extra]
+        data = f"{method} ".encode() + encode_latin1(path) + b" HTTP/1.1\r\n"
+        data += b"".join(n + b": " + v + b"\r\n" for n, v in sent) + b"\r\n" + body
+        status, headers, resp = raw_request(gw_cap.url, data)
+        forwarded = capture.requests()
+        if forwarded:
+            seen["forwarded"] += 1
+            assert len(forwarded) == 1 and status == 200 and "cf-aig-log-id" in headers
+            check_forwarded(forwarded[0], sent)
+        else:
+            seen["refused"] += 1
+            if path != "/healthz":
+                check_refused(status, resp)
+
+    check()
+    assert seen["forwarded"] and seen["refused"], seen
+    time.sleep(0.3)  # anything sent after a request on its connection (smuggled) is in by now
+    for raw in capture.requests():
+        assert b"Injected" not in raw
+
+
+def test_http2_requests_reach_the_upstream_only_well_formed_or_are_refused(
+    gw_cap_h2: GatewayProcess, capture: CaptureUpstream
+) -> None:
+    from tests.test_security import h2_request
+
+    seen = {"forwarded": 0, "refused": 0, "reset": 0}
+    h2_names = st.one_of(_NAMES.map(str.lower), st.sampled_from([":path", ":method", ":authority", ":scheme",
+                                                                 "te", ":protocol", "X-Upper"]))  # fmt: skip
+
+    @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.sampled_from(["POST", "GET", "TRACE", "CONNECT"]), _PATHS, _TOKENISH,
+           st.lists(st.tuples(h2_names, _VALUES), max_size=4), _BODIES)  # fmt: skip
+    def check(method: str, path: str, token: str, extra: list[tuple[str, str]], body: bytes) -> None:
+        capture.clear()
+        sent = [(b":method", method.encode()), (b":scheme", b"https"), (b":authority", b"gw.test"),
+                (b":path", encode_latin1(path)), (b"authorization", f"Bearer {SECRET}".encode())]  # fmt: skip
+        if token:
+            sent.append((b"cf-aig-authorization", token.encode()))
+        sent += [(encode_latin1(n), encode_latin1(v)) for n, v in extra]
+        outcome, resp = h2_request(gw_cap_h2, sent, body)
+        forwarded = capture.requests()
+        if forwarded:
+            seen["forwarded"] += 1
+            assert len(forwarded) == 1 and outcome == 200
+            check_forwarded(forwarded[0], [(n, v) for n, v in sent if not n.startswith(b":")])
+        elif isinstance(outcome, int):
+            seen["refused"] += 1
+            if path != "/healthz":
+                check_refused(outcome, resp)
+        else:
+            seen["reset"] += 1  # refused by the HTTP/2 layer itself (RFC 9113 malformed): RST_STREAM
+
+    check()
+    assert seen["forwarded"] and (seen["refused"] or seen["reset"]), seen
+    time.sleep(0.3)
+    for raw in capture.requests():
+        assert b"Injected" not in raw
+
+
+def test_no_secret_in_events_logs_or_spool_after_the_property_runs(
+    gw_cap: GatewayProcess, gw_cap_h2: GatewayProcess, kafka_bootstrap: str, cap_topic: str
+) -> None:
+    """Runs after the two above (same module): whatever they sent, no client secret was stored."""
+    cid = "props-final-" + uuid.uuid4().hex
+    data = (
+        f"POST /v1/acc/gw/cohere/v1/chat HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {SECRET}\r\n"
+        f"cf-aig-authorization: Bearer {TOKEN}\r\ncf-aig-event-id: {cid}\r\nConnection: close\r\n"
+        f"Content-Length: 2\r\n\r\n{{}}"
+    ).encode()
+    assert raw_request(gw_cap.url, data)[0] == 200
+    reader = EventReader(kafka_bootstrap, cap_topic)
+    try:
+        reader.wait_until(lambda e: e.client_event_id == cid)
+        raw = list(reader.raw)
+    finally:
+        reader.close()
+    assert raw
+    for secret in (SECRET, TOKEN):
+        assert not [v for _, v in raw if secret.encode() in v]
+        for g in (gw_cap, gw_cap_h2):
+            assert secret not in g.log_text()
+    spooled = b"".join(p.read_bytes() for p in (gw_cap_h2.data_dir / "spool").rglob("*") if p.is_file())
+    assert spooled, "the HTTP/2 gateway's events are in its spool"
+    assert SECRET.encode() not in spooled and TOKEN.encode() not in spooled

@@ -35,6 +35,18 @@ def test_the_private_engine_function_is_where_the_pinned_chdb_has_it() -> None:
     assert {name: metadata.version(name) for name in localclickhouse.PINNED} == localclickhouse.PINNED
 
 
+def test_a_moved_engine_function_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chdb without the function (simulated: removed from the real module) fails before any process."""
+    from chdb import _chdb
+
+    monkeypatch.delattr(_chdb, "query")
+    with pytest.raises(localclickhouse.ClickHouseSetupError) as err:
+        localclickhouse.engine_query()
+    assert "chdb._chdb.query" in str(err.value)
+    assert "chdb==4.4.0" in str(err.value) and "chdb-core==26.9.0" in str(err.value)
+    assert "--clickhouse URL" in str(err.value)
+
+
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "cohere_gateway.cli", "clickhouse", *args],
@@ -62,6 +74,8 @@ def test_start_status_stop_and_the_data_survives_a_restart(tmp_path: Path) -> No
         assert PASSWORD not in started.stdout + started.stderr
         status = cli("status", env=env)
         assert status.returncode == 0 and "answering /ping" in status.stdout
+        elsewhere = cli("status", env={k: v for k, v in env.items() if not k.endswith("_PORT")})
+        assert f"HTTP http://127.0.0.1:{port}, answering" in elsewhere.stdout  # the port it was started on
         with socket.create_connection(("127.0.0.1", port + 1), timeout=5):
             pass  # the native protocol listens too
 
@@ -81,13 +95,13 @@ def test_start_status_stop_and_the_data_survives_a_restart(tmp_path: Path) -> No
         with pytest.raises(BackendUnavailable, match="cannot connect"):
             ServerBackend(parse_clickhouse_url(url)).command("SELECT 1")
 
-        assert cli("start", env=env).returncode == 0
+        localclickhouse.start(data_dir, port, port + 1, password=PASSWORD)  # the same, without a CLI
         backend = ServerBackend(parse_clickhouse_url(url))
         assert backend.query("SELECT count() AS n, sum(x) AS s FROM kept") == [{"n": 1000, "s": 499500}]
         assert schema.migrate(backend) == []  # the schema survived too
         backend.close()
     finally:
-        cli("stop", env=env)
+        localclickhouse.stop(data_dir)
     assert "Code: 76" not in (data_dir / "server.out").read_text()  # no second engine on the directory
 
 

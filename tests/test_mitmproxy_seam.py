@@ -57,3 +57,11 @@ def test_reuse_port_lets_two_listeners_share_a_port(monkeypatch: pytest.MonkeyPa
         second.close()
 
     asyncio.run(two_listeners())
+
+
+def test_a_moved_request_head_reader_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mitmproxy.proxy.layers.http import _http1
+
+    monkeypatch.delattr(_http1.Http1Server, "read_headers")
+    with pytest.raises(mitmproxy_seam.SeamMoved, match="read_headers"):
+        mitmproxy_seam.check()

@@ -60,8 +60,9 @@ def test_report_shows_cache_hit_rate_and_savings(storage: Storage) -> None:
     assert (cache["lookups"], cache["hits"], cache["hit_rate"]) == (4, 3, 0.75)
     saved = (cache["saved_input_tokens"], cache["saved_output_tokens"], cache["saved_cost_usd"])
     assert saved == (300, 150, 0.75)
-    table = subprocess.run(base, capture_output=True, text=True, timeout=120)
+    table = subprocess.run([*base, "--by", "gateway_id"], capture_output=True, text=True, timeout=120)
     assert "cache: 3 hits of 4 lookups (75.0 %), saved 300 tokens in, 150 out, $0.7500" in table.stdout
+    assert "gateway_id prod: 3 hits of 4 lookups" in table.stdout
 
 
 def test_dashboard_shows_cache_hit_rate_and_savings(clickhouse_backend: Backend, browser: Browser) -> None:
@@ -72,5 +73,12 @@ def test_dashboard_shows_cache_hit_rate_and_savings(clickhouse_backend: Backend,
         browser.goto(api.url + "/")
         browser.wait_for("document.body.dataset.loaded === 'true'", what="the dashboard's first load")
         assert browser.js("document.querySelector('#c-cache').textContent") == "75.0% / $0.750000"
+        browser.js("document.querySelector('#breakdown-tabs [data-by=cache]').click()")
+        cells = (
+            "[...document.querySelectorAll('#breakdown tbody tr:first-child td')].map(td => td.textContent)"
+        )
+        shown = "document.querySelector('#breakdown thead').textContent.includes('saved USD')"
+        row = browser.wait_for(f"{shown} ? {cells} : null", what="the cache breakdown")
+        assert row == ["command-r", "4", "3", "75.0%", "300", "150", "$0.750000", "0"]
     finally:
         api.stop()

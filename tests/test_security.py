@@ -228,8 +228,38 @@ def test_an_unexpected_exception_in_any_hook_answers_json_500_and_is_recorded() 
                 "gateway_error",
                 "gateway_internal_error",
             )
-            assert event.metadata == {} and event.cost_usd is None, "a failed request carries no claims"
-        assert gw.metrics.hook_errors == {"requestheaders": 1, "request": 1}
+            assert event.metadata == {} and event.cost_source != "custom", "no claims of a failed request"
+        # response side: the upstream answered, then the gateway's own step failed; the client gets the
+        # 500, not a response the gateway did not finish handling
+        for broken in ("is_stream_response", "extract_body"):
+            flow = tflow.tflow()
+            flow.client_conn.proxy_mode = ProxyMode.parse("reverse:http://127.0.0.1:9")
+            flow.request.path = ROUTE
+            flow.request.content = CHAT
+            gw.requestheaders(flow)
+            gw.request(flow)
+            assert flow.response is None
+            flow.response = tflow.tresp(content=b'{"text": "upstream"}')
+            original = getattr(gateway_module, broken)
+
+            def boom2(*_: Any) -> Any:
+                raise RuntimeError("injected")
+
+            setattr(gateway_module, broken, boom2)
+            try:
+                gw.responseheaders(flow)
+                gw.response(flow)
+            finally:
+                setattr(gateway_module, broken, original)
+            assert flow.response.status_code == 500 and b"upstream" not in flow.response.content, broken
+            event = events.decode(kept.values[-1])
+            assert (event.status_code, event.error_type) == (500, "gateway_internal_error"), broken
+        assert gw.metrics.hook_errors == {
+            "requestheaders": 1,
+            "request": 1,
+            "responseheaders": 1,
+            "response": 2,
+        }
 
 
 # --- 1: HTTP/2 header injection -----------------------------------------------------------------------
@@ -594,7 +624,8 @@ def test_custom_cost_parsing_and_per_token_prices_without_usage() -> None:
 @pytest.fixture(scope="module")
 def gw_small(upstream: CaptureUpstream) -> Iterator[GatewayProcess]:
     g = start_gateway(upstream.url + PREFIX, "", "t", transparent=False, max_connections=4,
-                      idle_timeout_s=1, max_header_bytes=8192, max_headers=20)  # fmt: skip
+                      idle_timeout_s=1, max_header_bytes=8192, max_headers=20,
+                      header_timeout_s=1)  # fmt: skip
     yield g
     g.stop()
 
@@ -625,6 +656,28 @@ def test_an_endless_header_line_gets_431_and_costs_no_memory(gw_small: GatewayPr
     assert got.startswith(b"HTTP/1.1 431"), got[:200]
     assert b"8192" in got
     assert rss_bytes(gw_small.proc.pid) - before < 20 << 20
+
+
+def test_a_trickled_request_head_gets_408(gw_small: GatewayProcess) -> None:
+    """Slowloris: a byte every 0.2 s keeps the idle timeout (1 s here) from ever firing."""
+    host, port = gw_small.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(b"POST " + ROUTE.encode() + b" HTTP/1.1\r\n")
+        got = b""
+        started = time.monotonic()
+        try:
+            for byte in b"X-Slow: " + b"a" * 40:
+                time.sleep(0.2)  # the attack is the pace itself
+                sock.sendall(bytes([byte]))
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        try:
+            while chunk := sock.recv(65536):
+                got += chunk
+        except (ConnectionResetError, TimeoutError):
+            pass
+    assert got.startswith(b"HTTP/1.1 408"), got[:200]
+    assert time.monotonic() - started < 6
 
 
 def test_too_many_headers_get_431(gw_small: GatewayProcess) -> None:
@@ -696,17 +749,6 @@ def test_routing_patterns_match_whole_values() -> None:
             check_id("account_id", value)
     with pytest.raises(RouteError):
         parse_request_options([("cf-aig-event-id", "id\n")])
-
-
-def test_mitmproxy_internals_are_where_the_gateway_expects_them() -> None:
-    from mitmproxy.proxy.layers.http import _http1
-
-    from addons import mitmproxy_internals
-
-    mitmproxy_internals.check_version()
-    assert callable(_http1.make_error_response)
-    assert "buf" in _http1.Http1Connection.__annotations__
-    assert callable(_http1.Http1Server.read_headers)
 
 
 # --- 8: the read side ----------------------------------------------------------------------------------
@@ -790,3 +832,30 @@ def test_logged_payloads_have_credentials_redacted(upstream: CaptureUpstream, ka
     finally:
         reader.close()
         g.stop()
+
+
+def test_compose_has_no_default_passwords_and_keeps_the_read_side_local() -> None:
+    """Without Docker: the compose file's own text (tests/test_deploy.py starts it when Docker is there)."""
+    import re
+    import xml.etree.ElementTree as ET
+
+    import yaml
+
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "docker-compose.yml").read_text()
+    assert not re.findall(r"\$\{[A-Z_]*(PASSWORD|TOKEN)[A-Z_]*:-", text), "a secret with a default value"
+    assert "admin / admin" not in text
+    compose = yaml.safe_load(text)
+    for service in ("consumer", "grafana"):
+        (port,) = compose["services"][service]["ports"]
+        assert port.startswith("${PUBLISH_HOST:-127.0.0.1}:"), port
+    consumer = compose["services"]["consumer"]
+    assert any(flag.startswith("--read-clickhouse=http://reader:") for flag in consumer["command"])
+    assert "COHERE_GATEWAY_API_TOKEN" in consumer["environment"]
+    datasource = yaml.safe_load((root / "infra/grafana/provisioning/datasources/clickhouse.yaml").read_text())
+    assert datasource["datasources"][0]["jsonData"]["username"] == "reader"
+    reader = ET.parse(root / "infra/clickhouse/users.d/reader.xml").getroot()
+    assert reader.find("profiles/reader/readonly").text == "2"  # type: ignore[union-attr]
+    grants = [q.text for q in reader.findall("users/reader/grants/query")]
+    assert grants == ["GRANT SELECT ON cohere_gateway.*"]
+    assert reader.find("users/reader/password").get("from_env") == "CLICKHOUSE_READER_PASSWORD"  # type: ignore[union-attr]

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from cohere_gateway.settings import DEFAULT_PARTITIONS, DEFAULT_TOPIC
 from tests.fixtures.browser import Browser
-from tests.fixtures.kafka import free_port_pair
+from tests.fixtures.kafka import free_port_pair, topic_partitions
 from tests.fixtures.processes import stop
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,6 +32,7 @@ class Up:
     data_dir: Path
     dashboard: str
     gateway: str
+    kafka_bootstrap: str
 
     def api(self, name: str, **params: str) -> dict:
         query = "&".join(f"{k}={v}" for k, v in {"since": "1h", **params}.items())
@@ -86,7 +88,13 @@ def up(tmp_path: Path) -> Iterator[Up]:
         stderr=subprocess.STDOUT,
         text=True,
     )
-    stack = Up(proc, data_dir, f"http://127.0.0.1:{dashboard_port}", f"http://127.0.0.1:{gateway_port}")
+    stack = Up(
+        proc,
+        data_dir,
+        f"http://127.0.0.1:{dashboard_port}",
+        f"http://127.0.0.1:{gateway_port}",
+        f"127.0.0.1:{kafka_port}",
+    )
     try:
         yield stack
     finally:
@@ -111,6 +119,8 @@ def wait_for_requests(stack: Up, n: int, timeout_s: float = 180) -> dict:
 
 def test_up_demo_dashboard_matches_report(up: Up, browser: Browser) -> None:
     total = wait_for_requests(up, DEMO_CALLS)
+    # `up` created the topic before the gateway's first event: --partitions, not the broker's default 3.
+    assert topic_partitions(up.kafka_bootstrap, DEFAULT_TOPIC) == DEFAULT_PARTITIONS
     assert total["input_tokens"] > 0 and total["output_tokens"] > 0 and total["latency_ms_p50"] > 0
 
     # `report` finds the running consumer (it owns the embedded ClickHouse) and asks it.

@@ -5,6 +5,9 @@ semicolon-separated list of:
   `status=NNN`        answer with that status (400..599) and Cohere's JSON error body;
   `retry-after=S`     with status=429: the `retry-after` header value in seconds (default 1);
   `drop-mid-stream`   send part of the response, then drop the connection;
+  `stream-error`      a stream answers 200 and ends with an error event instead of its end: v1
+                      `stream-error` {finish_reason: ERROR, err}, v2 `message-end` whose delta carries
+                      `error` (and the usage so far);
   `delay-ms=N`        wait N ms before answering;
   `times=N`           apply the other items to the first N requests carrying this exact header value
                       only, then answer normally (a gateway's retries recover: `status=500,times=2,id=x`);
@@ -17,6 +20,7 @@ import random
 from dataclasses import dataclass, replace
 
 from cohere_gateway.emulator.errors import ApiError
+from cohere_gateway.emulator.results import StreamResult
 
 FAULT_HEADER = "X-Emulator-Fault"
 
@@ -45,6 +49,7 @@ class Fault:
     status: int | None = None
     retry_after_s: float = 1.0
     drop_mid_stream: bool = False
+    stream_error: bool = False
     delay_ms: float = 0.0
     times: int | None = None  # None: every request
 
@@ -73,6 +78,8 @@ def parse_fault(header: str | None) -> Fault:
         try:
             if key == "drop-mid-stream" and not sep:
                 fault = replace(fault, drop_mid_stream=True)
+            elif key == "stream-error" and not sep:
+                fault = replace(fault, stream_error=True)
             elif key == "status" and sep:
                 status = int(value)
                 if not 400 <= status <= 599:
@@ -94,7 +101,7 @@ def parse_fault(header: str | None) -> Fault:
             raise ApiError(
                 400,
                 f"invalid request: {FAULT_HEADER} item {item!r}: {exc}; expected status=NNN, "
-                "retry-after=S, drop-mid-stream, delay-ms=N, times=N or id=TEXT",
+                "retry-after=S, drop-mid-stream, stream-error, delay-ms=N, times=N or id=TEXT",
             ) from None
     return fault
 
@@ -114,6 +121,25 @@ class FaultCounts:
             self._seen.clear()
         self._seen[header] = count + 1
         return fault if count < fault.times else NO_FAULT
+
+
+STREAM_ERROR_MESSAGE = "internal error while generating, the response is incomplete (emulated fault)"
+
+
+def with_stream_error(result: StreamResult) -> StreamResult:
+    """The stream with its end event replaced by the error event Cohere sends when generation fails."""
+    *head, last = result.events
+    if "event_type" in last:  # v1 chat and generate
+        error = {"is_finished": True, "event_type": "stream-error", "finish_reason": "ERROR"}
+        error["err"] = STREAM_ERROR_MESSAGE
+    elif last.get("type") == "message-end":  # v2 chat
+        delta = {"finish_reason": "ERROR", "error": STREAM_ERROR_MESSAGE}
+        if "usage" in last.get("delta", {}):
+            delta["usage"] = last["delta"]["usage"]
+        error = {"type": "message-end", "delta": delta}
+    else:
+        raise ApiError(400, "invalid request: stream-error applies to v1 and v2 streams only")
+    return replace(result, events=[*head, error])
 
 
 def with_random_faults(

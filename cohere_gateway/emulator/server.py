@@ -35,6 +35,7 @@ from cohere_gateway.emulator.faults import (
     FaultCounts,
     parse_fault,
     with_random_faults,
+    with_stream_error,
 )
 from cohere_gateway.emulator.recorder import Recorder
 from cohere_gateway.emulator.results import JsonResult, Result, StreamResult
@@ -204,7 +205,7 @@ async def write_result(
 async def write_stream(
     request: web.Request, result: StreamResult, fault: Fault, chunk_delay_ms: float
 ) -> web.StreamResponse:
-    chunks = frames(result)
+    chunks = frames(with_stream_error(result) if fault.stream_error else result)
     response = web.StreamResponse(
         status=200,
         headers={"Content-Type": result.content_type, "Cache-Control": "no-cache", **result.headers},

@@ -167,6 +167,20 @@ const BREAKDOWN_COLUMNS = [
 
 async function drawBreakdown() {
   const table = $("#breakdown");
+  if (breakdownBy === "cache") {
+    const rows = await api("cache", { by: "model" });
+    fillTable(table, [
+      { title: "model", value: (r) => r.key || "(none)" },
+      { title: "lookups", value: (r) => fmtInt.format(r.lookups) },
+      { title: "hits", value: (r) => fmtInt.format(r.hits) },
+      { title: "hit rate", value: (r) => fmtPct(r.hit_rate) },
+      { title: "saved tokens in", value: (r) => fmtInt.format(r.saved_input_tokens) },
+      { title: "saved tokens out", value: (r) => fmtInt.format(r.saved_output_tokens) },
+      { title: "saved USD", value: (r) => fmtUsd(r.saved_cost_usd) },
+      { title: "hits of unknown cost", value: (r) => fmtInt.format(r.saved_cost_unknown) },
+    ], rows);
+    return;
+  }
   if (breakdownBy === "api_key") {
     const rows = await api("top_api_keys", { limit: 20 });
     fillTable(table, [{ title: "API key fingerprint", value: (r) => r.api_key_fingerprint || "(none)" },

@@ -1,6 +1,5 @@
--- Event schema 1.1, the gateway's response cache (docs/events.md): each event's cache status and, for a
--- HIT (not billed: usage empty, cost 0), what the stored answer would have cost. Numbered 0010 to leave
--- room for migrations written in parallel (0005..0009).
+-- Event schema 1.2, the gateway's response cache (docs/events.md): each event's cache status and, for a
+-- HIT (not billed: usage empty, cost 0), what the stored answer would have cost.
 ALTER TABLE events
     ADD COLUMN IF NOT EXISTS cache_status LowCardinality(Nullable(String)),
     ADD COLUMN IF NOT EXISTS saved_input_tokens Nullable(UInt64),
