@@ -226,7 +226,7 @@ def test_gateway_defaults_from_the_configuration(
 ) -> None:
     config = tmp_path / "gateways.toml"
     config.write_text(
-        '[gateways."*/*"]\nrequest_timeout = 300\n'
+        '[gateways."*/*"]\nrequest_timeout = 2000\n'
         '[gateways."acct/retrying"]\nretries = { max_attempts = 3, delay = 50, backoff = "constant" }\n'
     )
     g = start_gateway(emulator_url, kafka_bootstrap, gateway_topic, transparent=False, config=str(config))
