@@ -27,6 +27,9 @@ from .cache import CacheState
 from .gateway_config import GatewayPolicy
 from .headers import RequestOptions
 from .pricing import PricingTable, compute_cost
+from .ratelimits import Reservation
+from .relay import Ticket
+from .retries import RetryPolicy
 from .routing import Route
 from .streaming import StreamWatcher
 from .usage import Extracted
@@ -101,6 +104,11 @@ class Exchange:
     headers_sent_at: float | None = field(default=None)
     policy: GatewayPolicy = field(default_factory=GatewayPolicy)  # this gateway's configuration
     cache: CacheState | None = None  # None: the cache does not apply to this request
+    retry: RetryPolicy = field(default_factory=RetryPolicy)  # the gateway's, with this request's headers
+    ticket: Ticket | None = None  # sent through the relay (addons/relay.py): its attempts
+    relay_token: str | None = None
+    reservation: Reservation | None = None  # what this request holds of its gateway's token limits
+    refusal: str | None = None  # the gateway's own refusal after authentication: the event's error_type
 
 
 def _ms(seconds: float) -> float:
@@ -162,6 +170,11 @@ def build_event(
     if cache_status == "HIT":  # upstream was not called: nothing billed, the stored answer's usage saved
         usage, saved = Usage(), usage
         saved_cost, cost, cost_source = cost, 0.0, "cache"
+    attempts: list[int] | None = None
+    if x.ticket is not None and x.ticket.attempts:
+        attempts = [a.status for a in x.ticket.attempts]
+    elif x.forwarded_at is not None and cache_status != "HIT":
+        attempts = [status]
     return Event(
         schema_version=SCHEMA_VERSION,
         event_id=x.event_id,
@@ -205,6 +218,8 @@ def build_event(
         saved_output_tokens=saved.output_tokens,
         saved_search_units=saved.search_units,
         saved_cost_usd=saved_cost,
+        attempts=len(attempts) if attempts is not None else None,
+        attempt_statuses=attempts or [],
     )
 
 

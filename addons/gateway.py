@@ -33,7 +33,7 @@ from mitmproxy.proxy.mode_specs import RegularMode, ReverseMode
 
 from addons import cache as rcache
 from addons import gateway_config as gwconfig
-from addons import mitmproxy_seam
+from addons import mitmproxy_seam, provider_keys, ratelimits, retries
 from addons.bodies import DECODE_INLINE_BYTES, check_content_encoding, decode_body, is_identity, too_large
 from addons.capture import Exchange, build_event, fit_event
 from addons.delivery import DELIVERY_OPTIONS, DeliveryConfig, default_spool_dir
@@ -50,8 +50,9 @@ from addons.headers import (
 )
 from addons.metrics import Metrics, Snapshot, merge, read_snapshots, render, write_snapshot
 from addons.outcomes import classify_proxy_error, classify_status
-from addons.pricing import DEFAULT_PRICING, load_pricing
+from addons.pricing import DEFAULT_PRICING, compute_cost, load_pricing
 from addons.publish import NullPublisher, Publisher
+from addons.relay import RELAY_HEADER, Relay, Ticket
 from addons.routing import (
     LocalRoute,
     Route,
@@ -65,7 +66,7 @@ from addons.sidecar import SidecarPublisher
 from addons.streaming import StreamWatcher, UsageStripper, is_stream_response, want_stream_usage
 from addons.usage import Extracted, extract_body, request_fields
 from cohere_gateway import settings
-from cohere_gateway.events import new_event_id, truncate
+from cohere_gateway.events import Usage, new_event_id, truncate, utc_from_timestamp
 
 log = logging.getLogger("cohere_gateway.gateway")
 
@@ -73,6 +74,7 @@ STATE = "cohere_gateway"  # key of the Exchange in flow.metadata
 SECRET_HEADER_BYTES = frozenset(name.encode() for name in SECRET_HEADERS)
 OVERHEAD_HEADER = "x-cohere-gateway-overhead-ms"
 LOG_ID_HEADER = "cf-aig-log-id"
+ATTEMPTS_HEADER = "x-cohere-gateway-attempts"
 
 
 def _opt_default(name: str) -> object:
@@ -113,6 +115,7 @@ OPTIONS: tuple[tuple[str, type, str], ...] = (
     ),
     *DELIVERY_OPTIONS,
     *settings.option_specs(settings.ProxySettings, "config", "cache_ttl", "cache_url", "cache_max_bytes"),
+    *settings.option_specs(settings.ProxySettings, "state_url"),
 )
 # Options the `*/*` defaults of the per-gateway configuration come from.
 _POLICY_OPTIONS = frozenset({"config", "gateway_token", "log_payloads", "payload_max_bytes", "cache_ttl"})
@@ -202,6 +205,9 @@ class Gateway:
         self.config = gwconfig.ConfigWatcher(None, gwconfig.GatewayPolicy(), self.metrics.config)
         self.cache = rcache.ResponseCache(None, self.metrics.cache)
         self._watching: asyncio.Task[None] | None = None
+        self.relay = Relay()  # makes the upstream call for requests with a timeout or retries
+        self.limiter = ratelimits.RateLimiter()
+        self._settling: set[asyncio.Task[None]] = set()
 
     # --- configuration -------------------------------------------------------------------------------
 
@@ -232,6 +238,13 @@ class Gateway:
             self._configure_policy(opts, "config" in updated)
         if updated & _CACHE_OPTIONS:
             self._configure_cache(opts)
+        if "state_url" in updated:
+            try:
+                self.limiter = ratelimits.RateLimiter(opts.state_url)
+            except ValueError as exc:
+                from mitmproxy import exceptions
+
+                raise exceptions.OptionsError(str(exc)) from None
         if "max_custom_cost" in updated and not (
             math.isfinite(opts.max_custom_cost) and opts.max_custom_cost >= 0
         ):
@@ -377,6 +390,7 @@ class Gateway:
         if self._watching is not None:
             self._watching.cancel()
         await self.cache.close()
+        await self.relay.close()
         if self._sharing is not None and self.metrics_dir is not None:
             self._sharing.cancel()
             # The last counts stay in the directory: the workers still running keep summing them.
@@ -459,6 +473,9 @@ class Gateway:
                     x.recorded = False
                     raise
             gwconfig.check_metadata(x.options.metadata, x.policy)
+            x.retry = retries.parse_retry_headers(first, x.policy.retry)
+            if x.policy.provider_key is not None:
+                x.key_fingerprint = provider_keys.use(req.headers, x.policy)
             decision = rcache.decide(x.policy.cache, rcache.parse_cache_headers(first.items()), req.method)
             if decision.status is not None:
                 status = "BYPASS" if decision.status == "BYPASS" else None
@@ -546,16 +563,108 @@ class Gateway:
                 )
                 if s
             )  # fmt: skip
+        if x.policy.rate_limits or x.policy.budgets:
+            return self._admit(flow, x, content, body)
+        return self._lookup_or_forward(flow, x, content)
+
+    def _lookup_or_forward(self, flow: http.HTTPFlow, x: Exchange, content: bytes) -> Awaitable[None] | None:
         if x.cache is not None and x.cache.status is None and self.cache.store is not None:
             return self._cache_lookup(flow, x, content)
         if x.cache is not None and x.cache.status is None:  # no store configured (cache_url=none)
             x.cache = None
-        self._forward(x)
-        return None
+        return self._forward(flow, x)
 
-    def _forward(self, x: Exchange) -> None:
+    def _forward(self, flow: http.HTTPFlow, x: Exchange) -> Awaitable[None] | None:
         self.metrics.requests[x.route.mode] += 1
         x.forwarded_at = time.time()
+        if not x.retry.active:
+            return None
+        if not self.relay.port:
+            return self._via_relay_started(flow, x)
+        self._via_relay(flow, x)
+        return None
+
+    async def _admit(self, flow: http.HTTPFlow, x: Exchange, content: bytes, body: dict | None) -> None:
+        """Count the request against its gateway's rate limits before anything else is done with it;
+        over a limit it is answered 429 here and never forwarded (nor served from the cache)."""
+        rules = x.policy.rate_limits + x.policy.budgets
+        if self.metrics_dir is not None and not self.limiter.shared:
+            # Each worker would count alone, allowing limit x workers: refuse rather than pretend.
+            raise RouteError(
+                503, "rate limits with --workers > 1 need shared counters: start with --state-url"
+            )
+        max_tokens = body.get("max_tokens") if isinstance(body, dict) else None
+        now = time.time()
+        model = x.model or self.pricing.implied_model(x.route.api_version, x.route.endpoint)
+        ids = [ratelimits.identity(r, x.account_id, x.gateway_id, x.key_fingerprint, x.options.metadata,
+                                   model, now) for r in rules]  # fmt: skip
+        estimates = [self._estimate(x, r, model, max_tokens, len(content)) for r in rules]
+        verdict = await ratelimits.bounded(self.limiter.admit(rules, ids, estimates), "admit")
+        if isinstance(verdict, ratelimits.Refusal):
+            self.metrics.rejected[429] += 1
+            x.refusal = "rate_limited"
+            headers = {**verdict.headers(time.time()), LOG_ID_HEADER: x.event_id}
+            flow.response = json_response(429, {"message": verdict.message()}, headers)
+            return
+        x.reservation = verdict
+        pending = self._lookup_or_forward(flow, x, content)
+        if pending is not None:
+            await pending
+
+    def _estimate(self, x: Exchange, rule: ratelimits.RateRule, model: str | None, max_tokens: Any,
+                  size: int) -> int:  # fmt: skip
+        """What a request reserves of a rule: 1 request, its worst-case tokens, or their price."""
+        if rule.unit != "cost":
+            return ratelimits.token_estimate(rule, max_tokens, size)
+        usage = Usage(input_tokens=size // 4 + 1, output_tokens=ratelimits.output_estimate(rule, max_tokens))
+        cost, _ = compute_cost(self.pricing, x.route.endpoint, model, usage, x.options.custom_cost,
+                               at=utc_from_timestamp(x.start))  # fmt: skip
+        if cost is None:  # a spend limit cannot hold what it cannot price: refused, not let through free
+            raise RouteError(
+                422,
+                f"this gateway limits spend and the cost of model {(model or '')[:80]!r} is unknown (not in "
+                "the pricing table); send cf-aig-custom-cost or use a priced model",
+            )
+        return math.ceil(cost * ratelimits.MICRO)
+
+    def _settle(self, x: Exchange, kw: dict[str, Any]) -> None:
+        """Token reservations become the billed usage (an error, a refusal or a cache hit bills none)."""
+        reservation = x.reservation
+        if reservation is None or not reservation.held:
+            return
+        usage = kw["extracted"].usage
+        billed: int | None = 0
+        hit = x.cache is not None and x.cache.status == "HIT"
+        if 200 <= kw["status"] < 400 and not hit:
+            counts = (usage.input_tokens, usage.output_tokens)
+            billed = None if counts == (None, None) else sum(c or 0 for c in counts)
+        cost: float | None = None
+        if any(rule.unit == "cost" for rule, _, _ in reservation.held):
+            cost = build_event(x, pricing=self.pricing, **kw).cost_usd  # priced exactly as its event
+        task = asyncio.get_running_loop().create_task(self._settle_now(reservation, billed, cost))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def _settle_now(
+        self, reservation: ratelimits.Reservation, billed: int | None, cost: float | None
+    ) -> None:
+        try:
+            await ratelimits.bounded(self.limiter.settle(reservation, billed, cost), "settle")
+        except Exception as exc:  # the reservation stands: counted as estimated, never lost
+            log.error("settling a token reservation failed (%s)", type(exc).__name__)
+
+    async def _via_relay_started(self, flow: http.HTTPFlow, x: Exchange) -> None:
+        await self.relay.start()
+        self._via_relay(flow, x)
+
+    def _via_relay(self, flow: http.HTTPFlow, x: Exchange) -> None:
+        """mitmproxy sends this request to the relay (addons/relay.py), which makes the attempts."""
+        x.ticket = Ticket(self.upstream, x.retry, x.stream)
+        x.relay_token = self.relay.register(x.ticket)
+        req = flow.request
+        req.scheme, req.host, req.port = "http", "127.0.0.1", self.relay.port
+        req.host_header = self.upstream.host_header
+        req.headers[RELAY_HEADER] = x.relay_token
 
     async def _cache_lookup(self, flow: http.HTTPFlow, x: Exchange, body: bytes) -> None:
         try:
@@ -588,7 +697,9 @@ class Gateway:
         self.cache.counters[c.status.lower()] += 1
         if entry is None:
             c.chunks = [] if c.leader else None
-            self._forward(x)
+            pending = self._forward(flow, x)
+            if pending is not None:
+                await pending
             return
         fields = [*entry.headers, (rcache.STATUS_HEADER, "HIT"), (LOG_ID_HEADER, x.event_id)]
         fields.append((OVERHEAD_HEADER, _ms(time.time() - x.start)))
@@ -604,6 +715,7 @@ class Gateway:
         if x is None or resp is None or x.forwarded_at is None:
             return
         resp.headers[LOG_ID_HEADER] = x.event_id
+        resp.headers[ATTEMPTS_HEADER] = str(len(x.ticket.attempts) if x.ticket is not None else 1)
         if x.cache is not None and x.cache.status is not None:
             resp.headers[rcache.STATUS_HEADER] = x.cache.status
         if not is_stream_response(resp.headers.get("content-type", ""), x.stream) or resp.headers.get(
@@ -680,7 +792,7 @@ class Gateway:
                 x,
                 status=resp.status_code,
                 outcome="gateway_error",
-                error_type="gateway_rejected",
+                error_type=x.refusal or "gateway_rejected",
                 extracted=Extracted(),
                 end=now,
                 error_message=_message_of(resp),
@@ -820,6 +932,12 @@ class Gateway:
     def _finish(self, x: Exchange, **kw) -> None:
         x.finished = True
         self.in_flight -= 1
+        if x.relay_token is not None:
+            self.relay.discard(x.relay_token)
+        self._settle(x, kw)
+        if x.ticket is not None and x.ticket.failure is not None and kw["outcome"] != "client_aborted":
+            # The relay answered itself (504/502): no attempt got an answer from upstream.
+            kw["outcome"], kw["error_type"], kw["status"] = retries.failure_outcome(x.ticket.failure)
         outcome = kw["outcome"]
         self.metrics.exchanges[outcome] += 1
         if not x.recorded:  # refused before authentication: counted in rejected, nothing stored

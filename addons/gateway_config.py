@@ -38,8 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cohere_gateway.events import MAX_METADATA_ENTRIES
+from cohere_gateway.events import MAX_METADATA_ENTRIES, api_key_fingerprint
 
+from . import ratelimits, retries
+from .retries import RetryPolicy
 from .routing import ID_MAX_LENGTH, RouteError
 
 log = logging.getLogger("cohere_gateway.config")
@@ -55,7 +57,9 @@ _PATTERN_SIDE = re.compile(r"^[A-Za-z0-9_.\-*?\[\]!]+$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Sections the next control issue adds (limits, budgets, retries, timeouts, provider keys): refused with
 # a message saying so, rather than accepted and ignored.
-_NOT_YET = ("rate_limits", "budgets", "retries", "timeouts", "provider_key")
+_NOT_YET: tuple[str, ...] = ()
+# A Cohere API key as the gateway holds it: printable ASCII without spaces, like every key Cohere issues.
+_PROVIDER_KEY = re.compile(r"^[\x21-\x7e]{8,512}$")
 
 
 class ConfigError(ValueError):
@@ -76,6 +80,24 @@ class CachePolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class ProviderKey:
+    """The Cohere API key a gateway holds for its apps (BYOK). Printing one shows where it came from and
+    its fingerprint, never the key."""
+
+    source: str  # "env NAME" or "file PATH"
+    key: str = field(repr=False)
+
+    @property
+    def fingerprint(self) -> str:
+        return api_key_fingerprint(self.key)
+
+    def __str__(self) -> str:
+        return f"<Cohere key from {self.source}, {self.fingerprint}>"
+
+    __repr__ = __str__
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayPolicy:
     tokens: tuple[str, ...] = field(default=(), repr=False)  # empty: no gateway token required
     log_payloads: bool = False
@@ -83,6 +105,10 @@ class GatewayPolicy:
     allow_log_opt_out: bool = True  # whether cf-aig-collect-log: false is honoured
     max_metadata_entries: int = MAX_METADATA_ENTRIES
     cache: CachePolicy = field(default_factory=CachePolicy)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)  # cf-aig-* headers override it per request
+    provider_key: ProviderKey | None = None  # set: upstream gets this key, whatever the client sent
+    rate_limits: tuple[ratelimits.RateRule, ...] = ()  # the most specific entry's list, whole
+    budgets: tuple[ratelimits.RateRule, ...] = ()  # cost limits over calendar periods, the same way
 
 
 # --- validation of one entry: key -> (checker, what is allowed) --------------------------------------
@@ -101,6 +127,26 @@ def _int_in(lo: int, hi: int) -> Callable[[Any], int]:
         return v
 
     return check
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str]:
+    def check(v: Any) -> str:
+        if v not in choices:
+            raise TypeError
+        return v
+
+    return check
+
+
+def _rule_key(v: Any) -> str:
+    if not isinstance(v, str):
+        raise TypeError
+    name = v.removeprefix("metadata.")
+    if v in ratelimits.KEYS or (
+        v.startswith("metadata.") and 1 <= len(name) <= 64 and not name.startswith("cf.")
+    ):
+        return v
+    raise TypeError
 
 
 def _tokens(v: Any) -> tuple[str, ...]:
@@ -135,6 +181,19 @@ _CACHE_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "client_control": (_bool, "true or false"),
     "max_entry_bytes": (_int_in(1, MAX_CACHE_ENTRY_BYTES), f"an integer 1..{MAX_CACHE_ENTRY_BYTES}"),
 }
+_RETRY_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
+    "max_attempts": (_int_in(1, retries.MAX_ATTEMPTS), f"an integer 1..{retries.MAX_ATTEMPTS}"),
+    "delay": (
+        _int_in(0, retries.MAX_RETRY_DELAY_MS),
+        f"an integer number of milliseconds 0..{retries.MAX_RETRY_DELAY_MS}",
+    ),
+    "backoff": (_one_of(retries.BACKOFFS), "one of " + ", ".join(retries.BACKOFFS)),
+}
+_RETRY_FIELD = {"max_attempts": "max_attempts", "delay": "delay_ms", "backoff": "backoff"}
+_TIMEOUT_SPEC = (
+    _int_in(1, retries.MAX_REQUEST_TIMEOUT_MS),
+    f"an integer number of milliseconds 1..{retries.MAX_REQUEST_TIMEOUT_MS}",
+)
 # file key -> CachePolicy field (`ttl` reads like Cloudflare's setting; the field says its unit)
 _CACHE_FIELD = {key: "ttl_s" if key == "ttl" else key for key in _CACHE_KEYS}
 
@@ -146,6 +205,7 @@ class Entry:
     gateway: str
     values: dict[str, Any]  # validated GatewayPolicy fields (tokens already resolved)
     cache: dict[str, Any]  # validated CachePolicy fields
+    retry: dict[str, Any] = field(default_factory=dict)  # validated RetryPolicy fields
 
     @property
     def specificity(self) -> tuple[int, int, int]:
@@ -216,6 +276,7 @@ def _entry(file: str, loc: _Locator, pattern: str, raw: Any, env: dict[str, str]
     account, gateway = _check_pattern(file, line, pattern)
     values: dict[str, Any] = {}
     cache: dict[str, Any] = {}
+    retry: dict[str, Any] = {}
     tokens: list[str] = []
     for key, value in raw.items():
         where = loc.find(header, key)
@@ -236,9 +297,48 @@ def _entry(file: str, loc: _Locator, pattern: str, raw: Any, env: dict[str, str]
                     )
                 cache[_CACHE_FIELD[ckey]] = _checked(file, cwhere, f"{header}.cache.{ckey}", spec, cvalue)
             continue
+        if key == "retries":
+            if not isinstance(value, dict):
+                raise ConfigError(
+                    file, where, f"{header}.retries", "must be a table: { max_attempts, delay, backoff }"
+                )
+            for rkey, rvalue in value.items():
+                rwhere = loc.find(f"{header}.retries", rkey) or where
+                rspec = _RETRY_KEYS.get(rkey)
+                if rspec is None:
+                    raise ConfigError(
+                        file,
+                        rwhere,
+                        f"{header}.retries.{rkey}",
+                        f"unknown key; allowed: {', '.join(_RETRY_KEYS)}",
+                    )
+                retry[_RETRY_FIELD[rkey]] = _checked(file, rwhere, f"{header}.retries.{rkey}", rspec, rvalue)
+            continue
+        if key == "request_timeout":
+            retry["timeout_ms"] = _checked(file, where, f"{header}.request_timeout", _TIMEOUT_SPEC, value)
+            continue
+        if key == "rate_limits":
+            values["rate_limits"] = _rate_limits(file, where, f"{header}.rate_limits", value)
+            continue
+        if key == "budgets":
+            values["budgets"] = _budgets(file, where, f"{header}.budgets", value)
+            continue
+        if key == "provider_key":
+            values["provider_key"] = _provider_key(file, where, f"{header}.provider_key", value, env)
+            continue
         spec = _GATEWAY_KEYS.get(key)
         if spec is None:
-            allowed = ", ".join([*_GATEWAY_KEYS, "cache"])
+            allowed = ", ".join(
+                [
+                    *_GATEWAY_KEYS,
+                    "cache",
+                    "retries",
+                    "request_timeout",
+                    "provider_key",
+                    "rate_limits",
+                    "budgets",
+                ]
+            )
             raise ConfigError(file, where, f"{header}.{key}", f"unknown key; allowed: {allowed}")
         checked = _checked(file, where, f"{header}.{key}", spec, value)
         if key == "tokens":
@@ -258,7 +358,135 @@ def _entry(file: str, loc: _Locator, pattern: str, raw: Any, env: dict[str, str]
             values[key] = checked
     if "tokens" in raw or "tokens_env" in raw:
         values["tokens"] = tuple(tokens)
-    return Entry(pattern, account, gateway, values, cache)
+    return Entry(pattern, account, gateway, values, cache, retry)
+
+
+def _positive(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v <= ratelimits.MAX_LIMIT:
+        raise TypeError
+    return float(v)
+
+
+_RULE_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
+    "limit": (_positive, "a number > 0 (requests or tokens: an integer; cost: USD)"),
+    "window": (
+        _int_in(1, ratelimits.MAX_WINDOW_S),
+        f"an integer number of seconds 1..{ratelimits.MAX_WINDOW_S}",
+    ),
+    "unit": (_one_of(ratelimits.UNITS), "one of " + ", ".join(ratelimits.UNITS)),
+    "technique": (_one_of(ratelimits.TECHNIQUES), "one of " + ", ".join(ratelimits.TECHNIQUES)),
+    "key": (_rule_key, "gateway, account, api_key or metadata.NAME (a cf-aig-metadata entry)"),
+    "estimate": (_int_in(1, 10_000_000), "an integer number of tokens 1..10000000"),
+}
+_RULE_FIELD = {"window": "window_s"}
+
+
+def _rate_limits(file: str, line: int | None, key: str, value: Any) -> tuple[ratelimits.RateRule, ...]:
+    if not isinstance(value, list) or len(value) > 16:
+        raise ConfigError(file, line, key, "expected a list of at most 16 rules: [{ limit, window, ... }]")
+    rules = []
+    for i, raw in enumerate(value):
+        where = f"{key}[{i}]"
+        if not isinstance(raw, dict) or not {"limit", "window"} <= set(raw):
+            raise ConfigError(file, line, where, "expected a table with at least limit and window")
+        fields: dict[str, Any] = {}
+        for rkey, rvalue in raw.items():
+            spec = _RULE_KEYS.get(rkey)
+            if spec is None:
+                raise ConfigError(
+                    file, line, f"{where}.{rkey}", f"unknown key; allowed: {', '.join(_RULE_KEYS)}"
+                )
+            fields[_RULE_FIELD.get(rkey, rkey)] = _checked(file, line, f"{where}.{rkey}", spec, rvalue)
+        unit = fields.get("unit", "requests")
+        if unit == "cost":
+            fields["limit"] = max(1, round(fields["limit"] * ratelimits.MICRO))
+        elif fields["limit"] != int(fields["limit"]):
+            raise ConfigError(file, line, f"{where}.limit", f"{unit} limits are whole numbers")
+        else:
+            fields["limit"] = int(fields["limit"])
+        rule = ratelimits.RateRule(**fields)
+        if rule.unit != "requests" and rule.technique == "sliding":
+            raise ConfigError(
+                file,
+                line,
+                f"{where}.technique",
+                "token and cost limits count in fixed windows only (technique = fixed)",
+            )
+        rules.append(rule)
+    return tuple(rules)
+
+
+_BUDGET_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
+    "usd": (_positive, "a number of US dollars > 0"),
+    "period": (_one_of(ratelimits.PERIODS), "one of " + ", ".join(ratelimits.PERIODS) + " (calendar, UTC)"),
+    "window": (
+        _int_in(1, ratelimits.MAX_WINDOW_S),
+        f"an integer number of seconds 1..{ratelimits.MAX_WINDOW_S} (periods aligned to the epoch, UTC)",
+    ),
+    "key": (_rule_key, "gateway, account, api_key, model or metadata.NAME (a cf-aig-metadata entry)"),
+    "estimate": (_int_in(1, 10_000_000), "an integer number of output tokens 1..10000000"),
+}
+_PERIOD_S = {"day": 86400, "week": 7 * 86400, "month": 31 * 86400}
+
+
+def _budgets(file: str, line: int | None, key: str, value: Any) -> tuple[ratelimits.RateRule, ...]:
+    """Budgets are cost limits whose windows are calendar periods: the same counters as rate_limits."""
+    if not isinstance(value, list) or len(value) > 16:
+        raise ConfigError(
+            file, line, key, 'expected a list of at most 16 budgets: [{ usd, period = "month" }]'
+        )
+    rules = []
+    for i, raw in enumerate(value):
+        where = f"{key}[{i}]"
+        if not isinstance(raw, dict) or "usd" not in raw or ("period" in raw) == ("window" in raw):
+            raise ConfigError(file, line, where, "expected a table with usd and one of period or window")
+        fields: dict[str, Any] = {}
+        for bkey, bvalue in raw.items():
+            spec = _BUDGET_KEYS.get(bkey)
+            if spec is None:
+                raise ConfigError(
+                    file, line, f"{where}.{bkey}", f"unknown key; allowed: {', '.join(_BUDGET_KEYS)}"
+                )
+            fields[bkey] = _checked(file, line, f"{where}.{bkey}", spec, bvalue)
+        period = fields.pop("period", "")
+        window = fields.pop("window", None) or _PERIOD_S[period]
+        usd = fields.pop("usd")
+        rules.append(
+            ratelimits.RateRule(
+                limit=max(1, round(usd * ratelimits.MICRO)),
+                window_s=window,
+                unit="cost",
+                period=period,
+                aligned=True,
+                **fields,
+            )
+        )
+    return tuple(rules)
+
+
+def _provider_key(file: str, line: int | None, key: str, value: Any, env: dict[str, str]) -> ProviderKey:
+    """`{ env = "NAME" }` or `{ file = "PATH" }`, read now; no message ever quotes what was read."""
+    if not isinstance(value, dict) or len(value) != 1 or not isinstance(next(iter(value.values())), str):
+        raise ConfigError(file, line, key, 'expected { env = "VARIABLE" } or { file = "PATH" }')
+    ((kind, name),) = value.items()
+    if kind == "env":
+        if not _ENV_NAME.match(name):
+            raise ConfigError(file, line, key, f"env: {name[:80]!r} is not an environment variable name")
+        secret = env.get(name, "").strip()
+        source = f"env {name}"
+    elif kind == "file":
+        try:
+            secret = Path(name).expanduser().read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(file, line, key, f"cannot read {name}: {type(exc).__name__}") from None
+        source = f"file {name}"
+    else:
+        raise ConfigError(file, line, key, 'expected { env = "VARIABLE" } or { file = "PATH" }')
+    if not secret:
+        raise ConfigError(file, line, key, f"{source} is not set or empty")
+    if not _PROVIDER_KEY.match(secret):
+        raise ConfigError(file, line, key, f"{source} does not hold an API key (8-512 printable characters)")
+    return ProviderKey(source, secret)
 
 
 def _checked(
@@ -288,11 +516,18 @@ class GatewayConfig:
             return policy
         values: dict[str, Any] = {}
         cache: dict[str, Any] = {}
+        retry: dict[str, Any] = {}
         for entry in self.entries:  # sorted least specific first
             if entry.matches(account, gateway):
                 values.update(entry.values)
                 cache.update(entry.cache)
-        policy = dataclasses.replace(self.base, **values, cache=dataclasses.replace(self.base.cache, **cache))
+                retry.update(entry.retry)
+        policy = dataclasses.replace(
+            self.base,
+            **values,
+            cache=dataclasses.replace(self.base.cache, **cache),
+            retry=dataclasses.replace(self.base.retry, **retry),
+        )
         if len(self._memo) >= 4096:  # ids come from clients: never let them grow this without bound
             self._memo.clear()
         self._memo[memo_key] = policy

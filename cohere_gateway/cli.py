@@ -173,6 +173,7 @@ def config_check(file: Path) -> None:
     for entry in cfg.entries:
         shown = {k: (f"{len(v)} token(s)" if k == "tokens" else v) for k, v in entry.values.items()}
         shown |= {f"cache.{k}": v for k, v in entry.cache.items()}
+        shown |= {f"retries.{k}": v for k, v in entry.retry.items()}
         click.echo(f"  {entry.pattern}: " + (", ".join(f"{k}={v}" for k, v in shown.items()) or "(nothing)"))
 
 

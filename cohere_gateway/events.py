@@ -20,7 +20,7 @@ from typing import Annotated, Literal
 import msgspec
 
 SCHEMA_MAJOR = 1
-SCHEMA_MINOR = 2
+SCHEMA_MINOR = 3
 SCHEMA_VERSION = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
 
 DEFAULT_TOPIC = "cohere-gateway.events"
@@ -41,6 +41,7 @@ OUTCOMES: tuple[str, ...] = ("ok", "upstream_error", "gateway_error", "client_ab
 # Counts are stored as UInt64 (msgspec bounds stop at int64) and timestamps compared across gateways, so
 # both limits are part of the contract, checked while decoding rather than found by a failed insert.
 NonNegInt = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+StatusCode = Annotated[int, msgspec.Meta(ge=0, le=999)]
 AwareDatetime = Annotated[datetime, msgspec.Meta(tz=True)]
 NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")]
@@ -128,6 +129,13 @@ class Event(msgspec.Struct, kw_only=True, omit_defaults=False, forbid_unknown_fi
     saved_output_tokens: NonNegInt | None = None
     saved_search_units: NonNegInt | None = None
     saved_cost_usd: NonNegFloat | None = None  # None: what it would have cost is unknown
+    # 1.3, retries: how many times the gateway sent the request upstream and each attempt's status, in
+    # order (0: no answer - timed out, not reachable, or a body cut short; the last is what the client
+    # was answered from). None and empty: never sent upstream (refused, cache hit).
+    attempts: Annotated[int, msgspec.Meta(ge=1, le=16)] | None = None
+    attempt_statuses: Annotated[list[StatusCode], msgspec.Meta(max_length=16)] = msgspec.field(
+        default_factory=list
+    )
 
     request_body: str | None = None  # only when payload logging is on, truncated
     response_body: str | None = None

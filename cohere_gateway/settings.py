@@ -250,6 +250,11 @@ class ProxySettings:
     cache_max_bytes: int = setting(
         1_073_741_824, "Size cap of the disk cache; least recently used entries are evicted beyond it."
     )
+    state_url: str = setting(
+        "",
+        "Where rate limit counters live: empty for this process alone, redis://HOST:PORT[/DB] for counters "
+        "shared by --workers and by several gateways (needed for rate limits with --workers > 1).",
+    )
 
 
 @dataclass(frozen=True)

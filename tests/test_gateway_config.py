@@ -68,7 +68,7 @@ def test_entries_apply_least_specific_first_key_by_key() -> None:
         ('[gateways."ab"]\nlog_payloads = true\n', 1, 'gateways."ab"', "ACCOUNT/GATEWAY"),
         ('[gateways."a/b c"]\n', 1, 'gateways."a/b c"', "ACCOUNT/GATEWAY"),
         ('[gateways."a/b"]\nmax_metadata_entries = 6\n', 2, "max_metadata_entries", "0..5"),
-        ('[gateways."a/b"]\nrate_limits = []\n', 2, "rate_limits", "not supported by this version yet"),
+        ('[gateways."a/b"]\nrate_limits = [{ limit = 10 }]\n', 2, "rate_limits[0]", "and window"),
         ('[gateways."a/b"]\ntokens_env = ["NOT_SET_ANYWHERE_X"]\n', 2, "tokens_env", "NOT_SET_ANYWHERE_X"),
         ('version = 2\n[gateways."a/b"]\n', 1, "version", "unknown top-level key"),
         ('[gateways."a/b"\nx = 1\n', 1, "", "not valid TOML"),

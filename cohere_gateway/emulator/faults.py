@@ -8,7 +8,10 @@ semicolon-separated list of:
   `stream-error`      a stream answers 200 and ends with an error event instead of its end: v1
                       `stream-error` {finish_reason: ERROR, err}, v2 `message-end` whose delta carries
                       `error` (and the usage so far);
-  `delay-ms=N`        wait N ms before answering.
+  `delay-ms=N`        wait N ms before answering;
+  `times=N`           apply the other items to the first N requests carrying this exact header value
+                      only, then answer normally (a gateway's retries recover: `status=500,times=2,id=x`);
+  `id=TEXT`           ignored, makes a header value unique so `times` counts one test's requests.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ class Fault:
     drop_mid_stream: bool = False
     stream_error: bool = False
     delay_ms: float = 0.0
+    times: int | None = None  # None: every request
 
     def error(self) -> ApiError | None:
         if self.status is None:
@@ -85,15 +89,38 @@ def parse_fault(header: str | None) -> Fault:
                 fault = replace(fault, delay_ms=_non_negative(value))
             elif key == "retry-after" and sep:
                 fault = replace(fault, retry_after_s=_non_negative(value))
+            elif key == "times" and sep:
+                if not value.isdigit():
+                    raise ValueError("times must be an integer >= 0")
+                fault = replace(fault, times=int(value))
+            elif key == "id" and sep:
+                pass
             else:
                 raise ValueError("unknown item")
         except ValueError as exc:
             raise ApiError(
                 400,
                 f"invalid request: {FAULT_HEADER} item {item!r}: {exc}; expected status=NNN, "
-                "retry-after=S, drop-mid-stream, stream-error or delay-ms=N",
+                "retry-after=S, drop-mid-stream, stream-error, delay-ms=N, times=N or id=TEXT",
             ) from None
     return fault
+
+
+class FaultCounts:
+    """How many requests each `times=N` header value has faulted, so the N+1st is answered normally."""
+
+    def __init__(self, max_entries: int = 10_000) -> None:
+        self._seen: dict[str, int] = {}
+        self._max = max_entries
+
+    def apply(self, header: str | None, fault: Fault) -> Fault:
+        if fault.times is None or header is None:
+            return fault
+        count = self._seen.get(header, 0)
+        if len(self._seen) >= self._max:  # a test helper, but still bounded
+            self._seen.clear()
+        self._seen[header] = count + 1
+        return fault if count < fault.times else NO_FAULT
 
 
 STREAM_ERROR_MESSAGE = "internal error while generating, the response is incomplete (emulated fault)"

@@ -21,7 +21,7 @@ import random
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -32,6 +32,7 @@ from cohere_gateway.emulator.errors import ApiError, error_body
 from cohere_gateway.emulator.faults import (
     FAULT_HEADER,
     Fault,
+    FaultCounts,
     parse_fault,
     with_random_faults,
     with_stream_error,
@@ -66,6 +67,7 @@ class State:
     settings: EmulatorSettings
     recorder: Recorder
     rng: random.Random
+    fault_counts: FaultCounts = field(default_factory=FaultCounts)
 
 
 STATE = web.AppKey("state", State)
@@ -139,7 +141,8 @@ def cohere_handler(endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.
         state = request.app[STATE]
         settings = state.settings
         check_auth(request.headers.get("Authorization"), settings.api_key)
-        fault = parse_fault(request.headers.get(FAULT_HEADER))
+        header = request.headers.get(FAULT_HEADER)
+        fault = state.fault_counts.apply(header, parse_fault(header))
         body = parse_body(await request.read())
         fault = with_random_faults(
             fault,
@@ -167,7 +170,9 @@ def read_handler(
         settings = state.settings
         check_auth(request.headers.get("Authorization"), settings.api_key)
         fault = with_random_faults(
-            parse_fault(request.headers.get(FAULT_HEADER)),
+            state.fault_counts.apply(
+                request.headers.get(FAULT_HEADER), parse_fault(request.headers.get(FAULT_HEADER))
+            ),
             error_rate=settings.error_rate,
             drop_rate=0.0,
             streaming=False,

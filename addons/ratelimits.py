@@ -1,0 +1,245 @@
+"""Rate limits per gateway: requests or tokens per window, counted with the `limits` library.
+
+A gateway's configuration holds rules (`rate_limits = [{ limit = 100, window = 60 }, ...]`), each
+counting `requests` or `tokens` (billed input + output) per `window` seconds, `fixed` or `sliding`,
+keyed by the gateway, the account, the API-key fingerprint or a `cf-aig-metadata` value. Counters live in
+the process (one gateway process alone) or in Redis (`--state-url redis://...`: every worker and every
+gateway sharing it counts against the same numbers, atomically - Redis runs the library's scripts).
+
+Token rules reserve before the request is forwarded (its `max_tokens`, else the rule's `estimate`, plus
+its input at one token per four bytes) and settle when the exchange ends: the difference to the billed
+usage is added or given back. So a request is refused once the window's reservations and usage reach the
+limit, and the overshoot is bounded by what was in flight. A refused request is never forwarded: 429 JSON
+`{"message"}` with `retry-after` and `x-ratelimit-limit/-remaining/-reset`.
+(Module name: `limits` is the library's.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import limits
+import limits.aio.strategies
+import limits.storage
+
+log = logging.getLogger("cohere_gateway.ratelimits")
+
+UNITS = ("requests", "tokens", "cost")
+PERIODS = ("day", "week", "month")  # budgets: calendar periods, UTC
+MICRO = 1_000_000  # cost counters count micro-dollars: the library counts integers
+TECHNIQUES = ("fixed", "sliding")
+KEYS = ("gateway", "account", "api_key", "model")  # or "metadata.<name>"
+MAX_WINDOW_S = 31 * 24 * 3600
+MAX_LIMIT = 10**12
+DEFAULT_ESTIMATE = 1024  # output tokens reserved for a request that names no max_tokens
+NAMESPACE = "cgw-rl"
+STORE_TIMEOUT_S = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class RateRule:
+    limit: int
+    window_s: int
+    unit: str = "requests"
+    technique: str = "fixed"
+    key: str = "gateway"
+    estimate: int = DEFAULT_ESTIMATE  # token rules: output tokens reserved when max_tokens is absent
+    # Budgets: the window is a period aligned to UTC ("day", "week" from Monday, "month"), or, with
+    # aligned set and no period, every window_s seconds since the epoch; "" for a rate limit's window.
+    period: str = ""
+    aligned: bool = False
+
+    def item(self) -> limits.RateLimitItem:
+        return limits.RateLimitItemPerSecond(self.limit, self.window_s, namespace=NAMESPACE)
+
+    def shown_limit(self) -> str:
+        return f"${self.limit / MICRO:g}" if self.unit == "cost" else f"{self.limit} {self.unit}"
+
+
+def period_of(rule: RateRule, now: float) -> tuple[str, float]:
+    """The label of the budget period `now` is in, and when it ends (epoch seconds)."""
+    t = datetime.fromtimestamp(now, UTC)
+    if rule.period == "day":
+        start = t.replace(hour=0, minute=0, second=0, microsecond=0)
+        end = start + timedelta(days=1)
+    elif rule.period == "week":
+        start = t.replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=t.weekday())
+        end = start + timedelta(days=7)
+    elif rule.period == "month":
+        start = t.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        end = (start + timedelta(days=32)).replace(day=1)
+    else:
+        n = int(now // rule.window_s)
+        return str(n), (n + 1) * rule.window_s
+    return start.date().isoformat(), end.timestamp()
+
+
+@dataclass(slots=True)
+class Reservation:
+    """What one request holds of each token rule until it settles."""
+
+    held: list[tuple[RateRule, tuple[str, ...], int]] = field(default_factory=list)
+    settled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    rule: RateRule
+    remaining: int
+    reset_at: float  # epoch seconds
+
+    def headers(self, now: float) -> dict[str, str]:
+        wait = max(1, math.ceil(self.reset_at - now))
+        limit: float = self.rule.limit
+        remaining: float = max(0, self.remaining)
+        if self.rule.unit == "cost":  # in USD, like the configuration
+            limit, remaining = limit / MICRO, remaining / MICRO
+        return {
+            "retry-after": str(wait),
+            "x-ratelimit-limit": f"{limit:g}",
+            "x-ratelimit-remaining": f"{remaining:g}",
+            "x-ratelimit-reset": str(wait),
+        }
+
+    def message(self) -> str:
+        if self.rule.aligned:
+            span = f"this {self.rule.period}" if self.rule.period else f"these {self.rule.window_s} s"
+            return (
+                f"budget of this gateway spent: {self.rule.shown_limit()} {span} (UTC, per {self.rule.key}); "
+                "it resumes in the next period, see retry-after"
+            )
+        return (
+            f"rate limit of this gateway reached: {self.rule.shown_limit()} per {self.rule.window_s} s "
+            f"({self.rule.technique} window, per {self.rule.key}); retry after the time in retry-after"
+        )
+
+
+def identity(
+    rule: RateRule,
+    account: str,
+    gateway: str,
+    fingerprint: str | None,
+    meta: dict[str, str],
+    model: str | None = None,
+    now: float = 0.0,
+) -> tuple[str, ...] | None:
+    """The counter a request counts against under `rule`; None: the rule does not apply (no key, or no
+    such metadata entry)."""
+    base = (rule.unit, rule.technique, str(rule.limit), str(rule.window_s), rule.key)
+    if rule.aligned:  # a budget: each period its own counter, so it resumes when the next begins
+        base = (*base, rule.period, period_of(rule, now)[0])
+    if rule.key == "model":
+        return (*base, account, gateway, model or "")
+    if rule.key == "gateway":
+        return (*base, account, gateway)
+    if rule.key == "account":
+        return (*base, account)
+    if rule.key == "api_key":
+        return (*base, account, gateway, fingerprint) if fingerprint else None
+    name = rule.key.removeprefix("metadata.")
+    value = meta.get(name)
+    return (*base, account, gateway, value) if value is not None else None
+
+
+def output_estimate(rule: RateRule, max_tokens: int | None) -> int:
+    return max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else rule.estimate
+
+
+def token_estimate(rule: RateRule, max_tokens: int | None, request_bytes: int) -> int:
+    return output_estimate(rule, max_tokens) + request_bytes // 4 + 1
+
+
+class RateLimiter:
+    def __init__(self, state_url: str = "") -> None:
+        url = state_url.strip()
+        if url and not url.startswith(("redis://", "rediss://")):
+            raise ValueError(
+                f"state_url must be empty (this process) or redis://HOST:PORT[/DB], got {url[:80]!r}"
+            )
+        self.shared = bool(url)
+        if url:
+            self.storage = limits.storage.storage_from_string("async+" + url, implementation="redispy")
+        else:
+            self.storage = limits.storage.storage_from_string("async+memory://")
+        self.fixed = limits.aio.strategies.FixedWindowRateLimiter(self.storage)
+        self.moving = limits.aio.strategies.MovingWindowRateLimiter(self.storage)
+
+    async def admit(
+        self, rules: tuple[RateRule, ...], ids: list[tuple[str, ...] | None], estimates: list[int]
+    ) -> Reservation | Refusal:
+        """Count this request against every rule; the first rule it exceeds refuses it, and what the
+        rules before it counted is given back."""
+        taken: list[tuple[RateRule, tuple[str, ...], int]] = []
+        for rule, key, estimate in zip(rules, ids, estimates, strict=True):
+            if key is None:
+                continue
+            item = rule.item()
+            cost = estimate if rule.unit != "requests" else 1
+            if rule.technique == "sliding":  # requests only (a token cost would be that many entries)
+                ok = await self.moving.hit(item, *key, cost=cost)
+                counted = ok  # the moving window records nothing for a refused hit
+            else:
+                ok = await self.fixed.hit(item, *key, cost=cost)
+                counted = True  # incr then compare: a refused hit was counted, give it back below
+            if counted:
+                taken.append((rule, key, cost))
+            if not ok:
+                if rule.technique == "fixed":
+                    taken.pop()
+                    await self._refund(rule, key, cost)
+                await self._give_back(taken)
+                strategy = self.moving if rule.technique == "sliding" else self.fixed
+                stats = await strategy.get_window_stats(item, *key)
+                reset = period_of(rule, time.time())[1] if rule.aligned else stats.reset_time
+                return Refusal(rule, stats.remaining, reset)
+        return Reservation([t for t in taken if t[0].unit != "requests"])
+
+    async def _give_back(self, taken: list[tuple[RateRule, tuple[str, ...], int]]) -> None:
+        for rule, key, cost in taken:
+            if rule.technique == "fixed":
+                await self._refund(rule, key, cost)
+            # a sliding window's entry stays until it slides out: counted, as Cloudflare counts refusals
+
+    async def settle(
+        self, reservation: Reservation, billed_tokens: int | None, billed_usd: float | None
+    ) -> None:
+        """Replace each reservation by what was billed (None: unknown, the reservation stands)."""
+        if reservation.settled:
+            return
+        reservation.settled = True
+        for rule, key, held in reservation.held:
+            if rule.unit == "tokens":
+                billed = billed_tokens
+            else:
+                billed = math.ceil(billed_usd * MICRO) if billed_usd is not None else None
+            if billed is None:
+                continue
+            delta = billed - held
+            if delta > 0:
+                await self.storage.incr(rule.item().key_for(*key), rule.item().get_expiry(), delta)
+            elif delta < 0:
+                await self._refund(rule, key, -delta)
+
+    async def _refund(self, rule: RateRule, key: tuple[str, ...], amount: int) -> None:
+        """Give back what a window counted, through the storage's public incr (Redis: INCRBY, atomic).
+        At most what the window holds now: a window that ended meanwhile is not credited in the next."""
+        item = rule.item()
+        storage_key = item.key_for(*key)
+        amount = min(amount, await self.storage.get(storage_key))
+        if amount > 0:
+            await self.storage.incr(storage_key, item.get_expiry(), -amount)
+
+
+async def bounded[T](coro: Awaitable[T], what: str) -> T:
+    """A state store that hangs must not hang the request: the caller fails closed on TimeoutError."""
+    try:
+        return await asyncio.wait_for(coro, STORE_TIMEOUT_S)
+    except TimeoutError:
+        log.error("rate limit store did not answer %s within %.0f s", what, STORE_TIMEOUT_S)
+        raise

@@ -1,0 +1,289 @@
+"""The upstream call made by the gateway itself, for requests with a timeout or retries.
+
+mitmproxy has no per-request read timeout and no way to send a request twice, and a response an addon
+sets is sent whole (it cannot stream). So a request whose policy needs either is sent by mitmproxy to
+this relay, a plain HTTP/1.1 server on a loopback port of the same process and event loop, which makes
+the attempts with httpx and answers mitmproxy like an upstream would: a stream is passed on chunk by
+chunk as it arrives, so everything mitmproxy and the gateway's hooks do with a response (streaming tap,
+usage, cache, events) stays as it is. Requests without a timeout or retries never come here.
+
+Per attempt: the request timeout runs until the response's headers (Cloudflare: "the first part of the
+response"); a 429/5xx, a connection failure, a timeout, or a non-stream body cut short is retried after
+the backoff (or the upstream's `retry-after` when longer, up to MAX_RETRY_AFTER_S) as long as attempts
+remain, because nothing has reached the client yet. A stream is committed at its headers: once they are
+passed on it is never retried, and a stream the upstream cuts is cut for the client too. When every
+attempt failed without an answer the relay answers itself: 504 after a timeout, 502 otherwise, JSON
+`{"message"}` like every error of the gateway.
+
+Only the gateway may use the relay: each request carries a one-time ticket id (RELAY_HEADER, 144 random
+bits) that the gateway registered for it; anything else gets 403. The ticket records each attempt's
+status for the event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+
+import h11
+import httpx
+import orjson
+
+from .retries import RetryPolicy, next_delay_s, retry_after_s, retryable
+from .routing import Upstream
+from .streaming import is_stream_response
+
+log = logging.getLogger("cohere_gateway.relay")
+
+RELAY_HEADER = "x-cohere-gateway-relay"
+_RELAY_HEADER = RELAY_HEADER.encode()
+# Hop-by-hop headers (RFC 9110 7.6.1) and the framing each side sets itself.
+_HOP = frozenset(
+    b"connection keep-alive proxy-connection transfer-encoding te trailer upgrade content-length".split()
+)
+MAX_HEAD_BYTES = 1 << 20  # mitmproxy already bounded the client's head (max_header_bytes)
+READ_CHUNK = 65536
+
+
+@dataclass(slots=True)
+class Attempt:
+    status: int  # the upstream's status; 0: no answer (see `error`)
+    error: str | None = None  # "timeout", "connection_failed", "upstream_disconnected"
+
+
+@dataclass(slots=True)
+class Ticket:
+    upstream: Upstream
+    policy: RetryPolicy
+    stream: bool  # the request asked for a stream
+    attempts: list[Attempt] = field(default_factory=list)
+    # Set when the relay answered itself because no attempt got an answer: the last attempt's error.
+    failure: str | None = None
+    used: bool = False
+
+
+class Relay:
+    def __init__(self) -> None:
+        self._tickets: dict[str, Ticket] = {}
+        self._server: asyncio.Server | None = None
+        self._client: httpx.AsyncClient | None = None
+        self._starting: asyncio.Task[None] | None = None
+        self.port = 0
+
+    # --- lifecycle -----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._starting is None:
+            self._starting = asyncio.get_running_loop().create_task(self._start())
+        await asyncio.shield(self._starting)
+
+    async def _start(self) -> None:
+        # No timeouts of httpx's own: the policy's timeout covers connect + headers, and after the headers
+        # a stream runs as long as it runs. trust_env off: HTTP(S)_PROXY of the gateway's environment
+        # must not reroute its upstream.
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(None),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+            follow_redirects=False,
+            trust_env=False,
+        )
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, limit=MAX_HEAD_BYTES)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        if self._client is not None:
+            await self._client.aclose()
+
+    def register(self, ticket: Ticket) -> str:
+        token = secrets.token_urlsafe(18)
+        self._tickets[token] = ticket
+        return token
+
+    def discard(self, token: str) -> None:
+        """The exchange ended; a ticket the relay never saw must not stay behind."""
+        self._tickets.pop(token, None)
+
+    # --- serving mitmproxy ---------------------------------------------------------------------------
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        try:
+            while True:
+                event = await _next_event(conn, reader)
+                if not isinstance(event, h11.Request):
+                    break
+                body = bytearray()
+                while not isinstance(part := await _next_event(conn, reader), h11.EndOfMessage):
+                    if not isinstance(part, h11.Data):
+                        return
+                    body += part.data
+                if not await self._exchange(conn, reader, writer, event, bytes(body)):
+                    break
+                if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                    break
+                conn.start_next_cycle()
+        except (h11.ProtocolError, ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except Exception:  # the relay's own bug: cut this connection, mitmproxy reports the flow's error
+            log.exception("internal error in the upstream relay")
+        finally:
+            if conn.our_state is h11.SEND_BODY:  # a response cut short must not look complete
+                writer.transport.abort()
+            elif not writer.is_closing():
+                writer.close()
+
+    async def _exchange(
+        self,
+        conn: h11.Connection,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        request: h11.Request,
+        body: bytes,
+    ) -> bool:
+        """Answer one request; False when the connection must close."""
+        token = next((v.decode("latin-1") for k, v in request.headers if k == _RELAY_HEADER), "")
+        ticket = self._tickets.pop(token, None)
+        if ticket is None or self._client is None:
+            await _send(conn, writer, *_json(403, "not a request of this gateway"))
+            return False
+        ticket.used = True
+        work = asyncio.ensure_future(self._attempts(conn, writer, request, body, ticket))
+        # While upstream is waited for, a client that leaves (mitmproxy closes this connection) must stop
+        # the attempts and the stream, not leave them running to the end.
+        gone = asyncio.ensure_future(reader.read(READ_CHUNK))
+        try:
+            done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if gone in done:
+                data = gone.result()
+                if not data:
+                    work.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await work
+                    return False
+                conn.receive_data(data)  # mitmproxy does not pipeline; kept for h11 all the same
+            return await work
+        finally:
+            gone.cancel()
+            if not work.done():
+                work.cancel()
+
+    async def _attempts(
+        self,
+        conn: h11.Connection,
+        writer: asyncio.StreamWriter,
+        request: h11.Request,
+        body: bytes,
+        ticket: Ticket,
+    ) -> bool:
+        assert self._client is not None
+        policy, up = ticket.policy, ticket.upstream
+        headers = [(k, v) for k, v in request.headers.raw_items() if k.lower() not in _HOP | {_RELAY_HEADER}]
+        url = httpx.URL(scheme=up.scheme, host=up.host, port=up.port, raw_path=request.target)
+        method = request.method.decode("ascii")
+        timeout_s = policy.timeout_ms / 1000 if policy.timeout_ms is not None else None
+        for n in range(1, policy.max_attempts + 1):
+            last = n == policy.max_attempts
+            wait: float | None = None
+            resp: httpx.Response | None = None
+            try:
+                async with asyncio.timeout(timeout_s):
+                    resp = await self._client.send(
+                        httpx.Request(method, url, headers=headers, content=body or None), stream=True
+                    )
+            except TimeoutError:
+                ticket.attempts.append(Attempt(0, "timeout"))
+            except httpx.HTTPError as exc:
+                log.debug("upstream attempt %d failed: %s", n, type(exc).__name__)
+                ticket.attempts.append(Attempt(0, "connection_failed"))
+            if resp is None:
+                if last:
+                    break
+                await asyncio.sleep(next_delay_s(policy, n, None) or 0.0)
+                continue
+            try:
+                streaming = is_stream_response(resp.headers.get("content-type", ""), ticket.stream)
+                content: bytes | None = None
+                if not streaming:
+                    try:
+                        content = b"".join([chunk async for chunk in resp.aiter_raw()])
+                    except httpx.HTTPError:
+                        ticket.attempts.append(Attempt(0, "upstream_disconnected"))
+                        if last:
+                            break
+                        await asyncio.sleep(next_delay_s(policy, n, None) or 0.0)
+                        continue
+                if retryable(resp.status_code) and not last:
+                    after = retry_after_s(resp.headers.get("retry-after"), time.time())
+                    wait = next_delay_s(policy, n, after)
+                ticket.attempts.append(Attempt(resp.status_code))
+                if wait is not None:
+                    await resp.aclose()
+                    await asyncio.sleep(wait)
+                    continue
+                return await self._pass_on(conn, writer, resp, content)
+            finally:
+                await resp.aclose()
+        ticket.failure = ticket.attempts[-1].error if ticket.attempts else "connection_failed"
+        tries = f"{len(ticket.attempts)} attempt{'s' if len(ticket.attempts) > 1 else ''}"
+        if ticket.failure == "timeout":
+            answer = _json(504, f"the upstream did not answer within {policy.timeout_ms} ms ({tries})")
+        elif ticket.failure == "upstream_disconnected":
+            answer = _json(502, f"the upstream cut its response short ({tries})")
+        else:
+            answer = _json(502, f"the gateway could not reach the upstream ({tries})")
+        await _send(conn, writer, *answer)
+        return True
+
+    async def _pass_on(
+        self, conn: h11.Connection, writer: asyncio.StreamWriter, resp: httpx.Response, content: bytes | None
+    ) -> bool:
+        headers = [(k, v) for k, v in resp.headers.raw if k.lower() not in _HOP]
+        if content is not None:
+            headers.append((b"content-length", str(len(content)).encode()))
+        elif (length := resp.headers.get("content-length")) is not None:
+            headers.append((b"content-length", length.encode("latin-1")))
+        reason = resp.reason_phrase.encode("latin-1", "replace")
+        writer.write(conn.send(h11.Response(status_code=resp.status_code, headers=headers, reason=reason)))
+        await writer.drain()
+        if content is not None:
+            if content:
+                writer.write(conn.send(h11.Data(data=content)))
+        else:
+            try:
+                async for chunk in resp.aiter_raw():
+                    writer.write(conn.send(h11.Data(data=chunk)))
+                    await writer.drain()
+            except httpx.HTTPError:
+                # The upstream cut the stream: cut it for mitmproxy too (no final chunk), so the client and
+                # the event see the same as without the relay.
+                writer.transport.abort()
+                return False
+        writer.write(conn.send(h11.EndOfMessage()))
+        await writer.drain()
+        return True
+
+
+def _json(status: int, message: str) -> tuple[int, bytes]:
+    return status, orjson.dumps({"message": message})
+
+
+async def _send(conn: h11.Connection, writer: asyncio.StreamWriter, status: int, body: bytes) -> None:
+    head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    writer.write(conn.send(h11.Response(status_code=status, headers=head)))
+    writer.write(conn.send(h11.Data(data=body)))
+    writer.write(conn.send(h11.EndOfMessage()))
+    await writer.drain()
+
+
+async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader) -> object:
+    while True:
+        event = conn.next_event()
+        if event is not h11.NEED_DATA:
+            return event
+        conn.receive_data(await reader.read(READ_CHUNK))

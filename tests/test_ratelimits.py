@@ -1,0 +1,243 @@
+"""Rate limits end to end: real gateway processes in front of the emulator, a real `redis-server` for
+the shared counters, events from a real Kafka. Counts are exact: N allowed means N reached upstream."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import cohere
+import httpx
+import pytest
+
+from tests.fixtures.gateway import EventReader, GatewayProcess, start_gateway
+from tests.fixtures.redis import start_redis
+
+API_KEY = "key-" + uuid.uuid4().hex
+
+
+def chat(gw: GatewayProcess, gateway: str, marker: str, **headers: str) -> httpx.Response:
+    body = {"model": "command-r", "messages": [{"role": "user", "content": marker}], "max_tokens": 60}
+    headers = {"Authorization": f"Bearer {API_KEY}", "cf-aig-event-id": marker, **headers}
+    return httpx.post(gw.base("acct", gateway) + "/cohere/v2/chat", json=body, timeout=30, headers=headers)
+
+
+def reached_upstream(emulator_url: str, marker: str) -> int:
+    entries = httpx.get(emulator_url + "/__emulator/requests", timeout=5).json()["requests"]
+    return sum(1 for e in entries if marker in e["body"])
+
+
+CONFIG = """
+[gateways."acct/three"]
+rate_limits = [{ limit = 3, window = 60 }]
+[gateways."acct/per-user"]
+rate_limits = [{ limit = 1, window = 60, key = "metadata.user" }]
+[gateways."acct/sliding"]
+rate_limits = [{ limit = 2, window = 1, technique = "sliding" }]
+[gateways."acct/tokens"]
+rate_limits = [{ limit = 400, window = 60, unit = "tokens" }]
+[gateways."acct/budget"]
+budgets = [{ usd = 0.0002, window = 5 }]
+[gateways."acct/cost"]
+rate_limits = [{ limit = 0.001, window = 60, unit = "cost", key = "model" }]
+[gateways."acct/shared"]
+rate_limits = [{ limit = 5, window = 60 }, { limit = 1000, window = 60, unit = "tokens" }]
+"""
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("ratelimits") / "gateways.toml"
+    path.write_text(CONFIG)
+    return path
+
+
+@pytest.fixture(scope="module")
+def gw(emulator_url: str, kafka_bootstrap: str, gateway_topic: str, config: Path) -> Iterator[GatewayProcess]:
+    g = start_gateway(emulator_url, kafka_bootstrap, gateway_topic, transparent=False, config=str(config))
+    try:
+        yield g
+    finally:
+        g.stop()
+
+
+def test_a_limit_of_n_allows_exactly_n_and_never_contacts_upstream_beyond(
+    gw: GatewayProcess, gateway_events: EventReader, emulator_url: str
+) -> None:
+    marker = "three-" + uuid.uuid4().hex
+    answers = [chat(gw, "three", f"{marker}-{i}") for i in range(5)]
+    assert [r.status_code for r in answers] == [200, 200, 200, 429, 429]
+    refused = answers[3]
+    assert "rate limit" in refused.json()["message"]
+    assert refused.headers["x-ratelimit-limit"] == "3" and refused.headers["x-ratelimit-remaining"] == "0"
+    assert 1 <= int(refused.headers["retry-after"]) <= 60
+    assert refused.headers["x-ratelimit-reset"] == refused.headers["retry-after"]
+    assert reached_upstream(emulator_url, marker) == 3
+    events = gateway_events.wait_until(lambda e: (e.client_event_id or "").startswith(marker), 5)
+    refusals = [e for e in events if e.status_code == 429]
+    assert len(refusals) == 2
+    assert {(e.outcome, e.error_type, e.attempts) for e in refusals} == {
+        ("gateway_error", "rate_limited", None)
+    }
+    # the official SDK raises its typed error, with the gateway's retry-after
+    co = cohere.ClientV2(api_key=API_KEY, base_url=gw.base("acct", "three") + "/cohere")
+    with pytest.raises(cohere.errors.TooManyRequestsError) as err:
+        co.chat(model="command-r", messages=[{"role": "user", "content": marker}],
+                request_options={"max_retries": 0})  # fmt: skip
+    assert err.value.status_code == 429 and int(err.value.headers["retry-after"]) >= 1
+
+
+def test_limits_keyed_by_a_metadata_value(gw: GatewayProcess) -> None:
+    marker = "user-" + uuid.uuid4().hex
+    alice = {"cf-aig-metadata": f'{{"user": "alice-{marker}"}}'}
+    bob = {"cf-aig-metadata": f'{{"user": "bob-{marker}"}}'}
+    assert chat(gw, "per-user", marker + "1", **alice).status_code == 200
+    assert chat(gw, "per-user", marker + "2", **alice).status_code == 429
+    assert chat(gw, "per-user", marker + "3", **bob).status_code == 200
+    # a request without the entry is not under the rule
+    assert chat(gw, "per-user", marker + "4").status_code == 200
+    assert chat(gw, "per-user", marker + "5").status_code == 200
+
+
+def test_a_sliding_window_frees_as_it_slides(gw: GatewayProcess) -> None:
+    marker = "slide-" + uuid.uuid4().hex
+    assert [chat(gw, "sliding", f"{marker}{i}").status_code for i in range(3)] == [200, 200, 429]
+    deadline = time.monotonic() + 10
+    while chat(gw, "sliding", marker + "later").status_code == 429:
+        assert time.monotonic() < deadline, "the window never slid"
+        time.sleep(0.1)
+
+
+def test_token_limits_reserve_before_and_settle_after(
+    gw: GatewayProcess, gateway_events: EventReader, emulator_url: str
+) -> None:
+    marker = "tokens-" + uuid.uuid4().hex
+    stream = {"model": "command-r", "messages": [{"role": "user", "content": marker}], "max_tokens": 100,
+              "stream": True}  # fmt: skip
+
+    def one(i: int, slow: bool = False) -> int:
+        headers = {"Authorization": f"Bearer {API_KEY}", "cf-aig-event-id": f"{marker}-{i}"}
+        if slow:  # all of the burst in flight together: the upstream answers after 800 ms
+            headers["X-Emulator-Fault"] = "delay-ms=800"
+        with httpx.stream("POST", gw.base("acct", "tokens") + "/cohere/v2/chat", json=stream, timeout=30,
+                          headers=headers) as r:  # fmt: skip
+            r.read()
+            return r.status_code
+
+    # 8 concurrent streams, each reserving its max_tokens (100) + its input: at most 3 fit in 400 at once
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        burst = list(pool.map(lambda i: one(i, slow=True), range(8)))
+    assert 1 <= burst.count(200) <= 3 and burst.count(429) >= 5
+    # settled to what was billed (less than reserved), the window takes more requests afterwards
+    later = [one(100 + i) for i in range(8)]
+    assert later.count(200) >= 1
+    admitted = burst.count(200) + later.count(200)
+    events = gateway_events.wait_until(
+        lambda e: (e.client_event_id or "").startswith(marker) and e.status_code == 200, admitted
+    )
+    billed = sum((e.usage.input_tokens or 0) + (e.usage.output_tokens or 0) for e in events)
+    # never more than the limit: every admission had its worst case reserved
+    assert 0 < billed <= 400
+    assert reached_upstream(emulator_url, marker) == admitted
+
+
+@pytest.fixture(scope="module")
+def redis() -> Iterator[str]:
+    with start_redis() as server:
+        yield server.url
+
+
+def test_two_gateways_sharing_a_redis_allow_exactly_n_together(
+    emulator_url: str, config: Path, redis: str
+) -> None:
+    gws = [start_gateway(emulator_url, "", "unused", transparent=False, config=str(config), state_url=redis)
+           for _ in range(2)]  # fmt: skip
+    try:
+        marker = "pair-" + uuid.uuid4().hex
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            codes = list(
+                pool.map(lambda i: chat(gws[i % 2], "shared", f"{marker}-{i}").status_code, range(12))
+            )
+        assert codes.count(200) == 5 and codes.count(429) == 7
+        assert reached_upstream(emulator_url, marker) == 5
+    finally:
+        for g in gws:
+            g.stop()
+
+
+def test_workers_share_the_counters_through_redis_and_refuse_without(
+    emulator_url: str, config: Path, redis: str
+) -> None:
+    fresh = redis.rsplit("/", 1)[0] + "/1"  # another database: the counters of the test above are spent
+    g = start_gateway(emulator_url, "", "unused", transparent=False, config=str(config), state_url=fresh,
+                      workers=2)  # fmt: skip
+    try:
+        marker = "workers-" + uuid.uuid4().hex
+        pids = set()
+
+        def one(i: int) -> int:
+            pids.add(httpx.get(g.url + "/healthz", timeout=5).json().get("pid"))
+            return chat(
+                g, "shared", f"{marker}-{i}"
+            ).status_code  # a new connection each: spread over workers
+
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            codes = list(pool.map(one, range(14)))
+        assert codes.count(200) == 5 and codes.count(429) == 9
+        assert reached_upstream(emulator_url, marker) == 5
+        assert len(pids) == 2
+    finally:
+        g.stop()
+    # per-worker counters would allow limit x workers: without shared state the gateway refuses
+    g = start_gateway(emulator_url, "", "unused", transparent=False, config=str(config), workers=2)
+    try:
+        resp = chat(g, "shared", "no-state-" + uuid.uuid4().hex)
+        assert resp.status_code == 503 and "--state-url" in resp.json()["message"]
+    finally:
+        g.stop()
+
+
+def test_a_budget_stops_requests_once_spent_and_resumes_in_the_next_period(
+    gw: GatewayProcess, gateway_events: EventReader, emulator_url: str
+) -> None:
+    marker = "budget-" + uuid.uuid4().hex
+    codes = []
+    for i in range(60):
+        resp = chat(gw, "budget", f"{marker}-{i}")
+        codes.append(resp.status_code)
+        if resp.status_code == 429:
+            break
+    assert codes[0] == 200 and codes[-1] == 429, codes
+    assert "budget of this gateway spent: $0.0002" in resp.json()["message"]
+    assert 1 <= int(resp.headers["retry-after"]) <= 5
+    assert float(resp.headers["x-ratelimit-limit"]) == 0.0002
+    # the next period (windows of 5 s aligned to the epoch) takes requests again
+    deadline = time.monotonic() + 15
+    while chat(gw, "budget", f"{marker}-next").status_code == 429:
+        assert time.monotonic() < deadline, "the budget never resumed"
+        time.sleep(0.2)
+    admitted = codes.count(200)
+    events = gateway_events.wait_until(
+        lambda e: (e.client_event_id or "").startswith(marker + "-") and e.status_code == 200, admitted + 1
+    )
+    spent: dict[int, float] = {}
+    for e in events:
+        assert e.cost_usd is not None and e.cost_usd > 0
+        period = int(e.start_time.timestamp() // 5)
+        spent[period] = spent.get(period, 0.0) + e.cost_usd
+    assert max(spent.values()) <= 0.0002 + 1e-12  # reserved at the worst case: never overspent
+    assert reached_upstream(emulator_url, marker) == admitted + 1
+
+
+def test_a_cost_limit_per_model_and_an_unpriced_model_is_refused(gw: GatewayProcess) -> None:
+    marker = "cost-" + uuid.uuid4().hex
+    codes = [chat(gw, "cost", f"{marker}-{i}").status_code for i in range(40)]
+    assert codes[0] == 200 and 429 in codes
+    # spend that cannot be priced cannot be held to a limit: refused, never let through as free
+    body = {"model": "no-such-model", "messages": [{"role": "user", "content": marker}]}
+    resp = httpx.post(gw.base("acct", "cost") + "/cohere/v2/chat", json=body, timeout=30,
+                      headers={"Authorization": f"Bearer {API_KEY}"})  # fmt: skip
+    assert resp.status_code == 422 and "unknown" in resp.json()["message"]
