@@ -9,7 +9,9 @@ mitmproxy has no public hook for any of them:
   process by 600 MB): `_http1.Http1Server.read_headers` is wrapped to answer 431 and close once the
   buffered head (`Http1Connection.buf`) passes `max_header_bytes` without ending, and 408 once it has
   taken longer than `header_timeout_s`. HTTP/2 needs no such patch: h2's HPACK decoder bounds a header
-  list itself.
+  list itself;
+- a plain hook that returns an awaitable is awaited (`AddonManager.invoke_addon`), which the gateway's
+  fail-closed hook wrapper relies on.
 
 All are checked against the running mitmproxy before use: a release that moves them makes the gateway
 refuse to start with a message naming the tested version, instead of silently sending HTML errors or
@@ -56,6 +58,12 @@ def check() -> None:
     body = getattr(_http2, "format_error", None)
     if body is None or list(inspect.signature(body).parameters) != ["status_code", "message"]:
         raise SeamMoved(f"mitmproxy {version}: _http2.format_error(status_code, message) moved")
+    from mitmproxy import addonmanager
+
+    # The gateway's hooks are plain functions wrapped by a fail-closed guard; one that has to wait
+    # returns an awaitable, which mitmproxy awaits ("Support both async and sync hook functions").
+    if "inspect.isawaitable(res)" not in inspect.getsource(addonmanager.AddonManager.invoke_addon):
+        raise SeamMoved(f"mitmproxy {version}: invoke_addon no longer awaits what a hook returns")
     if "asyncio.start_server(" not in inspect.getsource(mode_servers):
         raise SeamMoved(f"mitmproxy {version}: mode_servers no longer binds with asyncio.start_server")
     server = getattr(_http1, "Http1Server", None)

@@ -65,3 +65,14 @@ def test_a_moved_request_head_reader_is_refused(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.delattr(_http1.Http1Server, "read_headers")
     with pytest.raises(mitmproxy_seam.SeamMoved, match="read_headers"):
         mitmproxy_seam.check()
+
+
+def test_a_mitmproxy_that_no_longer_awaits_hook_results_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mitmproxy import addonmanager
+
+    async def invoke_addon(self: object, addon: object, event: object) -> None:  # awaits nothing
+        return None
+
+    monkeypatch.setattr(addonmanager.AddonManager, "invoke_addon", invoke_addon)
+    with pytest.raises(mitmproxy_seam.SeamMoved, match="invoke_addon"):
+        mitmproxy_seam.check()
