@@ -125,12 +125,17 @@ def _with_feedback(backend: Backend, rows: list[dict[str, Any]]) -> list[dict[st
     if not rows:
         return rows
     given = {
-        r["event_id"]: r for r in backend.query(sql("feedback_get"), {"ids": [r["event_id"] for r in rows]})
+        r["event_id"]: r
+        for r in backend.query(sql("feedback_get"), {"ids": _hex_ids(r["event_id"] for r in rows)})
     }
     for row in rows:
         f = given.get(row["event_id"])
         row["feedback"] = None if f is None else _feedback(f)
     return rows
+
+
+def _hex_ids(ids: Any) -> str:
+    return ",".join(i.encode().hex() for i in ids)
 
 
 def _feedback(f: dict[str, Any]) -> dict[str, Any]:
@@ -187,7 +192,7 @@ def patch(backend: Backend, event_id: str, body: bytes) -> dict[str, Any]:
     if not isinstance(change, dict) or not change or set(change) - {"feedback", "score", "metadata"}:
         raise QueryError("the body is an object with feedback (1 or -1), score (0..100) and/or metadata")
     row = event(backend, None, event_id)  # type: ignore[arg-type]  # NotFound when absent
-    old = backend.query(sql("feedback_get"), {"ids": [event_id]})
+    old = backend.query(sql("feedback_get"), {"ids": _hex_ids([event_id])})
     current = old[0] if old else {"feedback": 0, "score": None, "metadata": {}}
     feedback, score, metadata = current["feedback"], current["score"], dict(current["metadata"])
     if "feedback" in change:
@@ -225,8 +230,8 @@ def patch(backend: Backend, event_id: str, body: bytes) -> dict[str, Any]:
             "gateway_id": row["gateway_id"],
             "model": row.get("model") or "",
             "feedback": feedback,
-            "score": score,
-            "metadata": metadata,
+            "score": -1 if score is None else score,
+            "metadata": orjson.dumps(metadata).decode(),
         },
     )
     return get_event(backend, event_id)["feedback"]

@@ -9,7 +9,7 @@ start_time >= {since:DateTime64(3, 'UTC')} AND start_time < {until:DateTime64(3,
   AND ({status_code:UInt16} = 0 OR status_code = {status_code:UInt16})
   AND ({api_key_fingerprint:String} = '' OR api_key_fingerprint = {api_key_fingerprint:String})
   AND ({metadata_key:String} = '' OR metadata[{metadata_key:String}] = {metadata_value:String})
-  AND ({cached:String} = '' OR (cache_status = 'HIT') = ({cached:String} = 'true'))
+  AND ({cached:String} = '' OR (ifNull(cache_status, '') = 'HIT') = ({cached:String} = 'true'))
   AND ({feedback:Int8} = 0 OR event_id IN (
         SELECT event_id FROM event_feedback FINAL
         WHERE feedback = {feedback:Int8}

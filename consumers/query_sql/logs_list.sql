@@ -1,6 +1,6 @@
 -- One page of the logs API: newest first, ordered by (start_time, event_id) so a cursor (the last row's
 -- pair, and the first page's `until`) continues exactly where the page ended however many events arrive
--- meanwhile. {filter} is logs_filter.sql. Bodies are left out (GET /api/logs/<id> has them).
+-- meanwhile. the WHERE placeholder is logs_filter.sql. Bodies are left out (GET /api/logs/<id> has them).
 SELECT
     event_id, start_time, end_time, account_id, gateway_id, route_mode, api_version, endpoint, method,
     path, model, model_implied, stream, status_code, outcome, error_type, error_message, finish_reason,
@@ -10,7 +10,7 @@ SELECT
 FROM events
 WHERE {filter}
   AND ({after_time:String} = ''
-       OR (start_time, event_id) < (parseDateTime64BestEffort({after_time:String}, 3, 'UTC'),
+       OR (start_time, event_id) < (parseDateTime64BestEffortOrZero({after_time:String}, 3, 'UTC'),
                                     {after_id:String}))
 ORDER BY start_time DESC, event_id DESC
 LIMIT {limit:UInt32}
