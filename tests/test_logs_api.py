@@ -3,6 +3,7 @@ server, via the `storage` fixture), rows inserted as the consumer inserts them."
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import json
@@ -241,3 +242,39 @@ def test_csv_cells_that_a_spreadsheet_would_run_are_quoted(clickhouse_backend: B
     _, chunks = logs.export(clickhouse_backend, {"since": "1h", "format": "csv"})
     row = next(csv.DictReader(io.StringIO(b"".join(chunks).decode())))
     assert row["model"] == "'-2+3" and json.loads(row["metadata"]) == {"user": "=HYPERLINK(1)"}
+
+
+def test_dashboard_gives_feedback_on_an_event_and_shows_it_per_model(
+    clickhouse_backend: Backend, browser: Any
+) -> None:
+    base = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=20)
+    events = [make_event(i, base) for i in range(12)]
+    insert_events(clickhouse_backend, events, "dash-fb")
+    api = serve(clickhouse_backend)
+    try:
+        # Logged in with HTTP Basic (the token as password): what the browser sends once the user typed it.
+        basic = base64.b64encode(f"op:{TOKEN}".encode()).decode()
+        browser.call("Network.enable")
+        browser.call("Network.setExtraHTTPHeaders", headers={"Authorization": f"Basic {basic}"})
+        browser.goto(api.url + "/")
+        browser.wait_for("document.body.dataset.loaded === 'true'", what="the dashboard's first load")
+        assert browser.js("document.querySelector('#feedback tbody').textContent").startswith("no requests")
+        browser.js("document.querySelector('#recent tbody tr').click()")
+        browser.wait_for(
+            "document.querySelector('#detail-body').textContent.includes('\"feedback\"')", what="detail"
+        )
+        shown = browser.js("document.querySelector('#detail-id').textContent")
+        browser.js("document.querySelector('[data-feedback=\"-1\"]').click()")
+        browser.wait_for(
+            "document.querySelector('#detail-feedback-status').textContent === 'saved'", what="saved"
+        )
+        assert Client(api).get(f"/api/logs/{shown}")["feedback"]["feedback"] == -1
+        model = next(e.model for e in events if e.event_id == shown) or "(none)"
+        row = browser.wait_for(
+            "(() => { const r = [...document.querySelectorAll('#feedback tbody tr')]"
+            ".map((tr) => [...tr.children].map((td) => td.textContent)); return r.length && r; })()",
+            what="the feedback table",
+        )
+        assert row == [[model, "0", "1", "0.0%", "0", "–"]]
+    finally:
+        api.stop()
