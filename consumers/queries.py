@@ -123,8 +123,18 @@ class Levels:
     def whole_hours(self) -> bool:
         return self.h0 < self.h1
 
-    def params(self) -> dict[str, str]:
-        return {name: _seconds(getattr(self, name)) for name in ("since", "until", "h0", "h1", "d0", "d1")}
+    def params(self, by: str) -> dict[str, str]:
+        """The boundaries, and the hour table: per gateway alone (gateways_by_hour: 720 rows per gateway
+        in 30 days) when the grouping needs no model, endpoint or outcome; it has no day level, so its
+        hours cover [h0, h1)."""
+        narrow = by in NARROW_GROUPS
+        values = {name: _seconds(getattr(self, name)) for name in ("since", "until", "h0", "h1", "d0", "d1")}
+        if narrow:
+            values["d0"] = values["d1"] = values["h1"]
+        return values | {"hours": "gateways_by_hour" if narrow else "events_by_hour"}
+
+
+NARROW_GROUPS = ("none", "account_id", "gateway_id")
 
 
 def _check_by(by: str) -> str:
@@ -180,7 +190,7 @@ def totals(backend: Backend, window: Window, by: str = "model") -> list[dict[str
     levels = Levels.of(window)
     params = window.params() | {"by": _check_by(by)}
     if levels.whole_hours:
-        rows = backend.query(sql("totals_rollup"), params | levels.params())
+        rows = backend.query(sql("totals_rollup"), params | levels.params(by))
     else:
         rows = backend.query(sql("totals"), params)
     for row in rows:
@@ -197,7 +207,7 @@ def timeseries(backend: Backend, window: Window, by: str = "none", step_s: int =
     levels = Levels.of(window)
     params = window.params() | {"by": _check_by(by), "step_s": step_s}
     if step_s % 3600 == 0 and levels.whole_hours:
-        rows = backend.query(sql("timeseries_rollup"), params | levels.params())
+        rows = backend.query(sql("timeseries_rollup"), params | levels.params(by))
     else:
         rows = backend.query(sql("timeseries"), params)
     for row in rows:

@@ -120,6 +120,7 @@ def apply_retention(backend: Backend, raw_days: int, aggregate_days: int) -> Non
         "cache_by_minute": ("minute", aggregate_days),
         "events_by_hour": ("hour", aggregate_days),
         "events_by_day": ("hour", aggregate_days),
+        "gateways_by_hour": ("hour", aggregate_days),
     }
     for table, (column, days) in wanted.items():
         if days < 1:

@@ -42,7 +42,7 @@ FROM
         sum(requests), sum(errors), sum(input_tokens), sum(output_tokens), sum(cached_tokens),
         sum(search_units), sum(images), sum(image_tokens), sum(cost_usd), sum(unpriced_requests),
         quantilesTDigestMergeState(0.5, 0.95, 0.99)(latency_ms)
-    FROM events_by_hour
+    FROM {hours:Identifier}
     WHERE hour >= {h0:DateTime('UTC')} AND hour < {h1:DateTime('UTC')}
       AND ({account_id:String} = '' OR account_id = {account_id:String})
       AND ({gateway_id:String} = '' OR gateway_id = {gateway_id:String})

@@ -56,7 +56,7 @@ FROM
         sum(implied_model_requests),
         quantilesTDigestMergeState(0.5, 0.95, 0.99)(latency_ms),
         quantilesTDigestMergeState(0.5, 0.95, 0.99)(ttft_ms)
-    FROM events_by_hour
+    FROM {hours:Identifier}
     WHERE ((hour >= {h0:DateTime('UTC')} AND hour < {d0:DateTime('UTC')})
            OR (hour >= {d1:DateTime('UTC')} AND hour < {h1:DateTime('UTC')}))
       AND ({account_id:String} = '' OR account_id = {account_id:String})
