@@ -68,9 +68,11 @@ INSERT INTO events (event_id, schema_version, start_time, end_time, account_id, 
     cache_status, saved_cost_usd, kafka_partition, kafka_offset, usage_raw_input_tokens,
     usage_raw_output_tokens, usage_classifications, latency_upstream_ttfb_ms, latency_gateway_overhead_ms)
 SELECT
-    lower(concat(substring(hex(ms), 5, 8), '-', substring(hex(ms), 13, 4), '-7',
-        substring(hex(h9), 1, 3), '-8', substring(hex(h9), 4, 3), '-', substring(hex(h9), 7, 10),
-        substring(hex(number), 15, 2))) AS event_id,
+    lower(concat(substring(leftPad(hex(toUInt64(ms)), 12, '0'), 1, 8), '-',
+        substring(leftPad(hex(toUInt64(ms)), 12, '0'), 9, 4), '-7',
+        substring(leftPad(hex(h9), 16, '0'), 1, 3), '-8', substring(leftPad(hex(h9), 16, '0'), 4, 3), '-',
+        substring(leftPad(hex(h9), 16, '0'), 7, 10), substring(leftPad(hex(number), 16, '0'), 15, 2)))
+        AS event_id,
     '1.2' AS schema_version,
     fromUnixTimestamp64Milli(toInt64(ms), 'UTC') AS start_time,
     fromUnixTimestamp64Milli(toInt64(ms + lat), 'UTC') AS end_time,

@@ -223,15 +223,25 @@ def errors(backend: Backend, window: Window) -> list[dict[str, Any]]:
     return rows
 
 
+def _top(name: str, window: Window, params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The raw-table query, or with a whole hour in the window its rollup (whole hours from the hourly
+    table, the ragged ends from `events`, at the window's own millisecond bounds)."""
+    levels = Levels.of(window)
+    if not levels.whole_hours:
+        return sql(name), window.params() | params
+    bounds = {"h0": _seconds(levels.h0), "h1": _seconds(levels.h1)}
+    return sql(f"{name}_rollup"), window.params() | params | bounds
+
+
 def top_api_keys(backend: Backend, window: Window, limit: int = 10) -> list[dict[str, Any]]:
-    rows = backend.query(sql("top_api_keys"), window.params() | {"limit": limit})
+    rows = backend.query(*_top("top_api_keys", window, {"limit": limit}))
     return [_costed(r) for r in rows]
 
 
 def top_metadata(backend: Backend, window: Window, key: str, limit: int = 10) -> list[dict[str, Any]]:
     if not key:
         raise QueryError("top_metadata needs a metadata key, e.g. key=user")
-    rows = backend.query(sql("top_metadata"), window.params() | {"key": key, "limit": limit})
+    rows = backend.query(*_top("top_metadata", window, {"key": key, "limit": limit}))
     return [_costed(r) for r in rows]
 
 

@@ -121,6 +121,8 @@ def apply_retention(backend: Backend, raw_days: int, aggregate_days: int) -> Non
         "events_by_hour": ("hour", aggregate_days),
         "events_by_day": ("hour", aggregate_days),
         "gateways_by_hour": ("hour", aggregate_days),
+        "keys_by_hour": ("hour", aggregate_days),
+        "metadata_by_hour": ("hour", aggregate_days),
     }
     for table, (column, days) in wanted.items():
         if days < 1:
