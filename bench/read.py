@@ -209,7 +209,7 @@ def cases() -> list[tuple[str, str, dict[str, str]]]:
         ("summary", "summary", {"by": "none"}),
         ("totals by model", "totals", {"by": "model"}),
         ("timeseries (page step)", "timeseries", {"by": "none"}),
-        ("errors", "errors", {}),
+        ("error types", "errors", {}),
         ("cache by model", "cache", {"by": "model"}),
         ("top_api_keys", "top_api_keys", {"limit": "20"}),
         ("top_metadata key=user", "top_metadata", {"key": "user"}),
