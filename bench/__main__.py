@@ -28,6 +28,7 @@ OWN = {
     "publish": "bench.publish",
     "soak": "bench.soak",
     "lean": "bench.lean",
+    "read": "bench.read",
 }
 # Modules written by other engineers (bench/sink.py, bench/spool.py), run when present.
 EXTERNAL = ("sink", "spool")

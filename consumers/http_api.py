@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import hmac
 import ipaddress
+import itertools
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 
-from consumers import queries
+from consumers import logs, queries
 from consumers.backends import Backend, BackendUnavailable
 from consumers.metrics import Metrics
 
@@ -83,7 +84,42 @@ class ReadApi:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 refused = api.refuse(self.path, self.headers.get("Host"), self.headers.get("Authorization"))
-                status, ctype, body = refused or api.handle(self.path)
+                if refused is None and urlsplit(self.path).path.rstrip("/") == "/api/logs/export":
+                    try:
+                        ctype, chunks = logs.export(api.backend, dict(parse_qsl(urlsplit(self.path).query)))
+                        first = next(chunks, b"")  # errors of the first page still get a status
+                    except queries.QueryError as exc:
+                        self._send(400, "application/json", orjson.dumps({"error": str(exc)}))
+                        return
+                    except BackendUnavailable as exc:
+                        self._send(503, "application/json", orjson.dumps({"error": str(exc)}))
+                        return
+                    suffix = "csv" if ctype.startswith("text/csv") else "ndjson"
+                    self._stream(ctype, itertools.chain([first], chunks), f"events.{suffix}")
+                    return
+                self._send(*(refused or api.handle(self.path)))
+
+            def do_PATCH(self) -> None:
+                self._write()
+
+            def do_DELETE(self) -> None:
+                self._write()
+
+            def _write(self) -> None:
+                """The logs API's writes: they need the token, always (a read-only deployment without one
+                cannot be changed through it)."""
+                refused = api.refuse(self.path, self.headers.get("Host"), self.headers.get("Authorization"))
+                if refused is None and not api.token:
+                    refused = (
+                        403,
+                        "application/json",
+                        orjson.dumps({"error": "writes need the API token: start with --api-token"}),
+                    )
+                if refused is None:
+                    refused = api.handle_write(self.command, self.path, self.headers, self.rfile)
+                self._send(*refused)
+
+            def _send(self, status: int, ctype: str, body: bytes) -> None:
                 self.send_response(status)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
@@ -91,6 +127,19 @@ class ReadApi:
                     self.send_header("WWW-Authenticate", REALM)
                 self.end_headers()
                 self.wfile.write(body)
+
+            def _stream(self, ctype: str, chunks: Any, filename: str) -> None:
+                # No Content-Length: the body ends when the connection closes (HTTP/1.0 framing).
+                self.close_connection = True
+                self.send_response(200)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Disposition", f'attachment; filename="{filename}"')
+                self.end_headers()
+                try:
+                    for chunk in chunks:
+                        self.wfile.write(chunk)
+                except (BackendUnavailable, OSError) as exc:
+                    log.warning("export cut short: %s", exc)
 
             def log_message(self, format: str, *args: Any) -> None:
                 log.debug("read api: " + format, *args)
@@ -153,6 +202,46 @@ class ReadApi:
             ),
         )
 
+    def _answer(self, fn: Any) -> tuple[int, str, bytes]:
+        try:
+            result = fn()
+        except queries.QueryError as exc:
+            return 400, "application/json", orjson.dumps({"error": str(exc)})
+        except queries.NotFound as exc:
+            return 404, "application/json", orjson.dumps({"error": str(exc)})
+        except BackendUnavailable as exc:
+            return 503, "application/json", orjson.dumps({"error": str(exc)})
+        return 200, "application/json", orjson.dumps(result)
+
+    def handle_write(self, method: str, target: str, headers: Any, body: Any) -> tuple[int, str, bytes]:
+        """PATCH /api/logs/<id> (feedback), DELETE /api/logs?<filter> (erase; dry_run=true counts)."""
+        parts = urlsplit(target)
+        path = parts.path.rstrip("/")
+        if method == "DELETE" and path == "/api/logs":
+            args = dict(parse_qsl(parts.query))
+            return self._answer(lambda: logs.delete(self.backend, args))
+        if method == "PATCH" and path.startswith("/api/logs/"):
+            ctype = (headers.get("Content-Type") or "").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                return 415, "application/json", orjson.dumps({"error": "send the body as application/json"})
+            try:
+                length = int(headers.get("Content-Length") or "")
+            except ValueError:
+                return 411, "application/json", orjson.dumps({"error": "a Content-Length is needed"})
+            if not 0 < length <= MAX_WRITE_BODY:
+                return (
+                    413,
+                    "application/json",
+                    orjson.dumps({"error": f"the body is 1..{MAX_WRITE_BODY} bytes"}),
+                )
+            data = body.read(length)
+            return self._answer(lambda: logs.patch(self.backend, _event_id(path), data))
+        return (
+            405,
+            "application/json",
+            orjson.dumps({"error": "writes: PATCH /api/logs/<event_id>, DELETE /api/logs?<filter>"}),
+        )
+
     def handle(self, target: str) -> tuple[int, str, bytes]:
         parts = urlsplit(target)
         path = parts.path.rstrip("/")
@@ -172,6 +261,15 @@ class ReadApi:
             return 200, "text/plain; version=0.0.4", self.metrics.render().encode()
         if path in ("", "/index.html") or path.startswith("/static/"):
             return dashboard_file(path)
+        if path == "/api/logs" or path.startswith("/api/logs/"):
+            args = dict(parse_qsl(parts.query))
+            return self._answer(
+                lambda: (
+                    logs.list_events(self.backend, args)
+                    if path == "/api/logs"
+                    else logs.get_event(self.backend, _event_id(path))
+                )
+            )
         if path.startswith("/api/"):
             try:
                 result = queries.run(self.backend, path[len("/api/") :], dict(parse_qsl(parts.query)))
@@ -189,6 +287,16 @@ class ReadApi:
                 {"error": f"no such path {path!r}: try /, /readyz, /metrics, /api/summary?since=1h&by=model"}
             ),
         )
+
+
+MAX_WRITE_BODY = 64 * 1024
+
+
+def _event_id(path: str) -> str:
+    event_id = path[len("/api/logs/") :]
+    if not event_id or "/" in event_id or len(event_id) > 200:
+        raise queries.QueryError("name one event: /api/logs/<event_id>")
+    return event_id
 
 
 _DASHBOARD = resources.files("consumers.dashboard")

@@ -4,6 +4,7 @@ this module validates parameters, fills in defaults and shapes results. It knows
 from __future__ import annotations
 
 import re
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cache
@@ -78,6 +79,64 @@ class Window:
         }
 
 
+def _floor(ts: datetime, unit: timedelta) -> datetime:
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    return epoch + (ts - epoch) // unit * unit
+
+
+def _ceil(ts: datetime, unit: timedelta) -> datetime:
+    floored = _floor(ts, unit)
+    return floored if floored == ts else floored + unit
+
+
+def _seconds(ts: datetime) -> str:
+    return ts.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+HOUR, DAY, MINUTE = timedelta(hours=1), timedelta(days=1), timedelta(minutes=1)
+
+
+@dataclass(frozen=True)
+class Levels:
+    """How a window splits over the rollups: minutes in [since, h0) and [h1, until), hours in [h0, d0)
+    and [d1, h1), days in [d0, d1). `whole_hours` is false when the window holds no whole hour: then the
+    per-minute table answers alone (the queries of totals.sql/timeseries.sql)."""
+
+    since: datetime
+    until: datetime
+    h0: datetime
+    h1: datetime
+    d0: datetime
+    d1: datetime
+
+    @classmethod
+    def of(cls, window: Window) -> Levels:
+        since = _floor(window.since, MINUTE)
+        until = _floor(window.until, MINUTE) + MINUTE  # the current minute included, as in Window.params
+        h0, h1 = _ceil(since, HOUR), _floor(until, HOUR)
+        d0, d1 = _ceil(h0, DAY), _floor(h1, DAY)
+        if d0 >= d1:
+            d0 = d1 = h1
+        return cls(since, until, h0, h1, d0, d1)
+
+    @property
+    def whole_hours(self) -> bool:
+        return self.h0 < self.h1
+
+    def params(self, by: str) -> dict[str, str]:
+        """The boundaries, and the hour table: per gateway alone (gateways_by_hour: 720 rows per gateway
+        in 30 days) when the grouping needs no model, endpoint or outcome; it has no day level, so its
+        hours cover [h0, h1)."""
+        narrow = by in NARROW_GROUPS
+        values = {name: _seconds(getattr(self, name)) for name in ("since", "until", "h0", "h1", "d0", "d1")}
+        if narrow:
+            values["d0"] = values["d1"] = values["h1"]
+        return values | {"hours": "gateways_by_hour" if narrow else "events_by_hour"}
+
+
+NARROW_GROUPS = ("none", "account_id", "gateway_id")
+
+
 def _check_by(by: str) -> str:
     if by not in GROUP_FIELDS:
         raise QueryError(f"cannot group by {by!r}: use one of {', '.join(GROUP_FIELDS)}")
@@ -128,7 +187,12 @@ def _costed(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def totals(backend: Backend, window: Window, by: str = "model") -> list[dict[str, Any]]:
-    rows = backend.query(sql("totals"), window.params() | {"by": _check_by(by)})
+    levels = Levels.of(window)
+    params = window.params() | {"by": _check_by(by)}
+    if levels.whole_hours:
+        rows = backend.query(sql("totals_rollup"), params | levels.params(by))
+    else:
+        rows = backend.query(sql("totals"), params)
     for row in rows:
         _costed(row)
         row["error_rate"] = row["errors"] / row["requests"] if row["requests"] else 0.0
@@ -140,7 +204,12 @@ def totals(backend: Backend, window: Window, by: str = "model") -> list[dict[str
 def timeseries(backend: Backend, window: Window, by: str = "none", step_s: int = 60) -> list[dict[str, Any]]:
     if step_s < 60 or step_s % 60:
         raise QueryError(f"step must be a whole number of minutes (60, 300, ...), got {step_s} s")
-    rows = backend.query(sql("timeseries"), window.params() | {"by": _check_by(by), "step_s": step_s})
+    levels = Levels.of(window)
+    params = window.params() | {"by": _check_by(by), "step_s": step_s}
+    if step_s % 3600 == 0 and levels.whole_hours:
+        rows = backend.query(sql("timeseries_rollup"), params | levels.params(by))
+    else:
+        rows = backend.query(sql("timeseries"), params)
     for row in rows:
         _costed(row)
         _spread_quantiles(row, "latency_ms")
@@ -154,15 +223,25 @@ def errors(backend: Backend, window: Window) -> list[dict[str, Any]]:
     return rows
 
 
+def _top(name: str, window: Window, params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The raw-table query, or with a whole hour in the window its rollup (whole hours from the hourly
+    table, the ragged ends from `events`, at the window's own millisecond bounds)."""
+    levels = Levels.of(window)
+    if not levels.whole_hours:
+        return sql(name), window.params() | params
+    bounds = {"h0": _seconds(levels.h0), "h1": _seconds(levels.h1)}
+    return sql(f"{name}_rollup"), window.params() | params | bounds
+
+
 def top_api_keys(backend: Backend, window: Window, limit: int = 10) -> list[dict[str, Any]]:
-    rows = backend.query(sql("top_api_keys"), window.params() | {"limit": limit})
+    rows = backend.query(*_top("top_api_keys", window, {"limit": limit}))
     return [_costed(r) for r in rows]
 
 
 def top_metadata(backend: Backend, window: Window, key: str, limit: int = 10) -> list[dict[str, Any]]:
     if not key:
         raise QueryError("top_metadata needs a metadata key, e.g. key=user")
-    rows = backend.query(sql("top_metadata"), window.params() | {"key": key, "limit": limit})
+    rows = backend.query(*_top("top_metadata", window, {"key": key, "limit": limit}))
     return [_costed(r) for r in rows]
 
 
@@ -201,17 +280,55 @@ def recent(
         "metadata_key": metadata_key,
         "metadata_value": metadata_value,
     }
-    return [_ints(r, *(k for k in r if k.startswith("usage_"))) for r in backend.query(sql("recent"), params)]
+    rows = latest(backend, "recent", window, params)
+    return [_ints(r, *(k for k in r if k.startswith("usage_"))) for r in rows]
+
+
+# The latest rows of a window without reading all of it: the sort key is (account, gateway, start_time,
+# ...), so a narrow time range reads few granules per (account, gateway). Ask the last 5 minutes first,
+# then wider, and the whole window only when the narrower ones held fewer than `limit` rows.
+LATEST_PROBES = (timedelta(minutes=5), timedelta(hours=1), timedelta(days=1))
+
+
+def latest(backend: Backend, name: str, window: Window, params: dict[str, Any]) -> list[dict[str, Any]]:
+    """Query `name` (ordered by start_time DESC, LIMIT {limit}) over ever wider tails of the window."""
+    for span in LATEST_PROBES:
+        if window.until - span <= window.since:
+            break
+        rows = backend.query(sql(name), params | {"since": format_time(window.until - span)})
+        if len(rows) >= int(params["limit"]):
+            return rows
+    return backend.query(sql(name), params)
 
 
 def event(backend: Backend, window: Window, event_id: str = "") -> dict[str, Any]:
     """One event by id, whatever its time (the window is not applied: ids are unique)."""
     if not event_id:
         raise QueryError("event needs event_id, e.g. event_id=01a2178f-036e-73e0-a1d5-e572d7c6537a")
-    rows = backend.query(sql("event"), {"event_id": event_id})
+    lo, hi = id_time_bounds(event_id)
+    rows = backend.query(sql("event"), {"event_id": event_id, "lo": format_time(lo), "hi": format_time(hi)})
     if not rows:
         raise NotFound(f"no event {event_id!r}: it may not be consumed yet, or is past retention")
     return _ints(rows[0], *(k for k in rows[0] if k.startswith("usage_")), "request_bytes", "response_bytes")
+
+
+# How far an event's start_time may be from the time inside its UUIDv7 id: both are the gateway's clock,
+# read when the request arrived (addons/gateway.py), so seconds apart; a day leaves room for anything.
+ID_TIME_SLACK = timedelta(days=1)
+_EARLIEST, _LATEST = datetime(1970, 1, 1, tzinfo=UTC), datetime(2299, 12, 31, tzinfo=UTC)
+
+
+def id_time_bounds(event_id: str) -> tuple[datetime, datetime]:
+    """[lo, hi) of start_time for an id: around its UUIDv7 time (cohere_gateway.events.new_event_id), or
+    every storable time for an id of another shape."""
+    try:
+        value = uuid.UUID(event_id)
+    except ValueError:
+        return _EARLIEST, _LATEST
+    if value.version != 7:
+        return _EARLIEST, _LATEST
+    at = _EARLIEST + timedelta(milliseconds=value.int >> 80)
+    return max(_EARLIEST, at - ID_TIME_SLACK), min(_LATEST, at + ID_TIME_SLACK)
 
 
 def summary(backend: Backend, window: Window, by: str = "model") -> dict[str, Any]:
@@ -227,6 +344,17 @@ def summary(backend: Backend, window: Window, by: str = "model") -> dict[str, An
         "cache": cached[0] if cached and cached[0]["lookups"] else None,
         "cache_groups": cache(backend, window, by) if by in CACHE_GROUP_FIELDS and by != "none" else [],
     }
+
+
+def feedback_by(backend: Backend, window: Window, by: str = "model") -> list[dict[str, Any]]:
+    """Feedback per model, gateway or account over a window (GET /api/feedback)."""
+    if by not in ("model", "gateway_id", "account_id"):
+        raise QueryError("feedback groups by model, gateway_id or account_id")
+    rows = backend.query(sql("feedback_by"), window.params() | {"by": by})
+    for row in rows:
+        for k in ("positive", "negative", "scored"):
+            row[k] = int(row[k])
+    return rows
 
 
 # name -> (function, the typed parameters it takes beyond the window)
@@ -251,6 +379,7 @@ API: dict[str, tuple[Any, dict[str, type]]] = {
         },
     ),
     "event": (event, {"event_id": str}),
+    "feedback": (feedback_by, {"by": str}),
 }
 
 

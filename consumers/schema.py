@@ -114,9 +114,15 @@ def apply_retention(backend: Backend, raw_days: int, aggregate_days: int) -> Non
     wanted = {
         "events": ("toDateTime(start_time)", raw_days),
         "event_ids": ("toDateTime(start_time)", raw_days),
+        "event_feedback": ("toDateTime(start_time)", raw_days),
         "events_by_minute": ("minute", aggregate_days),
         "errors_by_minute": ("minute", aggregate_days),
         "cache_by_minute": ("minute", aggregate_days),
+        "events_by_hour": ("hour", aggregate_days),
+        "events_by_day": ("hour", aggregate_days),
+        "gateways_by_hour": ("hour", aggregate_days),
+        "keys_by_hour": ("hour", aggregate_days),
+        "metadata_by_hour": ("hour", aggregate_days),
     }
     for table, (column, days) in wanted.items():
         if days < 1:

@@ -5,6 +5,8 @@
 const $ = (sel) => document.querySelector(sel);
 const charts = {};
 let breakdownBy = "model";
+let feedbackBy = "model";
+let detailId = "";
 let refreshTimer = null;
 
 const STEP_FOR_RANGE = { "15m": 60, "1h": 60, "6h": 300, "24h": 900, "7d": 3600, "30d": 21600 };
@@ -225,14 +227,61 @@ async function drawRecent() {
   ], rows, showDetail);
 }
 
+async function drawFeedback() {
+  const rows = await api("feedback", { by: feedbackBy });
+  fillTable($("#feedback"), [
+    { title: feedbackBy.replace("_id", ""), value: (r) => r.key || "(none)" },
+    { title: "👍", value: (r) => fmtInt.format(r.positive) },
+    { title: "👎", value: (r) => fmtInt.format(r.negative) },
+    { title: "positive share", value: (r) => (r.positive + r.negative ? fmtPct(r.positive / (r.positive + r.negative)) : "–") },
+    { title: "scored", value: (r) => fmtInt.format(r.scored) },
+    { title: "mean score", value: (r) => (r.scored ? Number(r.mean_score).toFixed(1) : "–") },
+  ], rows);
+}
+
+function showFeedback(f) {
+  const given = (f && f.feedback) || 0;
+  for (const b of $("#detail-feedback").querySelectorAll("[data-feedback]")) {
+    b.classList.toggle("active", Number(b.dataset.feedback) === given);
+  }
+  $("#detail-feedback [name=score]").value = f && f.score != null ? f.score : "";
+}
+
+async function loadDetail() {
+  const resp = await fetch(`/api/logs/${encodeURIComponent(detailId)}`);
+  const body = await resp.json();
+  if (!resp.ok) throw new Error(body.error || `HTTP ${resp.status}`);
+  showFeedback(body.feedback);
+  $("#detail-body").textContent = JSON.stringify(body, null, 2);
+}
+
+// Writes need the API token: the browser sends the credentials it logged in with (HTTP Basic).
+async function sendFeedback(change) {
+  const status = $("#detail-feedback-status");
+  status.textContent = "saving…";
+  try {
+    const resp = await fetch(`/api/logs/${encodeURIComponent(detailId)}`, {
+      method: "PATCH", headers: { "Content-Type": "application/json" }, body: JSON.stringify(change),
+    });
+    const body = await resp.json();
+    if (!resp.ok) throw new Error(body.error || `HTTP ${resp.status}`);
+    showFeedback(body);
+    status.textContent = "saved";
+    drawFeedback();
+  } catch (err) {
+    status.textContent = `not saved: ${err.message}`;
+  }
+}
+
 async function showDetail(row) {
+  detailId = row.event_id;
   $("#detail-id").textContent = row.event_id;
   $("#detail-body").textContent = "loading…";
+  $("#detail-feedback-status").textContent = "";
+  showFeedback(null);
   $("#detail").showModal();
   try {
-    const p = new URLSearchParams({ event_id: row.event_id });
-    const resp = await fetch(`/api/event?${p}`);
-    $("#detail-body").textContent = JSON.stringify(await resp.json(), null, 2);
+    await loadDetail();
   } catch (err) {
     $("#detail-body").textContent = String(err);
   }
@@ -258,7 +307,7 @@ async function refresh() {
     ]);
     drawCards(summary.total, summary.cache);
     drawSeries(fillBuckets(series, step));
-    await Promise.all([drawBreakdown(), drawRecent(), refreshOptions()]);
+    await Promise.all([drawBreakdown(), drawRecent(), refreshOptions(), drawFeedback()]);
     status.textContent = `updated ${new Date().toLocaleTimeString()}`;
     document.body.dataset.loaded = "true";
   } catch (err) {
@@ -282,6 +331,22 @@ document.addEventListener("DOMContentLoaded", () => {
     breakdownBy = by;
     for (const b of $("#breakdown-tabs").children) b.classList.toggle("active", b === e.target);
     drawBreakdown();
+  });
+  $("#feedback-tabs").addEventListener("click", (e) => {
+    const by = e.target.dataset.by;
+    if (!by) return;
+    feedbackBy = by;
+    for (const b of $("#feedback-tabs").children) b.classList.toggle("active", b === e.target);
+    drawFeedback();
+  });
+  $("#detail-feedback").addEventListener("click", (e) => {
+    const value = e.target.dataset.feedback;
+    if (value) sendFeedback({ feedback: Number(value) });
+  });
+  $("#detail-feedback").addEventListener("submit", (e) => {
+    e.preventDefault();
+    const score = $("#detail-feedback [name=score]").value;
+    sendFeedback({ score: score === "" ? null : Number(score) });
   });
   refresh();
   schedule();

@@ -5,7 +5,7 @@ SELECT
     usage_input_tokens, usage_output_tokens, usage_cached_tokens, usage_search_units, usage_images,
     usage_image_tokens, latency_total_ms, latency_ttft_ms, cost_usd, cost_source,
     api_key_fingerprint, metadata
-FROM events FINAL
+FROM events
 WHERE start_time >= {since:DateTime64(3, 'UTC')} AND start_time < {until:DateTime64(3, 'UTC')}
   AND ({account_id:String} = '' OR account_id = {account_id:String})
   AND ({gateway_id:String} = '' OR gateway_id = {gateway_id:String})

@@ -11,7 +11,7 @@ SELECT
     -- null when no request of the group was priced (a sum over nulls only is null)
     sum(cost_usd) AS cost_usd,
     countIf(events.cost_usd IS NULL) AS unpriced_requests
-FROM events FINAL
+FROM events
 WHERE start_time >= {since:DateTime64(3, 'UTC')} AND start_time < {until:DateTime64(3, 'UTC')}
   AND mapContains(metadata, {key:String})
   AND ({account_id:String} = '' OR account_id = {account_id:String})
