@@ -101,12 +101,26 @@ def counters(gw: GatewayProcess) -> dict[str, int]:
     return json.loads(gw.get("/healthz"))["publisher"]
 
 
-def check_events(records: list[tuple[bytes, dict[str, Any]]], must: set[str], may: set[str]) -> None:
-    """Exactly one event per request in `must`, none outside `may`, each gateway's in request order."""
+def check_events(
+    records: list[tuple[bytes, dict[str, Any]]], must: set[str], may: set[str], redelivery: bool = False
+) -> None:
+    """Exactly one event per request in `must`, none outside `may`, each gateway's in request order.
+
+    With `redelivery`, a request's event may appear twice, but only as the same event (docs/durability.md,
+    *Duplicates*, edge 1: a batch written by the broker whose acknowledgement the outage swallowed is
+    replayed from the spool); the consumer counts it once. Two different events for one request still fail.
+    """
     ids = [e["client_event_id"] for _, e in records]
-    assert len(ids) == len(set(ids)), (
-        f"duplicated events: {sorted({i for i in ids if ids.count(i) > 1})[:10]}"
-    )
+    first: dict[str, dict[str, Any]] = {}
+    duplicated = []
+    for _, event in records:
+        seen = first.setdefault(event["client_event_id"], event)
+        if seen is not event:
+            duplicated.append(event["client_event_id"])
+            assert redelivery, f"duplicated events: {sorted(set(duplicated))[:10]}"
+            assert seen == event, f"two different events for request {event['client_event_id']}"
+    if duplicated:
+        print(f"redelivered (same event twice, counted once downstream): {duplicated}")
     missing = must - set(ids)
     assert not missing, f"{len(missing)} completed requests have no event, e.g. {sorted(missing)[:10]}"
     assert set(ids) <= may, f"unexpected events: {sorted(set(ids) - may)[:10]}"
@@ -194,7 +208,7 @@ def test_kafka_stopped_30s_under_steady_traffic_loses_nothing_and_keeps_order(
     assert max(latencies_during_outage) < timeout_ms / 1000
     assert counts["events_dropped"] == 0 and counts["kafka_outages"] >= 1
     records = read_topic(bootstrap, topic)
-    check_events(records, load.succeeded(), load.succeeded())
+    check_events(records, load.succeeded(), load.succeeded(), redelivery=True)
     log = gw.log_text()
     assert "Kafka unavailable" in log and "Kafka is back" in log
 

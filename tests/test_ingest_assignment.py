@@ -252,8 +252,14 @@ def test_partitions_added_to_a_running_topic_are_read_within_seconds(
     started = time.monotonic()
     wait_for(lambda: consumer.landed() == 40, "the events on the added partitions", REPAIR_DEADLINE_S)
     assert readyz_partitions(consumer) == [0, 1, 2, 3, 4]
-    assert consumer.metric("cohere_gateway_consumer_assignment_repairs_total") >= 1
-    print(f"events on added partitions landed {time.monotonic() - started:.1f}s after being produced")
+    # Not asserted: that the watch did the repair. A metadata refresh of kafka-python's own can see the new
+    # partitions first (CI saw that), and then there is nothing to repair. Without the watch the next
+    # refresh is metadata_max_age_ms (5 min) away, far past REPAIR_DEADLINE_S.
+    repairs = consumer.metric("cohere_gateway_consumer_assignment_repairs_total")
+    print(
+        f"events on added partitions landed {time.monotonic() - started:.1f}s after being produced, "
+        f"{repairs:.0f} repair(s)"
+    )
     assert consumer.stop() == 0
 
 
