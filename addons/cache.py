@@ -123,6 +123,7 @@ class CacheState:
     key: str | None = None
     leader: bool = False
     chunks: list[bytes] | None = None  # a streamed answer's bytes as they pass (the leader's)
+    entry: Entry | None = None  # a hit's stored answer: upstream's bytes, what its event is built from
     size: int = 0
     too_big: bool = False
 

@@ -676,7 +676,9 @@ class Gateway:
             x.cache = None
             flow.response = None
             if x.forwarded_at is None:
-                self._forward(x)
+                pending = self._forward(flow, x)
+                if pending is not None:
+                    await pending
 
     async def _serve_cached(self, flow: http.HTTPFlow, x: Exchange, body: bytes) -> None:
         c = x.cache
@@ -701,10 +703,16 @@ class Gateway:
             if pending is not None:
                 await pending
             return
+        c.entry = entry
         fields = [*entry.headers, (rcache.STATUS_HEADER, "HIT"), (LOG_ID_HEADER, x.event_id)]
         fields.append((OVERHEAD_HEADER, _ms(time.time() - x.start)))
         replay = http.Headers([(k.encode("latin-1"), v.encode("latin-1")) for k, v in fields])
-        flow.response = http.Response.make(entry.status, entry.body, replay)
+        content = entry.body
+        if x.strip_usage and "event-stream" in replay.get("content-type", ""):
+            # the entry is upstream's answer to the usage the gateway asked for; the client did not
+            stripper = UsageStripper()
+            content = stripper.feed(content) + stripper.flush()
+        flow.response = http.Response.make(entry.status, content, replay)
 
     # --- responses -----------------------------------------------------------------------------------
 
@@ -902,7 +910,9 @@ class Gateway:
         self.cache.finish(c.key, entry)
 
     def _finish_hit(self, x: Exchange, resp: http.Response, now: float) -> None:
-        body = resp.content or b""
+        # upstream's bytes as stored, as a miss's event sees them (with the usage a stripped stream saved)
+        assert x.cache is not None and x.cache.entry is not None
+        body = x.cache.entry.body
         ctype = resp.headers.get("content-type", "")
         if is_stream_response(ctype, x.stream):
             watcher = StreamWatcher(

@@ -204,6 +204,44 @@ def test_openai_sdk_on_the_compat_route(gw: GatewayProcess, emulator_requests: E
     assert len(emulator_requests.all()) == 2
 
 
+def test_openai_stream_without_usage_is_the_same_on_a_hit(
+    emulator_url: str, kafka_bootstrap: str, emulator_requests: EmulatorRequests
+) -> None:
+    """A compat stream that did not ask for usage: the gateway asks upstream for it (to price the call)
+    and strips it from the answer. The store keeps upstream's bytes, so a hit must strip them too, and
+    its event must still carry the usage the hit saved."""
+    topic = create_topic(kafka_bootstrap, "cache-usage-" + uid()[:12])
+    g = start_gateway(emulator_url, kafka_bootstrap, topic, transparent=False, cache_ttl=600)
+    events = EventReader(kafka_bootstrap, topic)
+    try:
+        st = Statuses()
+        client = OpenAI(api_key=KEY, base_url=g.base() + "/compat", http_client=st.client())
+        msgs = [{"role": "user", "content": "no usage " + uid()}]
+        streamed = [
+            [c.model_dump() for c in client.chat.completions.create(
+                model="cohere/command-r", messages=msgs, stream=True)]
+            for _ in "ab"
+        ]  # fmt: skip
+        assert st.seen == ["MISS", "HIT"] and len(emulator_requests.all()) == 1
+        assert streamed[0] == streamed[1]
+        assert all(chunk["choices"] and chunk["usage"] is None for chunk in streamed[1])
+        # byte for byte, and the events: the miss billed its usage, the hit kept it as saved
+        body = {"model": "cohere/command-r", "messages": [{"role": "user", "content": "raw " + uid()}],
+                "stream": True}  # fmt: skip
+        miss, hit = (post(g, "/compat/chat/completions", body) for _ in "ab")
+        assert (miss[1]["cf-aig-cache-status"], hit[1]["cf-aig-cache-status"]) == ("MISS", "HIT")
+        assert miss[2] == hit[2] and b"data: [DONE]" in hit[2] and b'"usage"' not in hit[2]
+        m = events.wait_for(miss[1]["cf-aig-log-id"])
+        h = events.wait_for(hit[1]["cf-aig-log-id"])
+        assert m.usage.input_tokens and m.usage.output_tokens and m.cost_usd
+        assert (h.cache_status, h.cost_usd, h.usage) == ("HIT", 0.0, Usage())
+        assert (h.saved_input_tokens, h.saved_output_tokens) == (m.usage.input_tokens, m.usage.output_tokens)
+        assert h.saved_cost_usd == m.cost_usd
+    finally:
+        events.close()
+        g.stop()
+
+
 # --- policy ------------------------------------------------------------------------------------------
 
 
