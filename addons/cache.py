@@ -120,6 +120,8 @@ class CacheState:
     ttl_s: int
     status: str | None = None  # HIT | MISS | EXPIRED | BYPASS once known
     client_key: str | None = None
+    tenant: str = "-"  # tenant_of the API key upstream sees
+    vary: tuple[str, ...] = ()  # the VARY_HEADERS' values, lower-cased
     key: str | None = None
     leader: bool = False
     chunks: list[bytes] | None = None  # a streamed answer's bytes as they pass (the leader's)

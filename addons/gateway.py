@@ -157,16 +157,6 @@ def _ms(seconds: float) -> str:
     return f"{max(0.0, seconds) * 1000:.3f}"
 
 
-def _text(headers: http.Headers, name: str) -> str | None:
-    """A header's value as latin-1 text: every byte maps to one character, so nothing a client sends
-    can make reading it raise."""
-    want = name.encode()
-    for key, value in headers.fields:
-        if key.lower() == want:
-            return header_text(value)
-    return None
-
-
 def _fail_closed(hook: Callable[[Gateway, http.HTTPFlow], Any]) -> Callable[[Gateway, http.HTTPFlow], Any]:
     """A hook that raises must not let mitmproxy carry on with the flow as it was (it logs "Addon error"
     and forwards it: unauthenticated, cf-aig-* headers on, to the upstream's host outside its prefix).
@@ -474,12 +464,17 @@ class Gateway:
                     raise
             gwconfig.check_metadata(x.options.metadata, x.policy)
             x.retry = retries.parse_retry_headers(first, x.policy.retry)
+            api_key = api_key_of(first.get("authorization"), first.get("x-api-key"))
             if x.policy.provider_key is not None:
                 x.key_fingerprint = provider_keys.use(req.headers, x.policy)
+                api_key = x.policy.provider_key.key
             decision = rcache.decide(x.policy.cache, rcache.parse_cache_headers(first.items()), req.method)
             if decision.status is not None:
                 status = "BYPASS" if decision.status == "BYPASS" else None
-                x.cache = rcache.CacheState(decision.ttl_s, status, decision.client_key)
+                vary = tuple(first.get(name, "").strip().lower() for name in rcache.VARY_HEADERS)
+                x.cache = rcache.CacheState(
+                    decision.ttl_s, status, decision.client_key, rcache.tenant_of(api_key), vary
+                )
             length = first.get("content-length", "")
             if length.isdigit() and int(length) > opts.max_request_bytes:
                 raise RouteError(
@@ -683,16 +678,15 @@ class Gateway:
     async def _serve_cached(self, flow: http.HTTPFlow, x: Exchange, body: bytes) -> None:
         c = x.cache
         assert c is not None
-        headers = flow.request.headers
         c.key = rcache.cache_key(
             account_id=x.account_id,
             gateway_id=x.gateway_id,
-            tenant=rcache.tenant_of(api_key_of(_text(headers, "authorization"), _text(headers, "x-api-key"))),
+            tenant=c.tenant,
             path=x.route.path,
             query=x.route.query,
             model=x.model,
             body=body,
-            vary=tuple((_text(headers, name) or "").strip().lower() for name in rcache.VARY_HEADERS),
+            vary=c.vary,
             client_key=c.client_key,
         )
         c.status, entry, c.leader = await self.cache.get_or_lead(c.key)
