@@ -315,6 +315,43 @@ def test_concurrent_identical_requests_make_one_upstream_call(
     assert len(emulator_requests.all()) == 1
 
 
+def herd(targets: list[tuple[GatewayProcess, str]], body: dict) -> list[tuple[int, dict, bytes]]:
+    """The same request at once through each (gateway, base), while upstream is still answering the first."""
+    slow = {"x-emulator-fault": "delay-ms=600"}
+    with concurrent.futures.ThreadPoolExecutor(len(targets)) as pool:
+        results = list(pool.map(lambda t: post(t[0], "/cohere/v2/chat", body, base=t[1], **slow), targets))
+    assert {r[0] for r in results} == {200} and len({r[2] for r in results}) == 1
+    assert sorted(r[1]["cf-aig-cache-status"] for r in results) == ["HIT"] * (len(targets) - 1) + ["MISS"]
+    return results
+
+
+def test_concurrent_identical_requests_on_two_workers_make_one_upstream_call(
+    emulator_url: str, emulator_requests: EmulatorRequests
+) -> None:
+    g = start_gateway(emulator_url, "", "unused", transparent=False, workers=2, cache_ttl=600)
+    try:
+
+        def answered() -> dict[str, int]:  # lookups per worker, from the counters each shares once a second
+            files = (g.data_dir / "worker-metrics").glob("*.json")
+            counts = {f.name: orjson.loads(f.read_bytes()).get("cache", {}) for f in files}
+            return {name: c.get("hit", 0) + c.get("miss", 0) for name, c in counts.items()}
+
+        for _ in range(6):  # until one herd was spread over both workers (the kernel picks per connection)
+            before = answered()
+            emulator_requests.clear()
+            herd([(g, "")] * 8, chat_body("herd on workers " + uid()))
+            assert len(emulator_requests.all()) == 1
+            total = sum(before.values()) + 8
+            wait_for(lambda: sum(answered().values()) == total, "the workers' counters")  # noqa: B023
+            after = answered()
+            if len(after) == 2 and all(after[w] > before.get(w, 0) for w in after):
+                break
+        else:
+            raise AssertionError("no herd of 8 connections reached both workers: the test proves nothing")
+    finally:
+        g.stop()
+
+
 # --- where it lives ----------------------------------------------------------------------------------
 
 
@@ -351,6 +388,11 @@ def test_two_gateways_share_a_redis_cache(emulator_url: str, emulator_requests: 
             second = post(two, "/cohere/v2/chat", body)
             assert (first[1]["cf-aig-cache-status"], second[1]["cf-aig-cache-status"]) == ("MISS", "HIT")
             assert first[2] == second[2] and len(emulator_requests.all()) == 1
+            # the same request at once through both: one upstream call (the other gateway waits for it)
+            emulator_requests.clear()
+            herd([(one, ""), (two, "")] * 4, chat_body("herd on redis " + uid()))
+            assert len(emulator_requests.all()) == 1
+            assert metric(one, "coalesced") + metric(two, "coalesced") == 7
             # Redis stops: every request is served from upstream, nothing fails, the errors are counted
             redis.stop()
             emulator_requests.clear()
