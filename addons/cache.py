@@ -400,8 +400,10 @@ class ResponseCache:
         store: Store | None,
         counters: Counter[str] | None = None,
         clock: Callable[[], float] = time.time,
+        shared: bool = True,
     ) -> None:
         self.store = store
+        self.shared = shared  # other processes use the store too: coalesce with them through its lock
         self.clock = clock
         self.counters: Counter[str] = Counter() if counters is None else counters
         # key -> (the leader's answer to come, when it started); a stored answer stays here until the
@@ -470,7 +472,7 @@ class ResponseCache:
     async def _lead_across(self, key: str) -> Entry | None:
         """None: this process leads (holding the store's lock when it could take it); an entry: another
         process held the lock and stored its answer meanwhile."""
-        if self.store is None:
+        if self.store is None or not self.shared:
             return None
         lock, owner = lock_key(key), os.urandom(16)
         try:

@@ -304,7 +304,9 @@ class Gateway:
         except Exception as exc:  # a full or broken disk: serve without a cache rather than not at all
             self.metrics.cache["store_errors"] += 1
             log.error("cannot open the response cache, running without one: %r", exc)
-        self.cache = rcache.ResponseCache(store, self.metrics.cache)
+        # a disk cache of one process coalesces in memory alone; workers and Redis share the store's lock
+        shared = self.metrics_dir is not None or not isinstance(store, rcache.DiskStore)
+        self.cache = rcache.ResponseCache(store, self.metrics.cache, shared=shared)
 
     async def _watch_config(self) -> None:
         while True:

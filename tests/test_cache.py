@@ -167,19 +167,30 @@ def test_cohere_v1_chat_and_ndjson_stream(gw: GatewayProcess, emulator_requests:
 def test_cohere_async_client(gw: GatewayProcess, emulator_requests: EmulatorRequests) -> None:
     st = Statuses()
 
-    async def run() -> tuple[list[Any], list[Any]]:
+    async def run() -> list[list[Any]]:
         co = cohere.AsyncClientV2(api_key=KEY, base_url=gw.base() + "/cohere", httpx_client=st.async_client())
+        v1 = cohere.AsyncClient(api_key=KEY, base_url=gw.base() + "/cohere", httpx_client=st.async_client())
         msg = [{"role": "user", "content": "async " + uid()}]
-        plain = [(await co.chat(model="command-r", messages=msg)).model_dump() for _ in "ab"]
-        streamed = [
-            [e.model_dump() async for e in co.chat_stream(model="command-r", messages=msg)] for _ in "ab"
+        text, texts, docs = "async v1 " + uid(), ["async embed " + uid()], ["async doc " + uid(), "other"]
+        calls = [
+            lambda: co.chat(model="command-r", messages=msg),
+            lambda: co.embed(texts=texts, model="embed-v4.0", input_type="search_document",
+                             embedding_types=["float"]),
+            lambda: co.rerank(model="rerank-v3.5", query="q", documents=docs),
+            lambda: v1.chat(message=text, model="command-r"),
+        ]  # fmt: skip
+        answers = [[(await call()).model_dump() for _ in "ab"] for call in calls]
+        answers += [
+            [[e.model_dump() async for e in co.chat_stream(model="command-r", messages=msg)] for _ in "ab"],
+            [[e.model_dump() async for e in v1.chat_stream(message=text, model="command-r")] for _ in "ab"],
         ]
-        return plain, streamed
+        return answers
 
-    plain, streamed = asyncio.run(run())
-    assert plain[0] == plain[1] and streamed[0] == streamed[1]
-    assert st.seen == ["MISS", "HIT", "MISS", "HIT"]
-    assert len(emulator_requests.for_path("/v2/chat")) == 2
+    for first, second in asyncio.run(run()):
+        assert first == second
+    assert st.seen == ["MISS", "HIT"] * 6
+    assert len(emulator_requests.for_path("/v2/chat")) == len(emulator_requests.for_path("/v1/chat")) == 2
+    assert len(emulator_requests.for_path("/v2/embed")) == len(emulator_requests.for_path("/v2/rerank")) == 1
 
 
 def test_openai_sdk_on_the_compat_route(gw: GatewayProcess, emulator_requests: EmulatorRequests) -> None:
