@@ -547,6 +547,25 @@ def test_gateway_tokens_from_the_configuration(
         g.stop()
 
 
+def test_hits_count_against_the_rate_limit(emulator_url: str, tmp_path: Path) -> None:
+    """A hit is a request like any other for the gateway's limits: over the limit it is refused (429),
+    never served from the cache."""
+    path = tmp_path / "gateways.toml"
+    path.write_text(
+        '[gateways."acct/limited"]\ncache = { enabled = true }\nrate_limits = [{ limit = 2, window = 600 }]\n'
+    )
+    g = start_gateway(emulator_url, "", "unused", transparent=False, config=str(path))
+    try:
+        base = g.base("acct", "limited")
+        body = chat_body("limited " + uid())
+        answers = [post(g, "/cohere/v2/chat", body, base=base) for _ in "abc"]
+        assert [a[0] for a in answers] == [200, 200, 429]
+        assert [a[1].get("cf-aig-cache-status") for a in answers[:2]] == ["MISS", "HIT"]
+        assert "cf-aig-cache-status" not in answers[2][1] and metric(g, "hit") == 1
+    finally:
+        g.stop()
+
+
 def test_the_requests_ttl_is_the_stored_entrys(gw: GatewayProcess) -> None:
     """TTL expiry itself is tested with a clock over the real stores (test_cache_units.py) rather than
     by waiting out Cloudflare's one-minute minimum; this proves a request's TTL reaches the store."""
