@@ -224,7 +224,8 @@ def miss_table(misses: dict[tuple[str, int], Measured], sizes: Sizes) -> Table:
     table.notes.append(
         "proxy CPU = utime+stime of the gateway and its children (the delivery process) over the timed "
         "requests; with the cache on it includes the lookup, the store's write (a worker thread) and "
-        "collecting the answer"
+        "collecting the answer. Cache off: the same command with caching disabled (`--cache-ttl 0`, the "
+        "default), the store opened but never consulted"
     )
     return table
 
