@@ -182,7 +182,7 @@ def test_request_options_from_headers() -> None:
             ("CF-AIG-COLLECT-LOG-PAYLOAD", "false"),
             ("cf-aig-event-id", "my-corr-id:42"),
             ("cf-aig-account-id", "team-a"),
-            ("cf-aig-cache-ttl", "60"),  # accepted (and not forwarded), not implemented
+            ("cf-aig-cache-ttl", "60"),  # the cache's (addons/cache.py parses it); ignored here
         ]
     )
     assert opts.metadata == {"user": "bob"}
