@@ -16,13 +16,14 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import orjson
 
@@ -55,6 +56,10 @@ _DROP_HEADERS = frozenset(
 _CLIENT_KEY = re.compile(r"^[\x21-\x7e]{1,256}$")
 STORE_TIMEOUT_S = 2.0  # a store slower than this is treated as failed for this request
 COALESCE_WAIT_S = 120.0  # a follower waits this long for its leader, then goes upstream itself
+# Across processes (--workers, gateways on one Redis) the leader of a key holds a lock in the store for at
+# most this long: a leader slower than this, or one whose process died, lets the others go upstream.
+LOCK_TTL_S = 30.0
+POLL_S = (0.01, 0.2)  # a waiter on another process's leader polls the store, backing off between these
 # An entry stays readable this long past its expiry, so a request after it is told EXPIRED, not MISS.
 EXPIRED_GRACE_S = 3600
 
@@ -120,9 +125,12 @@ class CacheState:
     ttl_s: int
     status: str | None = None  # HIT | MISS | EXPIRED | BYPASS once known
     client_key: str | None = None
+    tenant: str = "-"  # tenant_of the API key upstream sees
+    vary: tuple[str, ...] = ()  # the VARY_HEADERS' values, lower-cased
     key: str | None = None
     leader: bool = False
     chunks: list[bytes] | None = None  # a streamed answer's bytes as they pass (the leader's)
+    entry: Entry | None = None  # a hit's stored answer: upstream's bytes, what its event is built from
     size: int = 0
     too_big: bool = False
 
@@ -265,7 +273,16 @@ def storable(status: int, body_size: int, policy: CachePolicy) -> bool:
 class Store(Protocol):
     async def get(self, key: str) -> bytes | None: ...
     async def set(self, key: str, value: bytes, expire_s: float) -> None: ...
+    # the coalescing lock: `claim` sets `key` to `owner` only if no one holds it (atomically, for every
+    # process of the store), `release` deletes it only if `owner` still holds it
+    async def claim(self, key: str, owner: bytes, expire_s: float) -> bool: ...
+    async def held(self, key: str) -> bool: ...
+    async def release(self, key: str, owner: bytes) -> None: ...
     async def close(self) -> None: ...
+
+
+def lock_key(key: str) -> str:
+    return "cgw-lock:" + key.removeprefix("cgw:")
 
 
 class DiskStore:
@@ -293,6 +310,21 @@ class DiskStore:
         if not ok:
             raise OSError("diskcache did not store the entry")
 
+    async def claim(self, key: str, owner: bytes, expire_s: float) -> bool:
+        # diskcache's add is one SQLite transaction: one process of --workers N wins
+        return await asyncio.to_thread(self.cache.add, key, owner, expire_s, False, None, True)
+
+    async def held(self, key: str) -> bool:
+        return await asyncio.to_thread(self.cache.__contains__, key)
+
+    async def release(self, key: str, owner: bytes) -> None:
+        def release() -> None:
+            with self.cache.transact(retry=True):
+                if self.cache.get(key, retry=True) == owner:
+                    self.cache.delete(key, retry=True)
+
+        await asyncio.to_thread(release)
+
     async def close(self) -> None:
         await asyncio.to_thread(self.cache.close)
 
@@ -318,8 +350,21 @@ class RedisStore:
     async def set(self, key: str, value: bytes, expire_s: float) -> None:
         await self.client.set(key, value, px=max(1, int(expire_s * 1000)))
 
+    async def claim(self, key: str, owner: bytes, expire_s: float) -> bool:
+        return bool(await self.client.set(key, owner, px=max(1, int(expire_s * 1000)), nx=True))
+
+    async def held(self, key: str) -> bool:
+        return bool(await self.client.exists(key))
+
+    async def release(self, key: str, owner: bytes) -> None:
+        await self.client.eval(_RELEASE, 1, key, owner)
+
     async def close(self) -> None:
         await self.client.aclose()
+
+
+# compare-and-delete in one step: a lock that expired and was claimed by another leader stays theirs
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 
 def open_store(cache_url: str, data_dir: Path, max_bytes: int) -> Store | None:
@@ -343,8 +388,11 @@ class ResponseCache:
     """Lookups, stores and coalescing over one store, with counters for /metrics.
 
     Coalescing: the first miss of a key becomes its leader and goes upstream; identical requests arriving
-    meanwhile (in this process) wait for the leader's entry instead of calling upstream too. A leader
-    whose answer cannot be stored releases its followers, who then go upstream themselves.
+    meanwhile wait for the leader's entry instead of calling upstream too. A leader whose answer cannot be
+    stored releases its followers, who then go upstream themselves. In this process followers wait on
+    the leader's future; across the processes sharing the store, the first to `claim` the key's lock in
+    the store leads, and the first request of each other process polls the store until the answer is
+    there or the lock is gone (LOCK_TTL_S at most), its own process's followers waiting on it.
     """
 
     def __init__(
@@ -352,14 +400,17 @@ class ResponseCache:
         store: Store | None,
         counters: Counter[str] | None = None,
         clock: Callable[[], float] = time.time,
+        shared: bool = True,
     ) -> None:
         self.store = store
+        self.shared = shared  # other processes use the store too: coalesce with them through its lock
         self.clock = clock
         self.counters: Counter[str] = Counter() if counters is None else counters
         # key -> (the leader's answer to come, when it started); a stored answer stays here until the
         # store has it, so an identical request in between is a hit rather than a second upstream call
         self._leaders: dict[str, tuple[asyncio.Future[Entry | None], float]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._locks: dict[str, bytes] = {}  # key -> owner token of the store locks this process holds
         self._last_error_log = 0.0
 
     def _failed(self, what: str, exc: BaseException) -> None:
@@ -404,8 +455,49 @@ class ResponseCache:
             if entry is not None:
                 return "HIT", entry, False
             return status, None, False
-        self._leaders[key] = (asyncio.get_running_loop().create_future(), time.monotonic())
+        future: asyncio.Future[Entry | None] = asyncio.get_running_loop().create_future()
+        self._leaders[key] = (future, time.monotonic())
+        try:
+            entry = await self._lead_across(key)
+        except BaseException:
+            self._leaders.pop(key, None)
+            future.set_result(None)
+            raise
+        if entry is not None:  # another process led, and its answer is in the store
+            self._leaders.pop(key, None)
+            future.set_result(entry)
+            return "HIT", entry, False
         return status, None, True
+
+    async def _lead_across(self, key: str) -> Entry | None:
+        """None: this process leads (holding the store's lock when it could take it); an entry: another
+        process held the lock and stored its answer meanwhile."""
+        if self.store is None or not self.shared:
+            return None
+        lock, owner = lock_key(key), os.urandom(16)
+        try:
+            if await asyncio.wait_for(self.store.claim(lock, owner, LOCK_TTL_S), STORE_TIMEOUT_S):
+                self._locks[key] = owner
+                return None
+        except Exception as exc:
+            self._failed("lock", exc)
+            return None
+        self.counters["coalesced"] += 1
+        deadline, pause = time.monotonic() + LOCK_TTL_S, POLL_S[0]
+        while time.monotonic() < deadline:
+            try:
+                # the lock first: a leader stores its answer before it lets go, so once the lock is
+                # gone the lookup after it sees the answer if there is one
+                held = await asyncio.wait_for(self.store.held(lock), STORE_TIMEOUT_S)
+            except Exception as exc:
+                self._failed("lock", exc)
+                return None
+            _, entry = await self.lookup(key)
+            if entry is not None or not held:
+                return entry
+            await asyncio.sleep(pause)
+            pause = min(POLL_S[1], pause * 1.5)
+        return None
 
     def finish(self, key: str, entry: Entry | None) -> None:
         """The leader's answer: store it (in the background: the client does not wait) and hand it to
@@ -415,10 +507,23 @@ class ResponseCache:
             lead[0].set_result(entry)
         if entry is None or self.store is None:
             self._leaders.pop(key, None)
+            self._background(self._release(key))
             return
-        task = asyncio.get_running_loop().create_task(self._store(key, entry))
+        self._background(self._store(key, entry))
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _release(self, key: str) -> None:
+        owner = self._locks.pop(key, None)
+        if owner is None or self.store is None:
+            return
+        try:
+            await asyncio.wait_for(self.store.release(lock_key(key), owner), STORE_TIMEOUT_S)
+        except Exception as exc:  # the lock expires by itself
+            self._failed("unlock", exc)
 
     async def _store(self, key: str, entry: Entry) -> None:
         assert self.store is not None
@@ -430,6 +535,7 @@ class ResponseCache:
             self._failed("write", exc)
         finally:
             self._leaders.pop(key, None)
+            await self._release(key)  # after the write: a waiter that sees the lock gone finds the answer
 
     async def close(self) -> None:
         if self._tasks:
@@ -437,6 +543,8 @@ class ResponseCache:
         for pending, _ in self._leaders.values():
             if not pending.done():
                 pending.set_result(None)
+        for key in list(self._locks):
+            await self._release(key)
         if self.store is not None:
             with contextlib.suppress(Exception):
                 await self.store.close()

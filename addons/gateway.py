@@ -157,16 +157,6 @@ def _ms(seconds: float) -> str:
     return f"{max(0.0, seconds) * 1000:.3f}"
 
 
-def _text(headers: http.Headers, name: str) -> str | None:
-    """A header's value as latin-1 text: every byte maps to one character, so nothing a client sends
-    can make reading it raise."""
-    want = name.encode()
-    for key, value in headers.fields:
-        if key.lower() == want:
-            return header_text(value)
-    return None
-
-
 def _fail_closed(hook: Callable[[Gateway, http.HTTPFlow], Any]) -> Callable[[Gateway, http.HTTPFlow], Any]:
     """A hook that raises must not let mitmproxy carry on with the flow as it was (it logs "Addon error"
     and forwards it: unauthenticated, cf-aig-* headers on, to the upstream's host outside its prefix).
@@ -334,7 +324,9 @@ class Gateway:
         except Exception as exc:  # a full or broken disk: serve without a cache rather than not at all
             self.metrics.cache["store_errors"] += 1
             log.error("cannot open the response cache, running without one: %r", exc)
-        self.cache = rcache.ResponseCache(store, self.metrics.cache)
+        # a disk cache of one process coalesces in memory alone; workers and Redis share the store's lock
+        shared = self.metrics_dir is not None or not isinstance(store, rcache.DiskStore)
+        self.cache = rcache.ResponseCache(store, self.metrics.cache, shared=shared)
 
     async def _watch_config(self) -> None:
         while True:
@@ -494,12 +486,17 @@ class Gateway:
                     raise
             gwconfig.check_metadata(x.options.metadata, x.policy)
             x.retry = retries.parse_retry_headers(first, x.policy.retry)
+            api_key = api_key_of(first.get("authorization"), first.get("x-api-key"))
             if x.policy.provider_key is not None:
                 x.key_fingerprint = provider_keys.use(req.headers, x.policy)
+                api_key = x.policy.provider_key.key
             decision = rcache.decide(x.policy.cache, rcache.parse_cache_headers(first.items()), req.method)
             if decision.status is not None:
                 status = "BYPASS" if decision.status == "BYPASS" else None
-                x.cache = rcache.CacheState(decision.ttl_s, status, decision.client_key)
+                vary = tuple(first.get(name, "").strip().lower() for name in rcache.VARY_HEADERS)
+                x.cache = rcache.CacheState(
+                    decision.ttl_s, status, decision.client_key, rcache.tenant_of(api_key), vary
+                )
             length = first.get("content-length", "")
             if length.isdigit() and int(length) > opts.max_request_bytes:
                 raise RouteError(
@@ -696,21 +693,22 @@ class Gateway:
             x.cache = None
             flow.response = None
             if x.forwarded_at is None:
-                self._forward(x)
+                pending = self._forward(flow, x)
+                if pending is not None:
+                    await pending
 
     async def _serve_cached(self, flow: http.HTTPFlow, x: Exchange, body: bytes) -> None:
         c = x.cache
         assert c is not None
-        headers = flow.request.headers
         c.key = rcache.cache_key(
             account_id=x.account_id,
             gateway_id=x.gateway_id,
-            tenant=rcache.tenant_of(api_key_of(_text(headers, "authorization"), _text(headers, "x-api-key"))),
+            tenant=c.tenant,
             path=x.route.path,
             query=x.route.query,
             model=x.model,
             body=body,
-            vary=tuple((_text(headers, name) or "").strip().lower() for name in rcache.VARY_HEADERS),
+            vary=c.vary,
             client_key=c.client_key,
         )
         c.status, entry, c.leader = await self.cache.get_or_lead(c.key)
@@ -721,10 +719,16 @@ class Gateway:
             if pending is not None:
                 await pending
             return
+        c.entry = entry
         fields = [*entry.headers, (rcache.STATUS_HEADER, "HIT"), (LOG_ID_HEADER, x.event_id)]
         fields.append((OVERHEAD_HEADER, _ms(time.time() - x.start)))
         replay = http.Headers([(k.encode("latin-1"), v.encode("latin-1")) for k, v in fields])
-        flow.response = http.Response.make(entry.status, entry.body, replay)
+        content = entry.body
+        if x.strip_usage and "event-stream" in replay.get("content-type", ""):
+            # the entry is upstream's answer to the usage the gateway asked for; the client did not
+            stripper = UsageStripper()
+            content = stripper.feed(content) + stripper.flush()
+        flow.response = http.Response.make(entry.status, content, replay)
 
     # --- responses -----------------------------------------------------------------------------------
 
@@ -922,7 +926,9 @@ class Gateway:
         self.cache.finish(c.key, entry)
 
     def _finish_hit(self, x: Exchange, resp: http.Response, now: float) -> None:
-        body = resp.content or b""
+        # upstream's bytes as stored, as a miss's event sees them (with the usage a stripped stream saved)
+        assert x.cache is not None and x.cache.entry is not None
+        body = x.cache.entry.body
         ctype = resp.headers.get("content-type", "")
         if is_stream_response(ctype, x.stream):
             watcher = StreamWatcher(

@@ -195,17 +195,20 @@ def parse_request_options(
 
 
 # Headers a request may carry once: two differing copies are ambiguous (request smuggling, a body parsed
-# one way by the gateway and another upstream), so they are refused rather than forwarded.
+# one way by the gateway and another upstream), so they are refused rather than forwarded. Every cf-aig-*
+# header is one too (SINGLETON_PREFIX): which of two cache TTLs, metadata objects or tokens was meant is
+# not the gateway's to guess.
 SINGLETON_HEADERS = frozenset(
     {"host", "content-length", "content-type", "authorization", "transfer-encoding"}
 )
+SINGLETON_PREFIX = "cf-aig-"
 
 
 def check_singletons(names: Iterable[str]) -> None:
     seen: set[str] = set()
     for name in names:
         lname = name.lower()
-        if lname in SINGLETON_HEADERS:
+        if lname in SINGLETON_HEADERS or lname.startswith(SINGLETON_PREFIX):
             if lname in seen:
                 raise RouteError(400, f"duplicate {lname} header: send it once")
             seen.add(lname)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -88,15 +89,20 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     return status, await reader.readexactly(length)
 
 
+# One request sent again and again, or a function giving each send its own (e.g. a body never seen before).
+Request = bytes | Callable[[], bytes]
+
+
 async def _connection(
-    host: str, port: int, request: bytes, budget: list[int], deadline: float, out: LoadResult
+    host: str, port: int, request: Request, budget: list[int], deadline: float, out: LoadResult
 ) -> None:
     reader, writer = await asyncio.open_connection(host, port)
     try:
         while budget[0] > 0 and time.perf_counter() < deadline:
             budget[0] -= 1
+            data = request() if callable(request) else request
             started = time.perf_counter()
-            writer.write(request)
+            writer.write(data)
             status, body = await read_response(reader)
             took = time.perf_counter() - started
             if status >= 400:
@@ -110,7 +116,7 @@ async def _connection(
 
 async def run_load(
     url: str,
-    request: bytes,
+    request: Request,
     *,
     concurrency: int,
     requests: int,

@@ -33,6 +33,7 @@ EXPECTED_ROWS = {
     "soak": ("300", "1000"),
     "lean": ("lean bare", "gateway", "gateway --workers 2"),
     "read": ("summary", "recent (latest 100)", "event by id"),
+    "cache": ("direct", "gateway HIT", "gateway MISS (cache on)", "gateway, cache off", "gateway MISS"),
 }
 
 

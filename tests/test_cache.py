@@ -167,19 +167,30 @@ def test_cohere_v1_chat_and_ndjson_stream(gw: GatewayProcess, emulator_requests:
 def test_cohere_async_client(gw: GatewayProcess, emulator_requests: EmulatorRequests) -> None:
     st = Statuses()
 
-    async def run() -> tuple[list[Any], list[Any]]:
+    async def run() -> list[list[Any]]:
         co = cohere.AsyncClientV2(api_key=KEY, base_url=gw.base() + "/cohere", httpx_client=st.async_client())
+        v1 = cohere.AsyncClient(api_key=KEY, base_url=gw.base() + "/cohere", httpx_client=st.async_client())
         msg = [{"role": "user", "content": "async " + uid()}]
-        plain = [(await co.chat(model="command-r", messages=msg)).model_dump() for _ in "ab"]
-        streamed = [
-            [e.model_dump() async for e in co.chat_stream(model="command-r", messages=msg)] for _ in "ab"
+        text, texts, docs = "async v1 " + uid(), ["async embed " + uid()], ["async doc " + uid(), "other"]
+        calls = [
+            lambda: co.chat(model="command-r", messages=msg),
+            lambda: co.embed(texts=texts, model="embed-v4.0", input_type="search_document",
+                             embedding_types=["float"]),
+            lambda: co.rerank(model="rerank-v3.5", query="q", documents=docs),
+            lambda: v1.chat(message=text, model="command-r"),
+        ]  # fmt: skip
+        answers = [[(await call()).model_dump() for _ in "ab"] for call in calls]
+        answers += [
+            [[e.model_dump() async for e in co.chat_stream(model="command-r", messages=msg)] for _ in "ab"],
+            [[e.model_dump() async for e in v1.chat_stream(message=text, model="command-r")] for _ in "ab"],
         ]
-        return plain, streamed
+        return answers
 
-    plain, streamed = asyncio.run(run())
-    assert plain[0] == plain[1] and streamed[0] == streamed[1]
-    assert st.seen == ["MISS", "HIT", "MISS", "HIT"]
-    assert len(emulator_requests.for_path("/v2/chat")) == 2
+    for first, second in asyncio.run(run()):
+        assert first == second
+    assert st.seen == ["MISS", "HIT"] * 6
+    assert len(emulator_requests.for_path("/v2/chat")) == len(emulator_requests.for_path("/v1/chat")) == 2
+    assert len(emulator_requests.for_path("/v2/embed")) == len(emulator_requests.for_path("/v2/rerank")) == 1
 
 
 def test_openai_sdk_on_the_compat_route(gw: GatewayProcess, emulator_requests: EmulatorRequests) -> None:
@@ -202,6 +213,44 @@ def test_openai_sdk_on_the_compat_route(gw: GatewayProcess, emulator_requests: E
     assert streamed[0][-1]["usage"] is not None  # the replayed stream parsed through its usage chunk
     assert st.seen == ["MISS", "HIT"] * 2
     assert len(emulator_requests.all()) == 2
+
+
+def test_openai_stream_without_usage_is_the_same_on_a_hit(
+    emulator_url: str, kafka_bootstrap: str, emulator_requests: EmulatorRequests
+) -> None:
+    """A compat stream that did not ask for usage: the gateway asks upstream for it (to price the call)
+    and strips it from the answer. The store keeps upstream's bytes, so a hit must strip them too, and
+    its event must still carry the usage the hit saved."""
+    topic = create_topic(kafka_bootstrap, "cache-usage-" + uid()[:12])
+    g = start_gateway(emulator_url, kafka_bootstrap, topic, transparent=False, cache_ttl=600)
+    events = EventReader(kafka_bootstrap, topic)
+    try:
+        st = Statuses()
+        client = OpenAI(api_key=KEY, base_url=g.base() + "/compat", http_client=st.client())
+        msgs = [{"role": "user", "content": "no usage " + uid()}]
+        streamed = [
+            [c.model_dump() for c in client.chat.completions.create(
+                model="cohere/command-r", messages=msgs, stream=True)]
+            for _ in "ab"
+        ]  # fmt: skip
+        assert st.seen == ["MISS", "HIT"] and len(emulator_requests.all()) == 1
+        assert streamed[0] == streamed[1]
+        assert all(chunk["choices"] and chunk["usage"] is None for chunk in streamed[1])
+        # byte for byte, and the events: the miss billed its usage, the hit kept it as saved
+        body = {"model": "cohere/command-r", "messages": [{"role": "user", "content": "raw " + uid()}],
+                "stream": True}  # fmt: skip
+        miss, hit = (post(g, "/compat/chat/completions", body) for _ in "ab")
+        assert (miss[1]["cf-aig-cache-status"], hit[1]["cf-aig-cache-status"]) == ("MISS", "HIT")
+        assert miss[2] == hit[2] and b"data: [DONE]" in hit[2] and b'"usage"' not in hit[2]
+        m = events.wait_for(miss[1]["cf-aig-log-id"])
+        h = events.wait_for(hit[1]["cf-aig-log-id"])
+        assert m.usage.input_tokens and m.usage.output_tokens and m.cost_usd
+        assert (h.cache_status, h.cost_usd, h.usage) == ("HIT", 0.0, Usage())
+        assert (h.saved_input_tokens, h.saved_output_tokens) == (m.usage.input_tokens, m.usage.output_tokens)
+        assert h.saved_cost_usd == m.cost_usd
+    finally:
+        events.close()
+        g.stop()
 
 
 # --- policy ------------------------------------------------------------------------------------------
@@ -277,6 +326,43 @@ def test_concurrent_identical_requests_make_one_upstream_call(
     assert len(emulator_requests.all()) == 1
 
 
+def herd(targets: list[tuple[GatewayProcess, str]], body: dict) -> list[tuple[int, dict, bytes]]:
+    """The same request at once through each (gateway, base), while upstream is still answering the first."""
+    slow = {"x-emulator-fault": "delay-ms=600"}
+    with concurrent.futures.ThreadPoolExecutor(len(targets)) as pool:
+        results = list(pool.map(lambda t: post(t[0], "/cohere/v2/chat", body, base=t[1], **slow), targets))
+    assert {r[0] for r in results} == {200} and len({r[2] for r in results}) == 1
+    assert sorted(r[1]["cf-aig-cache-status"] for r in results) == ["HIT"] * (len(targets) - 1) + ["MISS"]
+    return results
+
+
+def test_concurrent_identical_requests_on_two_workers_make_one_upstream_call(
+    emulator_url: str, emulator_requests: EmulatorRequests
+) -> None:
+    g = start_gateway(emulator_url, "", "unused", transparent=False, workers=2, cache_ttl=600)
+    try:
+
+        def answered() -> dict[str, int]:  # lookups per worker, from the counters each shares once a second
+            files = (g.data_dir / "worker-metrics").glob("*.json")
+            counts = {f.name: orjson.loads(f.read_bytes()).get("cache", {}) for f in files}
+            return {name: c.get("hit", 0) + c.get("miss", 0) for name, c in counts.items()}
+
+        for _ in range(6):  # until one herd was spread over both workers (the kernel picks per connection)
+            before = answered()
+            emulator_requests.clear()
+            herd([(g, "")] * 8, chat_body("herd on workers " + uid()))
+            assert len(emulator_requests.all()) == 1
+            total = sum(before.values()) + 8
+            wait_for(lambda: sum(answered().values()) == total, "the workers' counters")  # noqa: B023
+            after = answered()
+            if len(after) == 2 and all(after[w] > before.get(w, 0) for w in after):
+                break
+        else:
+            raise AssertionError("no herd of 8 connections reached both workers: the test proves nothing")
+    finally:
+        g.stop()
+
+
 # --- where it lives ----------------------------------------------------------------------------------
 
 
@@ -313,6 +399,11 @@ def test_two_gateways_share_a_redis_cache(emulator_url: str, emulator_requests: 
             second = post(two, "/cohere/v2/chat", body)
             assert (first[1]["cf-aig-cache-status"], second[1]["cf-aig-cache-status"]) == ("MISS", "HIT")
             assert first[2] == second[2] and len(emulator_requests.all()) == 1
+            # the same request at once through both: one upstream call (the other gateway waits for it)
+            emulator_requests.clear()
+            herd([(one, ""), (two, "")] * 4, chat_body("herd on redis " + uid()))
+            assert len(emulator_requests.all()) == 1
+            assert metric(one, "coalesced") + metric(two, "coalesced") == 7
             # Redis stops: every request is served from upstream, nothing fails, the errors are counted
             redis.stop()
             emulator_requests.clear()
@@ -452,6 +543,25 @@ def test_gateway_tokens_from_the_configuration(
         assert post(g, "/cohere/v2/chat", body, base=locked)[0] == 401  # a hit needs the token too
         assert post(g, "/cohere/v2/chat", chat_body("t"))[0] == 200  # other gateways stay open
         assert token not in g.log_text()
+    finally:
+        g.stop()
+
+
+def test_hits_count_against_the_rate_limit(emulator_url: str, tmp_path: Path) -> None:
+    """A hit is a request like any other for the gateway's limits: over the limit it is refused (429),
+    never served from the cache."""
+    path = tmp_path / "gateways.toml"
+    path.write_text(
+        '[gateways."acct/limited"]\ncache = { enabled = true }\nrate_limits = [{ limit = 2, window = 600 }]\n'
+    )
+    g = start_gateway(emulator_url, "", "unused", transparent=False, config=str(path))
+    try:
+        base = g.base("acct", "limited")
+        body = chat_body("limited " + uid())
+        answers = [post(g, "/cohere/v2/chat", body, base=base) for _ in "abc"]
+        assert [a[0] for a in answers] == [200, 200, 429]
+        assert [a[1].get("cf-aig-cache-status") for a in answers[:2]] == ["MISS", "HIT"]
+        assert "cf-aig-cache-status" not in answers[2][1] and metric(g, "hit") == 1
     finally:
         g.stop()
 

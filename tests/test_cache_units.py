@@ -5,6 +5,9 @@ of ResponseCache, so TTL expiry is tested without waiting a minute; the stores t
 from __future__ import annotations
 
 import asyncio
+import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -188,3 +191,65 @@ def test_a_stopped_redis_is_a_miss_counted_and_logged(caplog: pytest.LogCaptureF
         url = server.url
     asyncio.run(run(url))  # the server is stopped now
     assert "cache store read failed" in caplog.text
+
+
+@pytest.fixture(params=["disk", "redis"])
+def shared_store(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], c.Store]:
+    """A factory of stores over one place, as each process of --workers N (disk) or each gateway on one
+    Redis opens its own."""
+    if request.param == "disk":
+        return lambda: c.DiskStore(tmp_path / "cache", 10**7)
+    url = request.getfixturevalue("redis_url")
+    return lambda: c.RedisStore(url)
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.005)
+
+
+def test_coalescing_across_caches_sharing_a_store(shared_store: Callable[[], c.Store]) -> None:
+    async def run() -> None:
+        key = "cgw:" + uuid.uuid4().hex
+        one, two = c.ResponseCache(shared_store()), c.ResponseCache(shared_store())
+        assert await one.get_or_lead(key) == ("MISS", None, True)
+        waiting = asyncio.create_task(two.get_or_lead(key))
+        follower = asyncio.create_task(two.get_or_lead(key))  # the other process's own follower
+        await until(lambda: two.counters["coalesced"] == 2, "both to wait for the other cache's leader")
+        assert not waiting.done() and not follower.done()
+        entry = c.make_entry(200, [], b"x", 60, one.clock())
+        one.finish(key, entry)
+        assert await asyncio.wait_for(asyncio.gather(waiting, follower), 10) == [("HIT", entry, False)] * 2
+        # released without an answer (an error upstream): the waiter goes upstream itself at once
+        key = "cgw:" + uuid.uuid4().hex
+        assert (await one.get_or_lead(key))[2] is True
+        waiting = asyncio.create_task(two.get_or_lead(key))
+        await until(lambda: two.counters["coalesced"] == 3, "the waiter")
+        one.finish(key, None)
+        assert await asyncio.wait_for(waiting, 10) == ("MISS", None, True)
+        two.finish(key, None)
+        for rc in (one, two):
+            await rc.close()
+
+    asyncio.run(run())
+
+
+def test_a_leader_that_never_finishes_holds_others_only_until_its_lock_expires(
+    shared_store: Callable[[], c.Store], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(c, "LOCK_TTL_S", 0.5)  # 30 s in production
+
+    async def run() -> None:
+        key = "cgw:" + uuid.uuid4().hex
+        dead, alive = c.ResponseCache(shared_store()), c.ResponseCache(shared_store())
+        assert (await dead.get_or_lead(key))[2] is True  # and then its process dies
+        started = time.monotonic()
+        assert await asyncio.wait_for(alive.get_or_lead(key), 10) == ("MISS", None, True)
+        assert 0.4 < time.monotonic() - started < 5 and alive.counters["coalesced"] == 1
+        alive.finish(key, None)
+        for rc in (dead, alive):
+            await rc.close()
+
+    asyncio.run(run())

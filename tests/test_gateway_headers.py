@@ -130,6 +130,35 @@ def test_malformed_cf_headers_are_400_and_not_forwarded(secured: Any, emulator_r
     assert emulator_requests.all() == []
 
 
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("cf-aig-cache-ttl", "600"),
+        ("cf-aig-skip-cache", "true"),
+        ("cf-aig-cache-key", "k"),
+        ("cf-aig-metadata", '{"a": 1}'),
+        ("cf-aig-event-id", "e"),
+        ("cf-aig-collect-log", "false"),
+        ("cf-aig-authorization", f"Bearer {TOKEN}"),
+        ("cf-aig-request-timeout", "1000"),
+    ],
+)
+def test_a_repeated_cf_aig_header_is_400_and_not_forwarded(
+    secured: Any, emulator_requests: Any, name: str, value: str
+) -> None:
+    """Two copies of one cf-aig-* header are ambiguous (which TTL, which metadata?): refused, never
+    silently read first-wins. The same value twice too, and in another letter case."""
+    gw, _ = secured
+    body = json.dumps({"message": "hi", "model": "command-r"})
+    base = [(k, v) for k, v in AUTH.items() if not (name == "cf-aig-authorization" and k == name)]
+    for second in (name, name.upper()):
+        headers = [*base, (name, value), (second, value)]
+        resp = httpx.post(gw.base() + "/cohere/v1/chat", content=body, headers=headers, timeout=30)
+        assert resp.status_code == 400, resp.text
+        assert resp.json()["message"] == f"duplicate {name} header: send it once"
+    assert emulator_requests.all() == []
+
+
 def test_body_limit_and_malformed_json(secured: Any, emulator_requests: Any) -> None:
     gw, events = secured
     resp = post(gw, "/cohere/v1/chat", b'{"message": "' + b"x" * 5000 + b'"}')

@@ -182,7 +182,7 @@ def test_request_options_from_headers() -> None:
             ("CF-AIG-COLLECT-LOG-PAYLOAD", "false"),
             ("cf-aig-event-id", "my-corr-id:42"),
             ("cf-aig-account-id", "team-a"),
-            ("cf-aig-cache-ttl", "60"),  # accepted (and not forwarded), not implemented
+            ("cf-aig-cache-ttl", "60"),  # the cache's (addons/cache.py parses it); ignored here
         ]
     )
     assert opts.metadata == {"user": "bob"}
@@ -215,7 +215,9 @@ def test_api_key_schemes() -> None:
 
 def test_duplicate_singleton_headers_are_refused() -> None:
     check_singletons(["Content-Type", "Accept", "accept", "Authorization"])  # repeats of others are fine
-    for name in ("Content-Type", "content-length", "Authorization", "Host", "Transfer-Encoding"):
+    check_singletons(["cf-aig-metadata", "cf-aig-cache-ttl", "cf-aig-skip-cache"])  # each once: fine
+    for name in ("Content-Type", "content-length", "Authorization", "Host", "Transfer-Encoding",
+                 "cf-aig-cache-ttl", "CF-AIG-Metadata", "cf-aig-some-future-header"):  # fmt: skip
         with pytest.raises(RouteError, match=f"duplicate {name.lower()} header") as info:
             check_singletons([name, "X-Other", name.upper()])
         assert info.value.status == 400
