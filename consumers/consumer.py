@@ -32,6 +32,7 @@ from consumers.batching import Batch, Planner, Range
 from consumers.dead_letters import dead_letter
 from consumers.metrics import Metrics
 from consumers.rows import EVENT_COLUMNS, Rejected, Row, outside_retention, to_row
+from consumers.write_sql import sql as write_sql
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +43,6 @@ COMMIT_TIMEOUT_MS = 10_000
 # ClickHouse's max_partitions_per_insert_block (default 100); `events` is partitioned by day.
 MAX_PARTITIONS_PER_INSERT = 100
 SESSION_TIMEOUT_MS = 10_000
-
-LOAD_INTENTS_SQL = """
-SELECT topic, partition, first_offset, last_offset, first_timestamp_ms
-FROM consumer_batches FINAL
-WHERE topic = {topic:String} AND partition = {partition:UInt32} AND first_offset >= {from_offset:UInt64}
-ORDER BY first_offset
-"""
 
 
 class Backoff:
@@ -480,7 +474,8 @@ class Consumer:
     def _load_intents(self, tp: Any) -> list[Range]:
         from_offset = self._first_buffered_offset(tp) or 0
         rows = self.backend.query(
-            LOAD_INTENTS_SQL, {"topic": tp.topic, "partition": tp.partition, "from_offset": from_offset}
+            write_sql("load_intents"),
+            {"topic": tp.topic, "partition": tp.partition, "from_offset": from_offset},
         )
         return [
             Range(
