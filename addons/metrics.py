@@ -43,15 +43,20 @@ class LabelledCounts(Counter[Any]):
     def __init__(self, metric: prometheus_client.Counter, labels: Iterable[str] = ()) -> None:
         super().__init__()
         self._metric = metric
+        # labels() validates and locks on every call; a request's counting should not pay for that.
+        self._children: dict[Any, Any] = {}
         for label in labels:  # rendered as 0 before the first one counted
-            metric.labels(label)
+            self._children[label] = metric.labels(label)
 
     def __setitem__(self, key: Any, value: int) -> None:
         delta = value - self[key]
         if delta < 0:
             raise ValueError(f"counter {key!r} cannot go down ({self[key]} -> {value})")
         if delta:
-            self._metric.labels(str(key)).inc(delta)
+            child = self._children.get(key)
+            if child is None:
+                child = self._children[key] = self._metric.labels(str(key))
+            child.inc(delta)
         super().__setitem__(key, value)
 
 
