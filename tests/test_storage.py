@@ -12,8 +12,8 @@ import pytest
 from cohere_gateway.events import Event, Latency, Usage, encode
 from consumers import queries, schema
 from consumers.backends import Backend
-from consumers.rows import EVENT_COLUMNS, convert
-from tests.fixtures.clickhouse import live_ttl_days, make_event
+from consumers.rows import EVENT_COLUMNS
+from tests.fixtures.clickhouse import convert, live_ttl_days, make_event
 
 # Recent, so the TTL (90 days) does not drop the rows on insert.
 BASE = (datetime.now(UTC) - timedelta(days=2)).replace(second=0, microsecond=0)
