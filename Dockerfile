@@ -5,6 +5,7 @@ COPY pyproject.toml README.md ./
 COPY cohere_gateway ./cohere_gateway
 COPY addons ./addons
 COPY consumers ./consumers
+# The base dependencies only: the `demo` extra (the emulator's aiohttp, the cohere SDK) stays out of the image.
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
 FROM python:3.13-slim

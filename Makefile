@@ -46,7 +46,8 @@ unit-alt:
 	  $(VENV_ALT)/bin/pip check && $(VENV_ALT)/bin/pytest -q $(UNIT_TESTS); fi
 
 # The main job: the whole pipeline on this machine. `make demo` also runs the Cohere emulator as upstream
-# and drives SDK traffic through the gateway, so the dashboard fills without a Cohere key.
+# and drives SDK traffic through the gateway, so the dashboard fills without a Cohere key (the venv's
+# `.[dev]` install includes the `demo` extra they need, through `test`).
 up: system-deps install
 	$(BIN)/cohere-gateway up $(ARGS)
 

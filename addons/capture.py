@@ -101,7 +101,6 @@ class Exchange:
     recorded: bool = True  # False: refused before authentication, no event at all
     failed_hook: str | None = None  # a response hook raised: the response is replaced by a 500
     secrets: tuple[str, ...] = ()  # this request's credentials, redacted from logged bodies
-    headers_sent_at: float | None = field(default=None)
     policy: GatewayPolicy = field(default_factory=GatewayPolicy)  # this gateway's configuration
     cache: CacheState | None = None  # None: the cache does not apply to this request
     retry: RetryPolicy = field(default_factory=RetryPolicy)  # the gateway's, with this request's headers

@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -119,12 +120,14 @@ def _ensure_ca(confdir: Path) -> None:
 
 
 def _metrics_dir(cfg: s.ProxySettings) -> Path:
-    """Where the workers of one `--workers N` gateway share their counters (addons/metrics.py)."""
+    """Where the workers of one `--workers N` gateway keep their counters (PROMETHEUS_MULTIPROC_DIR)."""
     return cfg.data_dir / "worker-metrics"
 
 
 def _supervise(cfg: s.ProxySettings) -> int:
     """Run `cfg.workers` single-process gateways on one port; stop them together."""
+    from addons.metrics import MULTIPROC_ENV, mark_worker_dead
+
     _ensure_ca(cfg.data_dir / "mitmproxy")
     # Counters of an earlier run would be summed into this one's.
     shutil.rmtree(_metrics_dir(cfg), ignore_errors=True)
@@ -134,6 +137,7 @@ def _supervise(cfg: s.ProxySettings) -> int:
     for i in range(cfg.workers):
         # Each worker has its own spool: a spool directory is locked by one publisher.
         env = os.environ | addon_environment(dataclasses.replace(cfg, spool_dir=str(spool_root / f"w{i}")))
+        env[MULTIPROC_ENV] = str(_metrics_dir(cfg))
         args = ["--host", cfg.host, "--port", str(cfg.port), "--data-dir", str(cfg.data_dir)]
         args += ["--log-level", cfg.log_level, "--transparent-port", str(cfg.transparent_port)]
         cmd = [sys.executable, "-m", "cohere_gateway.cli", "proxy", "--worker", *args]
@@ -146,8 +150,17 @@ def _supervise(cfg: s.ProxySettings) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    codes = [w.wait() for w in workers]
-    return max(codes)
+
+    def reap(w: subprocess.Popen[bytes]) -> None:
+        w.wait()
+        mark_worker_dead(_metrics_dir(cfg), w.pid)  # as soon as it exits, not when the others do
+
+    reapers = [threading.Thread(target=reap, args=(w,), daemon=True) for w in workers]
+    for t in reapers:
+        t.start()
+    for t in reapers:
+        t.join()
+    return max(w.returncode for w in workers)
 
 
 @click.command()

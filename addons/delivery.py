@@ -95,7 +95,6 @@ class DeliveryConfig:
     delivery_timeout_ms: int = 5000
     max_pending_events: int = 10_000
     dead_letter_max_bytes: int = 104_857_600
-    spool_segment_bytes: int | None = None
 
     @classmethod
     def from_options(cls, options: Any, default_spool_dir: Path) -> DeliveryConfig:
@@ -204,7 +203,6 @@ def open_spool(config: DeliveryConfig) -> Spool:
         max_bytes=config.spool_max_bytes,
         fsync=config.spool_fsync,
         fsync_interval_ms=config.spool_fsync_interval_ms,
-        segment_bytes=config.spool_segment_bytes,
     )
 
 

@@ -12,7 +12,6 @@ the sibling modules.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import functools
 import logging
@@ -48,7 +47,7 @@ from addons.headers import (
     key_fingerprint,
     parse_request_options,
 )
-from addons.metrics import Metrics, Snapshot, merge, read_snapshots, render, write_snapshot
+from addons.metrics import CONTENT_TYPE, Metrics
 from addons.outcomes import classify_proxy_error, classify_status
 from addons.pricing import DEFAULT_PRICING, compute_cost, load_pricing
 from addons.publish import NullPublisher, Publisher
@@ -177,7 +176,7 @@ def _fail_closed(hook: Callable[[Gateway, http.HTTPFlow], Any]) -> Callable[[Gat
     return guarded
 
 
-# How often a worker of `proxy --workers N` shares its counters with the others (addons/metrics.py).
+# How often the publisher's counters are copied into the gateway's (addons/metrics.py).
 METRICS_SHARE_S = 1.0
 
 
@@ -201,7 +200,7 @@ class HotOptions:
 
 class Gateway:
     def __init__(self, metrics_dir: Path | None = None) -> None:
-        self.metrics = Metrics()
+        self.metrics = Metrics(metrics_dir)
         self.metrics_dir = metrics_dir  # set in the workers of `proxy --workers N`: /metrics sums them
         self._sharing: asyncio.Task[None] | None = None
         self.publisher: Publisher = NullPublisher()
@@ -357,7 +356,7 @@ class Gateway:
         # mitmproxy has no connection limit; one idle connection costs little, ten thousand do not.
         if self.connections >= ctx.options.max_connections:
             client.error = "too many connections"
-            self.metrics.connections_refused += 1
+            self.metrics.connections_refused.inc()
             return
         self._counted.add(client.id)
 
@@ -371,22 +370,13 @@ class Gateway:
     def running(self) -> None:
         self._watching = asyncio.get_running_loop().create_task(self._watch_config())
         if self.metrics_dir is not None:
-            self._sharing = asyncio.get_running_loop().create_task(self._share_metrics(self.metrics_dir))
+            self._sharing = asyncio.get_running_loop().create_task(self._share_metrics())
 
-    async def _share_metrics(self, directory: Path) -> None:
-        failed = False
+    async def _share_metrics(self) -> None:
+        # The worker answering a scrape reads its own publisher then; the others' part comes from here.
         while True:
-            try:
-                write_snapshot(directory, self._snapshot())
-                failed = False
-            except OSError as exc:
-                if not failed:  # once per failure, not once a second
-                    log.warning("cannot share counters with the other workers: %s", exc)
-                failed = True
+            self.metrics.observe_publisher(self.publisher.counters())
             await asyncio.sleep(METRICS_SHARE_S)
-
-    def _snapshot(self) -> Snapshot:
-        return self.metrics.snapshot(self.publisher.counters())
 
     async def done(self) -> None:
         # Graceful stop (SIGTERM/SIGINT): accept no new connections, let in-flight exchanges finish (and
@@ -403,11 +393,10 @@ class Gateway:
             self._watching.cancel()
         await self.cache.close()
         await self.relay.close()
-        if self._sharing is not None and self.metrics_dir is not None:
+        if self._sharing is not None:
             self._sharing.cancel()
             # The last counts stay in the directory: the workers still running keep summing them.
-            with contextlib.suppress(OSError):
-                write_snapshot(self.metrics_dir, self._snapshot())
+            self.metrics.observe_publisher(self.publisher.counters())
         log.info(orjson.dumps({"msg": "gateway stopped", **self.publisher.counters()}).decode())
 
     # --- requests ------------------------------------------------------------------------------------
@@ -969,13 +958,13 @@ class Gateway:
         if not x.recorded:  # refused before authentication: counted in rejected, nothing stored
             return
         if not x.options.collect_log and x.policy.allow_log_opt_out:
-            self.metrics.events_skipped += 1
+            self.metrics.events_skipped.inc()
             return
         try:
             event = build_event(x, pricing=self.pricing, **kw)
             value = fit_event(event)
             if value is None:
-                self.metrics.events_oversize += 1
+                self.metrics.events_oversize.inc()
                 log.error("event %s is too large to deliver even without bodies; dropped", x.event_id)
                 return
             self.publisher.publish(f"{x.account_id}/{x.gateway_id}".encode(), value)
@@ -1077,13 +1066,8 @@ class Gateway:
             flow.response = json_response(200, {"status": "ok"})
             return
         if route.path == "/metrics":
-            snap = self._snapshot()
-            if self.metrics_dir is None:
-                text = render(snap)
-            else:
-                others = read_snapshots(self.metrics_dir, os.getpid())
-                text = render(merge([snap, *others]), workers=1 + len(others))
-            flow.response = http.Response.make(200, text, {"content-type": "text/plain; version=0.0.4"})
+            self.metrics.observe_publisher(self.publisher.counters())
+            flow.response = http.Response.make(200, self.metrics.render(), {"content-type": CONTENT_TYPE})
             return
         flow.response = json_response(
             200,

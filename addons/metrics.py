@@ -1,9 +1,12 @@
-"""The gateway's counters and their Prometheus text exposition (served at /metrics).
+"""The gateway's counters, kept and rendered by prometheus_client (served at /metrics).
 
 With `proxy --workers N` every worker process counts its own exchanges, and any of them may answer a
-scrape (the kernel picks). So each worker also writes its counters to a shared directory once a second
-(`write_snapshot`), and a scrape sums them all (`merge`): /metrics shows the whole gateway, whichever
-worker answers; the other workers' part is at most a second old.
+scrape (the kernel picks). So the workers run prometheus_client's multiprocess mode: each keeps its
+values in memory-mapped files under PROMETHEUS_MULTIPROC_DIR (`<data-dir>/worker-metrics`, emptied by
+the supervisor at start, which also marks exited workers dead), and a scrape sums every worker's files:
+/metrics shows the whole gateway, whichever worker answers. The publisher's counters live in the
+delivery process; they are copied in once a second (`Metrics.observe_publisher`), so the other workers'
+part of those is at most a second old.
 """
 
 from __future__ import annotations
@@ -14,140 +17,156 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import orjson
+import prometheus_client
+from prometheus_client import CollectorRegistry, Gauge, generate_latest, multiprocess
 
 from cohere_gateway.events import OUTCOMES
 
-# {"requests": {mode: n}, "exchanges": {outcome: n}, "rejected": {status: n}, "events_skipped": n,
-#  "publisher": {counter: n}}: plain JSON, so workers can share it through files.
-Snapshot = dict[str, Any]
-_GROUPS = ("requests", "exchanges", "rejected", "hook_errors", "publisher", "cache", "config")
-_SCALARS = ("events_skipped", "connections_refused", "events_oversize")
+# prometheus_client reads this variable once, when it is first imported: the supervisor sets it in each
+# worker's environment (addons/cli.py).
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# The text format Prometheus and the tests read; the library's default moved to 1.0.0.
+CONTENT_TYPE = prometheus_client.CONTENT_TYPE_PLAIN_0_0_4
+ROUTE_MODES = ("gateway", "compat", "transparent")
 # The response cache's counters (addons/cache.py), always rendered so a dashboard sees zeros.
 CACHE_COUNTERS = ("hit", "miss", "expired", "bypass", "coalesced", "stored", "store_errors")
+CONFIG_RESULTS = ("reloaded", "refused")
+
+# A `_created` sample per series doubles the text and no dashboard reads it.
+prometheus_client.disable_created_metrics()
+
+
+class LabelledCounts(Counter[Any]):
+    """This process's counts by one label, as the `Counter` the hooks add to (`counts[label] += 1`);
+    each addition is also made on the Prometheus counter, which is what /metrics renders."""
+
+    def __init__(self, metric: prometheus_client.Counter, labels: Iterable[str] = ()) -> None:
+        super().__init__()
+        self._metric = metric
+        # labels() validates and locks on every call; a request's counting should not pay for that.
+        self._children: dict[Any, Any] = {}
+        for label in labels:  # rendered as 0 before the first one counted
+            self._children[label] = metric.labels(label)
+
+    def __setitem__(self, key: Any, value: int) -> None:
+        delta = value - self[key]
+        if delta < 0:
+            raise ValueError(f"counter {key!r} cannot go down ({self[key]} -> {value})")
+        if delta:
+            child = self._children.get(key)
+            if child is None:
+                child = self._children[key] = self._metric.labels(str(key))
+            child.inc(delta)
+        super().__setitem__(key, value)
 
 
 class Metrics:
-    """Plain counters; mitmproxy runs hooks on one event loop, so no locking is needed here."""
+    """The gateway's counters. `directory` is set in the workers of `proxy --workers N`: then the values
+    are prometheus_client's multiprocess files there and a scrape sums every worker's."""
 
-    def __init__(self) -> None:
-        self.requests: Counter[str] = Counter()  # by route mode
-        self.exchanges: Counter[str] = Counter()  # by outcome
-        self.rejected: Counter[int] = Counter()  # requests the gateway answered itself, by status
-        self.events_skipped = 0  # cf-aig-collect-log: false
-        self.hook_errors: Counter[str] = Counter()  # internal errors answered 500, by hook
-        self.connections_refused = 0  # over max_connections
-        self.events_oversize = 0  # too large to deliver even without bodies
-        self.cache: Counter[str] = Counter()  # filled by addons/cache.py's ResponseCache
-        self.config: Counter[str] = Counter()  # configuration file reloads: "reloaded" | "refused"
+    def __init__(self, directory: Path | None = None) -> None:
+        if directory is not None and os.environ.get(MULTIPROC_ENV) != str(directory):
+            raise RuntimeError(f"a gateway worker needs {MULTIPROC_ENV}={directory} before it starts")
+        self.directory = directory
+        # Each Gateway has its own registry, so several in one process (tests) count apart.
+        self.registry = CollectorRegistry(auto_describe=True)
 
-    def snapshot(self, publisher: dict[str, int]) -> Snapshot:
-        return {
-            "requests": dict(self.requests),
-            "exchanges": dict(self.exchanges),
-            "rejected": {str(status): n for status, n in self.rejected.items()},
-            "events_skipped": self.events_skipped,
-            "hook_errors": dict(self.hook_errors),
-            "connections_refused": self.connections_refused,
-            "events_oversize": self.events_oversize,
-            "publisher": dict(publisher),
-            "cache": dict(self.cache),
-            "config": dict(self.config),
-        }
+        def counter(name: str, help_text: str, label: str) -> prometheus_client.Counter:
+            return prometheus_client.Counter(name, help_text, [label], registry=self.registry)
+
+        def scalar(name: str, help_text: str) -> prometheus_client.Counter:
+            return prometheus_client.Counter(name, help_text, registry=self.registry)
+
+        self.requests = LabelledCounts(
+            counter(
+                "cohere_gateway_requests", "Requests routed to the upstream, by route mode.", "route_mode"
+            ),
+            ROUTE_MODES,
+        )
+        self.exchanges = LabelledCounts(
+            counter("cohere_gateway_exchanges", "Finished exchanges, by outcome.", "outcome"), OUTCOMES
+        )
+        self.rejected = LabelledCounts(  # keyed by status (int)
+            counter(
+                "cohere_gateway_rejected", "Requests answered by the gateway itself, by status.", "status"
+            )
+        )
+        self.events_skipped = scalar(
+            "cohere_gateway_events_skipped", "Exchanges not logged (cf-aig-collect-log: false)."
+        )
+        self.hook_errors = LabelledCounts(
+            counter(
+                "cohere_gateway_hook_errors", "Internal errors answered with a JSON 500, by hook.", "hook"
+            )
+        )
+        self.connections_refused = scalar(
+            "cohere_gateway_connections_refused", "Connections closed at once (max_connections)."
+        )
+        self.events_oversize = scalar(
+            "cohere_gateway_events_oversize", "Events dropped: too large even without bodies."
+        )
+        self.cache = LabelledCounts(  # filled by addons/cache.py's ResponseCache
+            counter(
+                "cohere_gateway_cache",
+                "Response cache lookups by result, entries stored, store errors.",
+                "result",
+            ),
+            CACHE_COUNTERS,
+        )
+        self.config = LabelledCounts(
+            counter(
+                "cohere_gateway_config_reloads",
+                "Configuration file changes: reloaded, or refused "
+                "(the file did not parse or is gone; the configuration in force stays).",
+                "result",
+            ),
+            CONFIG_RESULTS,
+        )
+        self._publisher: dict[str, prometheus_client.Counter | Gauge] = {}
+        self._published: dict[str, int] = {}
+        if directory is not None:
+            Gauge(
+                "cohere_gateway_workers",
+                "Worker processes running now (the counters above also keep those of exited workers).",
+                registry=self.registry,
+                multiprocess_mode="livesum",
+            ).set(1)
+
+    def observe_publisher(self, counts: dict[str, int]) -> None:
+        """Bring the publisher's counters in: `*_pending` are gauges (summed over the running workers),
+        the rest counters, advanced by what they grew since the last call."""
+        for name, value in counts.items():
+            metric = self._publisher.get(name)
+            if metric is None:
+                help_text = f"Event delivery: {name.replace('_', ' ')} (addons/delivery.py)."
+                metric = self._publisher[name] = (
+                    Gauge(
+                        f"cohere_gateway_{name}",
+                        help_text,
+                        registry=self.registry,
+                        multiprocess_mode="livesum",
+                    )
+                    if name.endswith("_pending")
+                    else prometheus_client.Counter(
+                        f"cohere_gateway_{name}", help_text, registry=self.registry
+                    )
+                )
+            if isinstance(metric, Gauge):
+                metric.set(value)
+                continue
+            seen = self._published.get(name, 0)
+            # A restarted delivery process counts from zero again: all it counts then is new.
+            metric.inc(value - seen if value >= seen else value)
+            self._published[name] = value
+
+    def render(self) -> bytes:
+        if self.directory is None:
+            return generate_latest(self.registry)
+        every_worker = CollectorRegistry()
+        multiprocess.MultiProcessCollector(every_worker, path=str(self.directory))
+        return generate_latest(every_worker)
 
 
-def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
-    """The sum of several workers' snapshots."""
-    groups: dict[str, Counter[str]] = {group: Counter() for group in _GROUPS}
-    scalars = dict.fromkeys(_SCALARS, 0)
-    for snap in snapshots:
-        for group, counts in groups.items():
-            counts.update(snap.get(group, {}))
-        for name in _SCALARS:
-            scalars[name] += snap.get(name, 0)
-    return {group: dict(counts) for group, counts in groups.items()} | scalars
-
-
-def write_snapshot(directory: Path, snap: Snapshot) -> None:
-    """This process's snapshot as `<pid>.json`, replaced atomically so a reader never sees half."""
-    tmp = directory / f".{os.getpid()}.json.tmp"
-    tmp.write_bytes(orjson.dumps(snap))
-    os.replace(tmp, directory / f"{os.getpid()}.json")
-
-
-def read_snapshots(directory: Path, skip_pid: int) -> list[Snapshot]:
-    """The other workers' snapshots; a file that cannot be read (being replaced, garbage) is skipped."""
-    out = []
-    for path in directory.glob("*.json"):
-        if path.stem == str(skip_pid):
-            continue
-        try:
-            out.append(orjson.loads(path.read_bytes()))
-        except (OSError, orjson.JSONDecodeError):
-            continue
-    return out
-
-
-def render(snap: Snapshot, workers: int | None = None) -> str:
-    requests, exchanges, rejected = snap["requests"], snap["exchanges"], snap["rejected"]
-    lines = [
-        "# HELP cohere_gateway_requests_total Requests routed to the upstream, by route mode.",
-        "# TYPE cohere_gateway_requests_total counter",
-    ]
-    for mode in ("gateway", "compat", "transparent"):
-        lines.append(f'cohere_gateway_requests_total{{route_mode="{mode}"}} {requests.get(mode, 0)}')
-    lines += [
-        "# HELP cohere_gateway_exchanges_total Finished exchanges, by outcome.",
-        "# TYPE cohere_gateway_exchanges_total counter",
-    ]
-    for outcome in OUTCOMES:
-        lines.append(f'cohere_gateway_exchanges_total{{outcome="{outcome}"}} {exchanges.get(outcome, 0)}')
-    lines += [
-        "# HELP cohere_gateway_rejected_total Requests answered by the gateway itself, by status.",
-        "# TYPE cohere_gateway_rejected_total counter",
-    ]
-    for status in sorted(rejected, key=int):
-        lines.append(f'cohere_gateway_rejected_total{{status="{status}"}} {rejected[status]}')
-    lines += [
-        "# HELP cohere_gateway_events_skipped_total Exchanges not logged (cf-aig-collect-log: false).",
-        "# TYPE cohere_gateway_events_skipped_total counter",
-        f"cohere_gateway_events_skipped_total {snap['events_skipped']}",
-        "# HELP cohere_gateway_hook_errors_total Internal errors answered with a JSON 500, by hook.",
-        "# TYPE cohere_gateway_hook_errors_total counter",
-        *(
-            f'cohere_gateway_hook_errors_total{{hook="{h}"}} {n}'
-            for h, n in sorted(snap["hook_errors"].items())
-        ),
-        "# HELP cohere_gateway_connections_refused_total Connections closed at once (max_connections).",
-        "# TYPE cohere_gateway_connections_refused_total counter",
-        f"cohere_gateway_connections_refused_total {snap['connections_refused']}",
-        "# HELP cohere_gateway_events_oversize_total Events dropped: too large even without bodies.",
-        "# TYPE cohere_gateway_events_oversize_total counter",
-        f"cohere_gateway_events_oversize_total {snap['events_oversize']}",
-    ]
-    cache = snap.get("cache", {})
-    lines += [
-        "# HELP cohere_gateway_cache_total Response cache lookups by result, entries stored, store errors.",
-        "# TYPE cohere_gateway_cache_total counter",
-    ]
-    for name in CACHE_COUNTERS:
-        lines.append(f'cohere_gateway_cache_total{{result="{name}"}} {cache.get(name, 0)}')
-    config = snap.get("config", {})
-    lines += [
-        "# HELP cohere_gateway_config_reloads_total Configuration file changes: reloaded, or refused "
-        "(the file did not parse or is gone; the configuration in force stays).",
-        "# TYPE cohere_gateway_config_reloads_total counter",
-    ]
-    for name in ("reloaded", "refused"):
-        lines.append(f'cohere_gateway_config_reloads_total{{result="{name}"}} {config.get(name, 0)}')
-    for name, value in sorted(snap["publisher"].items()):
-        metric = f"cohere_gateway_{name}" + ("" if name.endswith("_pending") else "_total")
-        kind = "gauge" if name.endswith("_pending") else "counter"
-        lines += [f"# TYPE {metric} {kind}", f"{metric} {value}"]
-    if workers is not None:
-        lines += [
-            "# HELP cohere_gateway_workers Worker processes whose counters are summed above.",
-            "# TYPE cohere_gateway_workers gauge",
-            f"cohere_gateway_workers {workers}",
-        ]
-    return "\n".join(lines) + "\n"
+def mark_worker_dead(directory: Path, pid: int) -> None:
+    """An exited worker's gauges stop counting (its counters stay in the sums)."""
+    multiprocess.mark_process_dead(pid, str(directory))

@@ -138,7 +138,6 @@ class Spool:
         self._dirty = False
         self._last_sync = time.monotonic()
         self.corrupt_records = 0
-        self.corrupt_bytes = 0
         for path in sorted(self.directory.glob("*" + SEGMENT_SUFFIX)):
             if path.stem.isdigit():
                 self._sizes[int(path.stem)] = path.stat().st_size
@@ -152,13 +151,8 @@ class Spool:
         with self._lock:
             return sum(self._sizes.values())
 
-    @property
-    def end(self) -> Position:
-        """Position just past the last appended record."""
-        with self._lock:
-            return self._end()
-
     def _end(self) -> Position:
+        """Position just past the last appended record (lock held)."""
         if not self._sizes:
             return Position(self._next_segment, 0)
         last = max(self._sizes)
@@ -301,7 +295,6 @@ class Spool:
         rest = f.read(limit - offset)
         skip = next_valid(rest, 1)
         self.corrupt_records += 1
-        self.corrupt_bytes += skip
         log.error(
             "spool: skipped a torn or corrupt record in segment %d at byte %d (%d bytes); %d skipped so far",
             segment,

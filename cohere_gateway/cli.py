@@ -36,6 +36,7 @@ def emulator(**kwargs: object) -> None:
     detokenize, models and the OpenAI-compatible /compatibility/v1/chat/completions, with Cohere's wire
     formats and deterministic token counts. Point the SDK at it with base_url=http://HOST:PORT.
     """
+    _require_demo_extra("emulator")
     from cohere_gateway.emulator.server import serve
 
     serve(s.from_kwargs(s.EmulatorSettings, kwargs))
@@ -150,7 +151,10 @@ def up(**kwargs: object) -> None:
     """
     from cohere_gateway.up import run
 
-    sys.exit(run(s.from_kwargs(s.UpSettings, kwargs), _progress))
+    cfg = s.from_kwargs(s.UpSettings, kwargs)
+    if cfg.demo:
+        _require_demo_extra("up --demo")
+    sys.exit(run(cfg, _progress))
 
 
 @main.group()
@@ -175,6 +179,19 @@ def config_check(file: Path) -> None:
         shown |= {f"cache.{k}": v for k, v in entry.cache.items()}
         shown |= {f"retries.{k}": v for k, v in entry.retry.items()}
         click.echo(f"  {entry.pattern}: " + (", ".join(f"{k}={v}" for k, v in shown.items()) or "(nothing)"))
+
+
+def _require_demo_extra(command: str) -> None:
+    """The emulator and the demo traffic need the `demo` extra (aiohttp, the cohere SDK), which the
+    gateway and the consumer do not: their wheel and image leave it out."""
+    try:
+        import aiohttp  # noqa: F401
+        import cohere  # noqa: F401
+    except ImportError as exc:
+        raise click.ClickException(
+            f"`cohere-gateway {command}` needs the demo extra ({exc.name} is not installed): "
+            "pip install 'cohere-gateway[demo]'"
+        ) from None
 
 
 def _progress(message: str) -> None:

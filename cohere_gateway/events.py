@@ -23,8 +23,6 @@ SCHEMA_MAJOR = 1
 SCHEMA_MINOR = 3
 SCHEMA_VERSION = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
 
-DEFAULT_TOPIC = "cohere-gateway.events"
-
 # Longest error message kept in an event; Cohere's messages are short, upstream HTML error pages are not.
 MAX_ERROR_MESSAGE = 1024
 MAX_METADATA_ENTRIES = 5

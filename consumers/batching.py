@@ -10,15 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
-
-
-class Record(Protocol):
-    topic: str
-    partition: int
-    offset: int
-    timestamp: int
-    value: bytes | None
+from typing import Any, NamedTuple
 
 
 class TopicPartition(NamedTuple):

@@ -32,6 +32,7 @@ from consumers.batching import Batch, Planner, Range
 from consumers.dead_letters import dead_letter
 from consumers.metrics import Metrics
 from consumers.rows import EVENT_COLUMNS, Rejected, Row, outside_retention, to_row
+from consumers.write_sql import sql as write_sql
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +43,6 @@ COMMIT_TIMEOUT_MS = 10_000
 # ClickHouse's max_partitions_per_insert_block (default 100); `events` is partitioned by day.
 MAX_PARTITIONS_PER_INSERT = 100
 SESSION_TIMEOUT_MS = 10_000
-
-LOAD_INTENTS_SQL = """
-SELECT topic, partition, first_offset, last_offset, first_timestamp_ms
-FROM consumer_batches FINAL
-WHERE topic = {topic:String} AND partition = {partition:UInt32} AND first_offset >= {from_offset:UInt64}
-ORDER BY first_offset
-"""
 
 
 class Backoff:
@@ -279,19 +273,19 @@ class Consumer:
         try:
             step()
         except BackendUnavailable as exc:
-            self.metrics.insert_failures += 1
+            self.metrics.insert_failures.inc()
             self.metrics.storage_ready = False
             self._pause(f"ClickHouse unavailable, nothing committed: {exc}")
             return False
         except CommitFailedError as exc:
             # The group rebalanced under us; whoever owns the partitions now re-reads from the last
             # commit and re-cuts the same ranges from the intent log, so dropping is safe.
-            self.metrics.commit_failures += 1
+            self.metrics.commit_failures.inc()
             self._note_error(f"commit rejected after a rebalance, dropping uncommitted batches: {exc}")
             self._drop_all()
             return False
         except KafkaError as exc:
-            self.metrics.commit_failures += 1
+            self.metrics.commit_failures.inc()
             self.metrics.kafka_ready = False
             self._pause(f"Kafka unavailable while committing or writing dead letters: {exc}")
             return False
@@ -386,7 +380,7 @@ class Consumer:
         for range_token, polled in inserts:
             rows: list[Row] = [p.row for p in polled]  # type: ignore[misc]
             kept, dropped = dedup.keep_first(rows, seen)
-            self.metrics.duplicates += dropped
+            self.metrics.duplicates.inc(dropped)
             if kept:
                 records = {p.row.event_id: p.record for p in polled}  # type: ignore[union-attr]
                 refused += self._insert(range_token, kept, len(rows), records)
@@ -402,7 +396,7 @@ class Consumer:
         if len(days) > MAX_PARTITIONS_PER_INSERT:
             # Split by day before ClickHouse sees it: chdb's streaming insert drops such an insert
             # without an error (chdb 4.4: max_partitions_per_insert_block), so it must never be sent.
-            self.metrics.insert_splits += 1
+            self.metrics.insert_splits.inc()
             refused = []
             for first in range(0, len(days), MAX_PARTITIONS_PER_INSERT):
                 chunk_days = set(days[first : first + MAX_PARTITIONS_PER_INSERT])
@@ -421,7 +415,7 @@ class Consumer:
             if len(rows) == 1:
                 log.warning("ClickHouse refused event %s: %s", rows[0].event_id, exc)
                 return [(records[rows[0].event_id], f"ClickHouse refused the event: {exc}"[:2000])]
-            self.metrics.insert_splits += 1
+            self.metrics.insert_splits.inc()
             half = len(rows) // 2
             # Each half is named by its ids (token_for with total > len), so a retry re-inserts the same.
             return self._insert(range_token, rows[:half], total, records) + self._insert(
@@ -446,7 +440,7 @@ class Consumer:
                 self._dlq_producer().flush(timeout=30)
                 for future in sent:
                     future.get(timeout=0)  # raises the send's KafkaError: then we must not commit
-                self.metrics.dead_letters += len(sent)
+                self.metrics.dead_letters.inc(len(sent))
 
             self._inserts += 1
             if self._crash_after is not None and self._inserts >= self._crash_after:
@@ -464,7 +458,7 @@ class Consumer:
                 # blocking the loop (and SIGTERM) for kafka-python's default 30 s.
                 timeout_ms=COMMIT_TIMEOUT_MS,
             )
-            self.metrics.commits += 1
+            self.metrics.commits.inc()
             now = self.clock()
             for batch in inflight.batches:
                 self.planner.done(batch, now)
@@ -480,7 +474,8 @@ class Consumer:
     def _load_intents(self, tp: Any) -> list[Range]:
         from_offset = self._first_buffered_offset(tp) or 0
         rows = self.backend.query(
-            LOAD_INTENTS_SQL, {"topic": tp.topic, "partition": tp.partition, "from_offset": from_offset}
+            write_sql("load_intents"),
+            {"topic": tp.topic, "partition": tp.partition, "from_offset": from_offset},
         )
         return [
             Range(
@@ -536,8 +531,7 @@ class Consumer:
             if position is not None:
                 held = len(self._held.get(tp, ()))
                 lag[(tp.topic, tp.partition)] = max(0, high - position) + self.planner.buffered(tp) + held
-        with self.metrics.lock:
-            self.metrics.lag = lag
+        self.metrics.lag = lag
 
     def _check_kafka(self) -> None:
         """kafka-python's poll() does not raise while the broker is gone: it reconnects in the background

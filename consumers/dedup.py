@@ -14,8 +14,8 @@ import re
 from collections.abc import Iterable, Sequence
 
 from consumers.backends import Backend
-from consumers.queries import sql
 from consumers.rows import Row
+from consumers.write_sql import sql
 
 _PLAIN = re.compile(r"^[A-Za-z0-9_.:\-]*$")
 

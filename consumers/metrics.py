@@ -1,135 +1,110 @@
-"""Counters and gauges the consumer exposes at /metrics (Prometheus text format 0.0.4)."""
+"""Counters, gauges and histograms the consumer exposes at /metrics, kept by prometheus_client.
+
+One consumer is one process, so a plain registry serves: events are counted as they happen (Counters,
+Histograms), and what the consumer holds as state (readiness, buffered events, lag, assignment repairs)
+is read at scrape time (`_State`).
+"""
 
 from __future__ import annotations
 
-import threading
-from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+# Seconds per insert: a healthy local ClickHouse answers in milliseconds, a struggling one in seconds.
+INSERT_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# Events per batch, up to well past the default --batch-size.
+BATCH_SIZE_BUCKETS = (1, 10, 50, 100, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
+
+# A `_created` sample per series doubles the text and no dashboard reads it.
+prometheus_client.disable_created_metrics()
 
 
 @dataclass
 class Metrics:
-    events_inserted: int = 0
-    batches_inserted: int = 0
-    dead_letters: int = 0
-    insert_splits: int = 0  # inserts ClickHouse refused as data, split in two and retried
-    duplicates: int = 0  # events left out of an insert: their event_id was stored already
-    insert_failures: int = 0
-    commit_failures: int = 0
-    commits: int = 0
-    assignment_repairs: int = 0  # stalled assignments repaired (consumers/assignment.py)
-    lag: dict[tuple[str, int], int] = field(default_factory=dict)
-    last_batch_size: int = 0
-    buffered: int = 0  # consumed, not yet written
-    partitions: list[int] = field(default_factory=list)  # assigned to this consumer
-    # Recent insert latencies and batch sizes, for quantiles without a metrics library.
-    insert_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=512))
-    batch_sizes: deque[int] = field(default_factory=lambda: deque(maxlen=512))
     storage_ready: bool = False
     kafka_ready: bool = False
     paused: bool = False  # the consumer stopped consuming to retry a failed write, commit or dead letter
     last_error: str = ""
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    buffered: int = 0  # consumed, not yet written
+    partitions: list[int] = field(default_factory=list)  # assigned to this consumer
+    assignment_repairs: int = 0  # stalled assignments repaired (consumers/assignment.py)
+    # Messages not yet consumed, by (topic, partition); replaced whole, so a scrape sees one generation.
+    lag: dict[tuple[str, int], int] = field(default_factory=dict)
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry, repr=False)
+
+    def __post_init__(self) -> None:
+        def counter(name: str, help_text: str) -> Counter:
+            return Counter(f"cohere_gateway_consumer_{name}", help_text, registry=self.registry)
+
+        self.events_inserted = counter("events_inserted", "Events inserted into the raw table.")
+        self.batches_inserted = counter("batches", "Batches inserted (one per partition range).")
+        self.dead_letters = counter("dead_letters", "Messages sent to the dead-letter topic.")
+        self.duplicates = counter(
+            "duplicates", "Events not inserted because their event_id was stored already (counted once)."
+        )
+        self.insert_splits = counter(
+            "insert_splits",
+            "Inserts refused as data and split in two (a row refused alone is a dead letter).",
+        )
+        self.insert_failures = counter("insert_failures", "Failed attempts to write to ClickHouse.")
+        self.commits = counter("commits", "Offset commits.")
+        self.commit_failures = counter("commit_failures", "Failed offset commits.")
+        self.insert_seconds = Histogram(
+            "cohere_gateway_consumer_insert_seconds",
+            "Insert latency.",
+            buckets=INSERT_SECONDS_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_sizes = Histogram(
+            "cohere_gateway_consumer_batch_size",
+            "Events per batch.",
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(_State(self))
 
     def record_insert(self, rows: int, seconds: float) -> None:
-        with self.lock:
-            self.events_inserted += rows
-            self.batches_inserted += 1
-            self.last_batch_size = rows
-            self.insert_seconds.append(seconds)
-            self.batch_sizes.append(rows)
+        self.events_inserted.inc(rows)
+        self.batches_inserted.inc()
+        self.insert_seconds.observe(seconds)
+        self.batch_sizes.observe(rows)
 
     @property
     def ready(self) -> bool:
         return self.storage_ready and self.kafka_ready and not self.paused
 
     def render(self) -> str:
-        with self.lock:
-            lines = [
-                *_metric(
-                    "cohere_gateway_consumer_events_inserted_total",
-                    "counter",
-                    "Events inserted into the raw table.",
-                    self.events_inserted,
-                ),
-                *_metric(
-                    "cohere_gateway_consumer_batches_total",
-                    "counter",
-                    "Batches inserted (one per partition range).",
-                    self.batches_inserted,
-                ),
-                *_metric(
-                    "cohere_gateway_consumer_dead_letters_total",
-                    "counter",
-                    "Messages sent to the dead-letter topic.",
-                    self.dead_letters,
-                ),
-                *_metric(
-                    "cohere_gateway_consumer_assignment_repairs_total",
-                    "counter",
-                    "Times the group's assignment left partitions unread and was repaired (refresh, rejoin).",
-                    self.assignment_repairs,
-                ),
-                *_metric(
-                    "cohere_gateway_consumer_duplicates_total",
-                    "counter",
-                    "Events not inserted because their event_id was stored already (counted once).",
-                    self.duplicates,
-                ),
-                *_metric(
-                    "cohere_gateway_consumer_insert_splits_total",
-                    "counter",
-                    "Inserts refused as data and split in two (a row refused alone is a dead letter).",
-                    self.insert_splits,
-                ),
-                *_metric(
-                    "cohere_gateway_consumer_insert_failures_total",
-                    "counter",
-                    "Failed attempts to write to ClickHouse.",
-                    self.insert_failures,
-                ),
-                *_metric("cohere_gateway_consumer_commits_total", "counter", "Offset commits.", self.commits),
-                *_metric(
-                    "cohere_gateway_consumer_commit_failures_total",
-                    "counter",
-                    "Failed offset commits.",
-                    self.commit_failures,
-                ),
-                *_metric(
-                    "cohere_gateway_consumer_ready",
-                    "gauge",
-                    "1 when Kafka and ClickHouse both answer.",
-                    int(self.ready),
-                ),
-                *_metric(
-                    "cohere_gateway_consumer_buffered",
-                    "gauge",
-                    "Events consumed and not yet written.",
-                    self.buffered,
-                ),
-                "# HELP cohere_gateway_consumer_lag Messages in the partition not yet consumed.",
-                "# TYPE cohere_gateway_consumer_lag gauge",
-            ]
-            for (topic, partition), lag in sorted(self.lag.items()):
-                lines.append(f'cohere_gateway_consumer_lag{{topic="{topic}",partition="{partition}"}} {lag}')
-            lines += _summary(
-                "cohere_gateway_consumer_insert_seconds", "Insert latency.", list(self.insert_seconds)
-            )
-            lines += _summary(
-                "cohere_gateway_consumer_batch_size", "Events per batch.", list(self.batch_sizes)
-            )
-        return "\n".join(lines) + "\n"
+        return generate_latest(self.registry).decode()
 
 
-def _metric(name: str, kind: str, help_text: str, value: float) -> list[str]:
-    return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
+class _State:
+    """What the consumer holds as state, read when scraped (a prometheus_client custom collector)."""
 
+    def __init__(self, m: Metrics) -> None:
+        self.m = m
 
-def _summary(name: str, help_text: str, values: list[float]) -> list[str]:
-    lines = [f"# HELP {name} {help_text} (recent window)", f"# TYPE {name} summary"]
-    ordered = sorted(values)
-    for q in (0.5, 0.95, 0.99):
-        value = ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0
-        lines.append(f'{name}{{quantile="{q}"}} {value}')
-    lines += [f"{name}_sum {sum(ordered)}", f"{name}_count {len(ordered)}"]
-    return lines
+    def collect(self) -> Iterator[Metric]:
+        m = self.m
+        yield CounterMetricFamily(
+            "cohere_gateway_consumer_assignment_repairs",
+            "Times the group's assignment left partitions unread and was repaired (refresh, rejoin).",
+            value=m.assignment_repairs,
+        )
+        yield GaugeMetricFamily(
+            "cohere_gateway_consumer_ready", "1 when Kafka and ClickHouse both answer.", value=int(m.ready)
+        )
+        yield GaugeMetricFamily(
+            "cohere_gateway_consumer_buffered", "Events consumed and not yet written.", value=m.buffered
+        )
+        lag = GaugeMetricFamily(
+            "cohere_gateway_consumer_lag",
+            "Messages in the partition not yet consumed.",
+            labels=["topic", "partition"],
+        )
+        for (topic, partition), value in sorted(m.lag.items()):
+            lag.add_metric([topic, str(partition)], value)
+        yield lag

@@ -80,9 +80,3 @@ def outside_retention(start_time: datetime, now: datetime, retention_days: int) 
             "- at `$.start_time`"
         )
     return None
-
-
-def convert(value: bytes | None, partition: int, offset: int) -> bytes | Rejected:
-    """One JSONEachRow line for the raw table, or why the message is a dead letter."""
-    row = to_row(value, partition, offset)
-    return row if isinstance(row, Rejected) else row.line

@@ -11,23 +11,11 @@ from dataclasses import dataclass
 from importlib import resources
 
 from consumers.backends import Backend
+from consumers.write_sql import sql
 
 log = logging.getLogger(__name__)
 
-MIGRATIONS_TABLE_SQL = """
-CREATE TABLE IF NOT EXISTS schema_migrations
-(
-    version UInt32,
-    name String,
-    checksum String,
-    applied_at DateTime64(3, 'UTC') DEFAULT now64(3)
-)
-ENGINE = ReplacingMergeTree
-ORDER BY version
-"""
-
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
-_TTL_DAYS = re.compile(r"toIntervalDay\((\d+)\)")
 
 
 @dataclass(frozen=True)
@@ -67,13 +55,13 @@ def load_migrations() -> list[Migration]:
 
 
 def applied_versions(backend: Backend) -> dict[int, str]:
-    rows = backend.query("SELECT version, checksum FROM schema_migrations FINAL")
+    rows = backend.query(sql("migrations_applied"))
     return {int(r["version"]): r["checksum"] for r in rows}
 
 
 def migrate(backend: Backend) -> list[int]:
     """Apply the migrations not yet recorded; return their versions."""
-    backend.command(MIGRATIONS_TABLE_SQL)
+    backend.command(sql("migrations_table"))
     done = applied_versions(backend)
     applied = []
     for mig in load_migrations():
@@ -89,44 +77,36 @@ def migrate(backend: Backend) -> list[int]:
         for statement in mig.statements():
             backend.command(statement)
         backend.command(
-            "INSERT INTO schema_migrations (version, name, checksum) VALUES "
-            "({version:UInt32}, {name:String}, {checksum:String})",
-            {"version": mig.version, "name": mig.name, "checksum": mig.checksum},
+            sql("migration_record"), {"version": mig.version, "name": mig.name, "checksum": mig.checksum}
         )
         log.info("applied migration %04d_%s", mig.version, mig.name)
         applied.append(mig.version)
     return applied
 
 
-def current_ttl_days(backend: Backend, table: str) -> int | None:
-    rows = backend.query(
-        "SELECT engine_full FROM system.tables WHERE database = currentDatabase() AND name = {t:String}",
-        {"t": table},
-    )
-    if not rows:
-        return None
-    m = _TTL_DAYS.search(rows[0]["engine_full"])
-    return int(m.group(1)) if m else None
+# Which configured value governs each `setting` of table_retention (migration 0012).
+RETENTION_SETTINGS = ("raw", "aggregate")
 
 
-def apply_retention(backend: Backend, raw_days: int, aggregate_days: int) -> None:
-    """Rewrite the tables' TTL when --retention-days differs from what the table has."""
-    wanted = {
-        "events": ("toDateTime(start_time)", raw_days),
-        "event_ids": ("toDateTime(start_time)", raw_days),
-        "event_feedback": ("toDateTime(start_time)", raw_days),
-        "events_by_minute": ("minute", aggregate_days),
-        "errors_by_minute": ("minute", aggregate_days),
-        "cache_by_minute": ("minute", aggregate_days),
-        "events_by_hour": ("hour", aggregate_days),
-        "events_by_day": ("hour", aggregate_days),
-        "gateways_by_hour": ("hour", aggregate_days),
-        "keys_by_hour": ("hour", aggregate_days),
-        "metadata_by_hour": ("hour", aggregate_days),
-    }
-    for table, (column, days) in wanted.items():
+def apply_retention(backend: Backend, raw_days: int, aggregate_days: int) -> list[str]:
+    """Set the TTL of each table whose recorded retention differs from --retention-days (raw tables) or
+    --aggregate-retention-days (rollups), and record the change in `table_retention`; the tables already
+    at the configured days are left alone. Returns the tables changed."""
+    wanted = dict(zip(RETENTION_SETTINGS, (raw_days, aggregate_days), strict=True))
+    for setting, days in wanted.items():
         if days < 1:
-            raise ValueError(f"retention for {table} must be at least 1 day, got {days}")
-        if current_ttl_days(backend, table) != days:
-            backend.command(f"ALTER TABLE {table} MODIFY TTL {column} + toIntervalDay({int(days)})")
-            log.info("retention of %s set to %d days", table, days)
+            raise ValueError(f"{setting} retention must be at least 1 day, got {days}")
+    changed = []
+    for row in backend.query(sql("retention_get")):
+        days = wanted[row["setting"]]
+        if int(row["days"]) == days:
+            continue
+        table, expression = row["table_name"], row["ttl_expression"]
+        backend.command(sql("retention_alter").format(table=table, ttl_expression=expression, days=int(days)))
+        backend.command(
+            sql("retention_record"),
+            {"table_name": table, "setting": row["setting"], "ttl_expression": expression, "days": days},
+        )
+        log.info("retention of %s set to %d days (was %d)", table, days, int(row["days"]))
+        changed.append(table)
+    return changed

@@ -23,6 +23,7 @@ import httpx
 import orjson
 import pytest
 from openai import OpenAI
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from addons.cache import EXPIRED_GRACE_S, Entry
 from cohere_gateway.events import Usage
@@ -84,6 +85,14 @@ def metric(g: GatewayProcess, result: str) -> int:
     text = g.get("/metrics").decode()
     m = re.search(rf'cohere_gateway_cache_total{{result="{result}"}} (\d+)', text)
     return int(m.group(1)) if m else 0
+
+
+def _cache_hits(path: Path) -> Iterator[float]:
+    """The cache hits counted in one worker's multiprocess file."""
+    for family in MultiProcessCollector.merge([str(path)]):
+        for sample in family.samples:
+            if sample.name == "cohere_gateway_cache_total" and sample.labels.get("result") == "hit":
+                yield sample.value
 
 
 def wait_for(condition: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
@@ -373,9 +382,9 @@ def test_workers_share_the_disk_cache(emulator_url: str, emulator_requests: Emul
         assert post(g, "/cohere/v2/chat", body)[1]["cf-aig-cache-status"] == "MISS"
         wait_for(lambda: metric(g, "stored") >= 1, "the entry to be stored")
 
-        def hits_per_worker() -> list[int]:  # each worker's own counters, shared once a second
-            files = (g.data_dir / "worker-metrics").glob("*.json")
-            return [orjson.loads(f.read_bytes()).get("cache", {}).get("hit", 0) for f in files]
+        def hits_per_worker() -> list[int]:  # each worker's own counters: its prometheus_client file
+            files = (g.data_dir / "worker-metrics").glob("counter_*.db")
+            return [int(sum(_cache_hits(f))) for f in files]
 
         deadline = time.monotonic() + 30
         while not (len(hits_per_worker()) == 2 and min(hits_per_worker()) >= 1):

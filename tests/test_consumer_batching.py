@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from cohere_gateway.events import encode
 from consumers.batching import Planner, Range, TopicPartition
-from consumers.rows import Rejected, convert
-from tests.fixtures.clickhouse import make_event
+from consumers.rows import Rejected
+from tests.fixtures.clickhouse import convert, make_event
 
 TP = TopicPartition("t", 0)
 

@@ -19,8 +19,8 @@ import yaml
 from cohere_gateway.cli import main as cli
 from cohere_gateway.events import encode
 from consumers.backends import Backend
-from consumers.rows import EVENT_COLUMNS, convert
-from tests.fixtures.clickhouse import make_event
+from consumers.rows import EVENT_COLUMNS
+from tests.fixtures.clickhouse import convert, make_event
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())

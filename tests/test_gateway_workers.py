@@ -41,8 +41,8 @@ def test_workers_share_the_port_and_every_exchange_is_one_event(
         spools = sorted(p.name for p in (gw.data_dir / "spool").iterdir())
         assert spools == ["w0", "w1"]
 
-        # Whichever worker answers /metrics shows the whole gateway: its own counters plus the other's,
-        # which it shares once a second.
+        # Whichever worker answers /metrics shows the whole gateway: its own counters plus the other's
+        # (prometheus_client's multiprocess files; it writes counts as floats, 12.0).
         gateway_requests = 'cohere_gateway_requests_total{route_mode="gateway"}'
         wanted = {(f"{gateway_requests} 12", "cohere_gateway_workers 2")}
 
@@ -50,8 +50,8 @@ def test_workers_share_the_port_and_every_exchange_is_one_event(
             texts = [gw.get("/metrics").decode().splitlines() for _ in range(8)]  # new connections
             return {
                 (
-                    next(x for x in t if x.startswith(gateway_requests)),
-                    next(x for x in t if x.startswith("cohere_gateway_workers ")),
+                    next(x for x in t if x.startswith(gateway_requests)).removesuffix(".0"),
+                    next(x for x in t if x.startswith("cohere_gateway_workers ")).removesuffix(".0"),
                 )
                 for t in texts
             }

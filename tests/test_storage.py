@@ -12,8 +12,8 @@ import pytest
 from cohere_gateway.events import Event, Latency, Usage, encode
 from consumers import queries, schema
 from consumers.backends import Backend
-from consumers.rows import EVENT_COLUMNS, convert
-from tests.fixtures.clickhouse import make_event
+from consumers.rows import EVENT_COLUMNS
+from tests.fixtures.clickhouse import convert, live_ttl_days, make_event
 
 # Recent, so the TTL (90 days) does not drop the rows on insert.
 BASE = (datetime.now(UTC) - timedelta(days=2)).replace(second=0, microsecond=0)
@@ -151,10 +151,10 @@ def test_aggregates_equal_a_recomputation_from_raw(clickhouse_backend: Backend) 
 
 
 def test_retention_is_rewritten_when_configured(clickhouse_backend: Backend) -> None:
-    assert schema.current_ttl_days(clickhouse_backend, "events") == 90
+    assert live_ttl_days(clickhouse_backend, "events") == 90
     schema.apply_retention(clickhouse_backend, raw_days=7, aggregate_days=30)
-    assert schema.current_ttl_days(clickhouse_backend, "events") == 7
-    assert schema.current_ttl_days(clickhouse_backend, "events_by_minute") == 30
+    assert live_ttl_days(clickhouse_backend, "events") == 7
+    assert live_ttl_days(clickhouse_backend, "events_by_minute") == 30
     with pytest.raises(ValueError, match="at least 1 day"):
         schema.apply_retention(clickhouse_backend, raw_days=0, aggregate_days=30)
 

@@ -1,7 +1,7 @@
 -- Raw events: one row per gateway event, every field of the contract (cohere_gateway/events.py).
 -- ReplacingMergeTree keyed by event_id (last in the sort key) folds any duplicate that slips past insert
 -- deduplication; readers use FINAL. Ordered by account, gateway, time: how the dashboard filters.
--- The TTL is rewritten at consumer start from --retention-days (see consumers/schema.py).
+-- The TTL follows --retention-days through table_retention (migration 0012, consumers/schema.py).
 CREATE TABLE IF NOT EXISTS events
 (
     event_id String,
