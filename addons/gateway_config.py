@@ -404,15 +404,7 @@ def _rate_limits(file: str, line: int | None, key: str, value: Any) -> tuple[rat
             raise ConfigError(file, line, f"{where}.limit", f"{unit} limits are whole numbers")
         else:
             fields["limit"] = int(fields["limit"])
-        rule = ratelimits.RateRule(**fields)
-        if rule.unit != "requests" and rule.technique == "sliding":
-            raise ConfigError(
-                file,
-                line,
-                f"{where}.technique",
-                "token and cost limits count in fixed windows only (technique = fixed)",
-            )
-        rules.append(rule)
+        rules.append(ratelimits.RateRule(**fields))
     return tuple(rules)
 
 
@@ -423,14 +415,20 @@ _BUDGET_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
         _int_in(1, ratelimits.MAX_WINDOW_S),
         f"an integer number of seconds 1..{ratelimits.MAX_WINDOW_S} (periods aligned to the epoch, UTC)",
     ),
+    "rolling": (
+        _int_in(1, ratelimits.MAX_WINDOW_S),
+        f"an integer number of seconds 1..{ratelimits.MAX_WINDOW_S} (the spend of the last that many)",
+    ),
     "key": (_rule_key, "gateway, account, api_key, model or metadata.NAME (a cf-aig-metadata entry)"),
     "estimate": (_int_in(1, 10_000_000), "an integer number of output tokens 1..10000000"),
 }
+_BUDGET_WINDOWS = ("period", "window", "rolling")
 _PERIOD_S = {"day": 86400, "week": 7 * 86400, "month": 31 * 86400}
 
 
 def _budgets(file: str, line: int | None, key: str, value: Any) -> tuple[ratelimits.RateRule, ...]:
-    """Budgets are cost limits whose windows are calendar periods: the same counters as rate_limits."""
+    """Budgets are cost limits over calendar periods, epoch-aligned windows or the last N seconds (a
+    sliding cost limit): the same counters as rate_limits."""
     if not isinstance(value, list) or len(value) > 16:
         raise ConfigError(
             file, line, key, 'expected a list of at most 16 budgets: [{ usd, period = "month" }]'
@@ -438,8 +436,10 @@ def _budgets(file: str, line: int | None, key: str, value: Any) -> tuple[ratelim
     rules = []
     for i, raw in enumerate(value):
         where = f"{key}[{i}]"
-        if not isinstance(raw, dict) or "usd" not in raw or ("period" in raw) == ("window" in raw):
-            raise ConfigError(file, line, where, "expected a table with usd and one of period or window")
+        if not isinstance(raw, dict) or "usd" not in raw or sum(k in raw for k in _BUDGET_WINDOWS) != 1:
+            raise ConfigError(
+                file, line, where, "expected a table with usd and one of period, window or rolling"
+            )
         fields: dict[str, Any] = {}
         for bkey, bvalue in raw.items():
             spec = _BUDGET_KEYS.get(bkey)
@@ -449,15 +449,18 @@ def _budgets(file: str, line: int | None, key: str, value: Any) -> tuple[ratelim
                 )
             fields[bkey] = _checked(file, line, f"{where}.{bkey}", spec, bvalue)
         period = fields.pop("period", "")
-        window = fields.pop("window", None) or _PERIOD_S[period]
+        rolling = fields.pop("rolling", None)
+        window = rolling or fields.pop("window", None) or _PERIOD_S[period]
         usd = fields.pop("usd")
         rules.append(
             ratelimits.RateRule(
                 limit=max(1, round(usd * ratelimits.MICRO)),
                 window_s=window,
                 unit="cost",
+                technique="sliding" if rolling else "fixed",
                 period=period,
-                aligned=True,
+                aligned=not rolling,
+                rolling=bool(rolling),
                 **fields,
             )
         )
