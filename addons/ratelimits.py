@@ -30,21 +30,18 @@ import math
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 
 import limits
 import limits.aio.strategies
 import limits.storage
 
+from cohere_gateway import gateway_file
+from cohere_gateway.gateway_file import MICRO
+
 log = logging.getLogger("cohere_gateway.ratelimits")
 
 UNITS = ("requests", "tokens", "cost")
-PERIODS = ("day", "week", "month")  # budgets: calendar periods, UTC
-MICRO = 1_000_000  # cost counters count micro-dollars: the library counts integers
 TECHNIQUES = ("fixed", "sliding")
-KEYS = ("gateway", "account", "api_key", "model")  # or "metadata.<name>"
-MAX_WINDOW_S = 31 * 24 * 3600
-MAX_LIMIT = 10**12
 DEFAULT_ESTIMATE = 1024  # output tokens reserved for a request that names no max_tokens
 NAMESPACE = "cgw-rl"
 STORE_TIMEOUT_S = 2.0
@@ -82,20 +79,23 @@ class RateRule:
 
 def period_of(rule: RateRule, now: float) -> tuple[str, float]:
     """The label of the budget period `now` is in, and when it ends (epoch seconds)."""
-    t = datetime.fromtimestamp(now, UTC)
-    if rule.period == "day":
-        start = t.replace(hour=0, minute=0, second=0, microsecond=0)
-        end = start + timedelta(days=1)
-    elif rule.period == "week":
-        start = t.replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=t.weekday())
-        end = start + timedelta(days=7)
-    elif rule.period == "month":
-        start = t.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-        end = (start + timedelta(days=32)).replace(day=1)
-    else:
-        n = int(now // rule.window_s)
-        return str(n), (n + 1) * rule.window_s
-    return start.date().isoformat(), end.timestamp()
+    label, _, end = gateway_file.period_of(rule.period, rule.window_s, now)
+    return label, end
+
+
+def budget_rule(budget: gateway_file.Budget) -> RateRule:
+    """A budget is a cost limit: over a period or an aligned window (fixed), or rolling (sliding)."""
+    return RateRule(
+        limit=budget.limit,
+        window_s=budget.window_s,
+        unit="cost",
+        technique="sliding" if budget.rolling else "fixed",
+        key=budget.key,
+        estimate=DEFAULT_ESTIMATE if budget.estimate is None else budget.estimate,
+        period=budget.period,
+        aligned=not budget.rolling,
+        rolling=budget.rolling,
+    )
 
 
 @dataclass(slots=True)
