@@ -33,6 +33,7 @@ EXPECTED_ROWS = {
     "soak": ("300", "1000"),
     "lean": ("lean bare", "gateway", "gateway --workers 2"),
     "read": ("summary", "recent (latest 100)", "event by id"),
+    "limits": ("no rules", "3 rules, memory", "3 rules, Redis"),
 }
 
 
