@@ -47,6 +47,8 @@ budgets = [{ usd = 0.0002, window = 5 }]
 rate_limits = [{ limit = 0.001, window = 60, unit = "cost", key = "model" }]
 [gateways."acct/shared"]
 rate_limits = [{ limit = 5, window = 60 }, { limit = 1000, window = 60, unit = "tokens" }]
+[gateways."acct/sdk"]
+rate_limits = [{ limit = 1, window = 2 }]
 [gateways."acct/rolling"]
 budgets = [{ usd = 0.0002, rolling = 4 }]
 [gateways."acct/slide-cost"]
@@ -349,3 +351,20 @@ def test_sliding_token_and_cost_limits_are_exact_across_processes_sharing_a_redi
     finally:
         for g in gws:
             g.stop()
+
+
+def test_the_cohere_sdk_retries_a_gateway_429_after_its_retry_after(
+    gw: GatewayProcess, gateway_events: EventReader, emulator_url: str
+) -> None:
+    """The SDK's own retry of a 429 (2 by default) waits the gateway's retry-after, so it comes back
+    when the window has freed instead of hammering it: one refusal, then the answer."""
+    marker = "sdk-" + uuid.uuid4().hex
+    co = cohere.ClientV2(api_key=API_KEY, base_url=gw.base("acct", "sdk") + "/cohere")
+    ask = {"model": "command-r", "messages": [{"role": "user", "content": marker}]}
+    co.chat(**ask, request_options={"max_retries": 0})
+    start = time.monotonic()
+    co.chat(**ask, request_options={"additional_headers": {"cf-aig-event-id": marker}})  # default retries
+    assert time.monotonic() - start >= 0.5  # it waited (the rest of the 2 s window, at least 1 s asked)
+    assert reached_upstream(emulator_url, marker) == 2
+    events = gateway_events.wait_until(lambda e: e.client_event_id == marker, 2)
+    assert sorted(e.status_code for e in events) == [200, 429]
