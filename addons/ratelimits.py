@@ -1,18 +1,19 @@
-"""Rate limits per gateway: requests or tokens per window, counted with the `limits` library.
+"""Rate limits per gateway: requests, tokens or cost per window, counted with the `limits` library.
 
 A gateway's configuration holds rules (`rate_limits = [{ limit = 100, window = 60 }, ...]`), each
-counting `requests` or `tokens` (billed input + output) per `window` seconds, `fixed` or `sliding`,
-keyed by the gateway, the account, the API-key fingerprint or a `cf-aig-metadata` value. Counters live in
-the process (one gateway process alone) or in Redis (`--state-url redis://...`: every worker and every
-gateway sharing it counts against the same numbers, atomically - Redis runs the library's scripts).
+counting `requests`, `tokens` (billed input + output) or `cost` (USD) per `window` seconds, `fixed` or
+`sliding`, keyed by the gateway, the account, the model, the API-key fingerprint or a `cf-aig-metadata`
+value; budgets are cost rules over calendar periods or rolling windows. Counters live in the process
+(one gateway process alone) or in Redis (`--state-url redis://...`: every worker and every gateway
+sharing it counts against the same numbers, atomically - Redis runs the library's scripts).
 
 A sliding token or cost rule (and a rolling budget) counts in the library's sliding-window-counter
 form: windows of `window` seconds aligned to the epoch, the previous one weighted by how much of it is
-still inside the last `window` seconds (Cloudflare's sliding window is the same approximation). The
-library's own strategy for it is not used: it can neither give a reservation back nor settle it into
-the window it was taken in, so the two windows are the library's plain counters (`Storage.incr/get`,
-Redis: INCRBY), one per window, checked after the increment like the fixed window. A sliding request
-rule is the library's moving window: exact, one entry per request.
+still inside the last `window` seconds (the approximation Cloudflare has described for its rate
+limiting). The library's own strategy for it is not used: it can neither give a reservation back nor
+settle it into the window it was taken in, so the two windows are the library's plain counters
+(`Storage.incr/get`, Redis: INCRBY), one per window, checked after the increment like the fixed window.
+A sliding request rule is the library's moving window: exact, one entry per request.
 
 Token rules reserve before the request is forwarded (its `max_tokens`, else the rule's `estimate`, plus
 its input at one token per four bytes) and settle when the exchange ends: the difference to the billed
