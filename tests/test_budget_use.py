@@ -8,6 +8,7 @@ window counter the gateway enforces (the previous window weighted by its share s
 from __future__ import annotations
 
 import math
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from consumers.http_api import ReadApi
 from consumers.metrics import Metrics
 from tests.fixtures.browser import Browser
 from tests.fixtures.clickhouse import make_event
+from tests.fixtures.gateway import EventReader, start_gateway
 from tests.test_storage import insert_events
 
 CONFIG = """
@@ -201,3 +203,59 @@ def test_the_read_api_and_dashboard_show_budgets(
     finally:
         api.stop()
         plain.stop()
+
+
+E2E = """
+[gateways."acct/*"]
+budgets = [{ usd = 0.0003, period = "day", key = "model" },
+           { usd = 0.0002, rolling = 3600, key = "metadata.user" }]
+"""
+
+
+@pytest.mark.parametrize("storage", ["chdb"], indirect=True)
+def test_the_use_shown_is_what_the_gateway_counted(
+    clickhouse_backend: Backend,
+    tmp_path: Path,
+    emulator_url: str,
+    kafka_bootstrap: str,
+    gateway_topic: str,
+    gateway_events: EventReader,
+) -> None:
+    """A real gateway spends its budgets until it refuses; its events (from Kafka) stored; the read side,
+    given the same file, shows per counter the spend of those events, next to the limit that refused."""
+    config = tmp_path / "gateways.toml"
+    config.write_text(E2E)
+    gw = start_gateway(emulator_url, kafka_bootstrap, gateway_topic, transparent=False, config=str(config))
+    run = uuid.uuid4().hex
+    refusals: dict[str, str] = {}
+    count = 0
+    try:
+        for user in ("alice", "bob"):
+            for i in range(40):
+                body = {"model": "command-r", "messages": [{"role": "user", "content": f"{run} {i}"}],
+                        "max_tokens": 60}  # fmt: skip
+                headers = {"Authorization": "Bearer key-e2e", "cf-aig-event-id": f"{run}-{user}-{i}",
+                           "cf-aig-metadata": f'{{"user": "{user}-{run}"}}'}  # fmt: skip
+                resp = httpx.post(gw.base("acct", "e2e") + "/cohere/v2/chat", json=body, timeout=30,
+                                  headers=headers)  # fmt: skip
+                count += 1
+                if resp.status_code == 429:
+                    refusals[user] = resp.json()["message"]
+                    break
+                assert resp.status_code == 200, resp.text
+    finally:
+        gw.stop()
+    assert "in the last 3600 s" in refusals["alice"]  # her own rolling budget: $0.0002
+    assert "this day" in refusals["bob"]  # the model's day: $0.0003 for both
+    sent = gateway_events.wait_until(lambda e: (e.client_event_id or "").startswith(run), count)
+    insert_events(clickhouse_backend, sent, "e2e-" + run)
+    rows = queries.budgets(clickhouse_backend, gateway_file.read_budgets(config), gateway_id="e2e")
+    mine = {r["value"]: r for r in rows if r["value"] in ("command-r", f"alice-{run}", f"bob-{run}")}
+    ok = [e for e in sent if e.status_code == 200]
+    assert all(e.cost_usd is not None for e in ok)
+    model = mine["command-r"]
+    assert math.isclose(model["used_usd"], sum(e.cost_usd or 0 for e in sent), abs_tol=1e-12)
+    # the gateway refused only once reservations reached the budget: the spend shown is near it, within it
+    assert 0.5 < model["used_share"] <= 1.0 and model["unpriced_requests"] == 0
+    alice = mine[f"alice-{run}"]
+    assert alice["used_usd"] <= 0.0002 + 1e-12 and alice["used_share"] > 0.5
