@@ -17,7 +17,9 @@ W = 60
 T0 = 1_000_000 * W  # the start of window 1000000
 
 
-def admit(limiter: rl.RateLimiter, rule: rl.RateRule, cost: int, now: float, who: str = "gw"):  # type: ignore[no-untyped-def]
+def admit(
+    limiter: rl.RateLimiter, rule: rl.RateRule, cost: int, now: float, who: str = "gw"
+) -> rl.Reservation | rl.Refusal:
     key = rl.identity(rule, "acct", who, None, {}, None, now)
     return asyncio.run(limiter.admit((rule,), [key], [cost], now))
 
