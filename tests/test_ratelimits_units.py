@@ -102,3 +102,27 @@ def test_a_rolling_budget_names_one_window(snippet: str) -> None:
     with pytest.raises(gc.ConfigError) as err:
         gc.parse(f'[gateways."a/b"]\n{snippet}\n', "g.toml", gc.GatewayPolicy())
     assert "g.toml:2" in str(err.value) and ("rolling" in str(err.value))
+
+
+def test_each_key_names_its_counter() -> None:
+    """account: one counter for all the account's gateways; gateway, model, api_key, metadata: one per
+    gateway (and value); a request without the key's value is not under the rule."""
+    limiter = rl.RateLimiter()
+    ids = {}
+    for key in ("account", "gateway", "model", "api_key", "metadata.team"):
+        rule = rl.RateRule(1, W, key=key)
+        ids[key] = [rl.identity(rule, "acct", g, fp, meta, model, T0)
+                    for g, fp, meta, model in (("gw1", "fp1", {"team": "a"}, "m1"),
+                                               ("gw2", "fp1", {"team": "a"}, "m1"),
+                                               ("gw1", "fp2", {"team": "b"}, "m2"),
+                                               ("gw1", None, {}, "m1"))]  # fmt: skip
+        first, other_gateway, other_value, missing = ids[key]
+        assert isinstance(asyncio.run(limiter.admit((rule,), [first], [1], T0)), rl.Reservation)
+        assert isinstance(asyncio.run(limiter.admit((rule,), [first], [1], T0)), rl.Refusal)
+        shared = key == "account"
+        assert isinstance(asyncio.run(limiter.admit((rule,), [other_gateway], [1], T0)),
+                          rl.Refusal if shared else rl.Reservation)  # fmt: skip
+        if key not in ("account", "gateway"):
+            assert isinstance(asyncio.run(limiter.admit((rule,), [other_value], [1], T0)), rl.Reservation)
+        if key in ("api_key", "metadata.team"):
+            assert missing is None
