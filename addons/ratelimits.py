@@ -63,10 +63,6 @@ class RateRule:
     rolling: bool = False  # a budget over the last window_s seconds (technique "sliding")
 
     @property
-    def budget(self) -> bool:
-        return self.aligned or self.rolling
-
-    @property
     def counter(self) -> bool:
         """Counted in two epoch-aligned windows (sliding tokens or cost), not by the library's strategy."""
         return self.technique == "sliding" and self.unit != "requests"
