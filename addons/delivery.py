@@ -35,6 +35,7 @@ from typing import Any
 from addons.spool import FSYNC_MODES, FsyncMode, Position, Spool, SpoolInUseError
 from cohere_gateway import settings
 from cohere_gateway.events import KAFKA_MAX_MESSAGE_BYTES
+from cohere_gateway.kafka_seam import abort_producer
 
 log = logging.getLogger(__name__)
 
@@ -195,22 +196,6 @@ def make_producer(bootstrap: str, delivery_timeout_ms: int) -> Any:
         # The broker's default message.max.bytes; events are built at most half of it (events.py).
         max_request_size=KAFKA_MAX_MESSAGE_BYTES,
     )
-
-
-def abort_producer(producer: Any) -> None:
-    """Close without waiting for unacknowledged batches; their futures fail.
-
-    kafka-python's close(timeout) first flushes and raises KafkaTimeoutError when that times out, so it can
-    never force-close while a broker is down; forcing the sender thread first is the only bounded way.
-    """
-    sender = getattr(producer, "_sender", None)
-    if sender is not None:
-        sender.force_close()
-        sender.join(2.0)
-    try:
-        producer.close(timeout=0)
-    except Exception:  # closing a broken producer must not take the gateway down
-        log.debug("delivery: error while aborting the producer", exc_info=True)
 
 
 def open_spool(config: DeliveryConfig) -> Spool:

@@ -16,7 +16,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import targets
+from bench import checks, targets
 from bench.loadgen import LoadResult, encode_request, run_load
 from bench.procstat import CpuMeter
 from bench.report import Outcome, Table, budget_table, verdict
@@ -24,6 +24,7 @@ from bench.stats import ms, ratio, us
 from bench.workload import HEADERS, chat_body
 
 CPU_RATIO_LIMIT = 1.10
+CHECKS_SHARE_LIMIT = 0.03  # issue 13: the security checks' share of the gateway's CPU per request
 P50_SLACK_S = 0.0002
 P99_SLACK_S = 0.001
 
@@ -152,6 +153,41 @@ def budgets(pooled: dict[tuple[str, int], Measured], sizes: Sizes, gateway: str)
     return table, ok_all
 
 
+def checks_budget(
+    costs: list[checks.CheckCost],
+    pooled: dict[tuple[str, int], Measured],
+    sizes: Sizes,
+    gateway: str,
+    budget: Table,
+) -> tuple[Table, bool]:
+    """The checks' µs per request as a share of the gateway's CPU per request at each concurrency."""
+    table = Table(
+        "Security checks per request (bench/checks.py: the gateway's own functions on the same request)",
+        ["check", "µs/request", *(f"share, conc. {c}" for c in sizes.concurrencies)],
+    )
+    total = sum(c.us_per_request for c in costs)
+    per_request = {c: pooled[(gateway, c)].cpu_per_request * 1e6 for c in sizes.concurrencies}
+    for cost in [*costs, checks.CheckCost("all checks", total)]:
+        table.add(
+            cost.name,
+            f"{cost.us_per_request:.1f}",
+            *(f"{cost.us_per_request / per_request[c]:.2%}" for c in sizes.concurrencies),
+        )
+    ok = True
+    for c in sizes.concurrencies:
+        share = total / per_request[c]
+        ok &= share <= CHECKS_SHARE_LIMIT
+        budget.add(
+            f"security checks' share of {gateway} CPU/request, conc. {c}",
+            f"{total:.1f} µs ({share:.2%})",
+            f"{gateway} {per_request[c]:.0f} µs",
+            f"≤ {CHECKS_SHARE_LIMIT:.0%}",
+            verdict(share <= CHECKS_SHARE_LIMIT),
+        )
+    table.notes.append(checks.__doc__.split("\n\n")[1].replace("\n", " "))
+    return table, ok
+
+
 def publisher_counters(url: str) -> dict[str, int]:
     with contextlib.suppress(OSError, ValueError), urllib.request.urlopen(url + "/healthz", timeout=5) as r:
         return json.loads(r.read()).get("publisher", {})
@@ -199,12 +235,16 @@ def run(quick: bool) -> Outcome:
         tgts = [direct, bare, gw, *baseline_targets(stack, direct.url, kafka)]
         pooled = run_rounds(tgts, sizes)
         counters = publisher_counters(gw.url)
+        # After the load, so the timing loop does not compete with the targets for the cores.
+        costs = checks.measure(encode_request(gw.url + gw.path_prefix + "/v2/chat", chat_body(), HEADERS))
     table = results_table(tgts, pooled, sizes)
     budget, ok = budgets(pooled, sizes, "gateway")
+    checks_table, checks_ok = checks_budget(costs, pooled, sizes, "gateway", budget)
+    ok &= checks_ok
     notes = [
         f"sizes: {sizes.requests} requests (≤ {sizes.seconds:g} s) per target, concurrency and round; "
         f"{sizes.rounds} interleaved round(s); {sizes.warmup} warm-up requests before each",
         "gateway publisher counters at the end: "
         + ", ".join(f"{k}={v}" for k, v in sorted(counters.items()) if k.startswith("events")),
     ]
-    return Outcome([table, budget], notes, ok)
+    return Outcome([table, checks_table, budget], notes, ok)

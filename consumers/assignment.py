@@ -9,7 +9,7 @@ assignment. The broker knows better in every case, so this watch asks it, on its
 own admin client (public API): every CHECK_INTERVAL_S it compares the topic's partitions with what the
 group's members hold, and this member's share with what the consumer actually reads. A difference that
 outlives a rebalance (GRACE_S, the group Stable) is repaired from the consume loop, which owns the
-consumer: a metadata refresh, then a rejoin once it is applied (consumers/kafka_group.py), at most once
+consumer: a metadata refresh, then a rejoin once it is applied (cohere_gateway/kafka_seam.py), at most once
 per COOLDOWN_S.
 """
 
@@ -22,8 +22,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from cohere_gateway import kafka_seam
 from cohere_gateway.kafka_topics import partition_count
-from consumers import kafka_group
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class Watch:
             reason, since = self._reason, self._since
         if self._refresh is not None:
             if self._refresh.is_done or now - self._refresh_at >= REFRESH_WAIT_S:
-                kafka_group.request_rejoin(consumer)
+                kafka_seam.request_rejoin(consumer)
                 self._refresh = None
             return
         if reason is None or since is None or now - since < GRACE_S or now < self._next_repair:
@@ -131,18 +131,18 @@ class Watch:
         self._next_repair = now + COOLDOWN_S
         with self._lock:
             self._since = None  # judge the repaired group afresh
-        if not kafka_group.available():
+        if not kafka_seam.available():
             if not self._warned_unavailable:
                 self.note(
-                    f"ingest stalled on {self.topic}: {reason}; kafka-python {kafka_group.kafka.__version__} "
-                    f"is not the version whose rejoin was checked ({kafka_group.CHECKED_VERSION}), so "
+                    f"ingest stalled on {self.topic}: {reason}; kafka-python {kafka_seam.kafka.__version__} "
+                    f"is not the version whose rejoin was checked ({kafka_seam.CHECKED_VERSION}), so "
                     "nothing is repaired: restart this consumer"
                 )
                 self._warned_unavailable = True
             return
         self.repairs += 1
         self.note(f"ingest stalled on {self.topic}: {reason}; refreshing metadata and rejoining the group")
-        self._refresh = kafka_group.request_metadata_refresh(consumer)
+        self._refresh = kafka_seam.request_metadata_refresh(consumer)
         self._refresh_at = now
 
     # -- the watch thread -----------------------------------------------------------------------------

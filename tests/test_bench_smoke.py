@@ -21,7 +21,7 @@ from bench.stats import percentile
 
 # (scenario, a row label every run must contain in its tables)
 EXPECTED_ROWS = {
-    "overhead": ("direct", "bare mitmdump", "gateway"),
+    "overhead": ("direct", "bare mitmdump", "gateway", "all checks"),
     "streaming": ("direct", "bare mitmdump", "gateway"),
     "publish": (
         "live: Kafka acks=all, idempotent",

@@ -18,11 +18,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import kafka
 import pytest
 
 from cohere_gateway.settings import DEFAULT_PARTITIONS
-from consumers import kafka_group
 from consumers.assignment import CHECK_INTERVAL_S, GRACE_S, GroupView, Watch, diagnose
 from tests import test_consumer
 from tests.fixtures.clickhouse import Storage
@@ -36,31 +34,6 @@ running = test_consumer.running
 HOLD_AFTER_S = 2.0  # shorter than GRACE_S, so the repair's own refresh gets the real answer
 # A repair needs two observations of the stall GRACE_S apart, then a rebalance: well inside this.
 REPAIR_DEADLINE_S = CHECK_INTERVAL_S + GRACE_S + 15
-
-
-# -- the guarded internals --------------------------------------------------------------------------------
-
-
-def test_the_kafka_python_internals_the_repair_uses_are_still_there(kafka_bootstrap: str) -> None:
-    """Fails loudly when kafka-python moves: the pin changed without rereading consumers/kafka_group.py,
-    or the pinned version lost an internal."""
-    from kafka import KafkaConsumer
-
-    assert kafka.__version__ == kafka_group.CHECKED_VERSION, (
-        f"kafka-python {kafka.__version__} installed; consumers/kafka_group.py was checked against "
-        f"{kafka_group.CHECKED_VERSION}: reread it and update CHECKED_VERSION"
-    )
-    consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=f"g-{uuid.uuid4().hex[:8]}")
-    try:
-        kafka_group.check(consumer)
-        refresh = kafka_group.request_metadata_refresh(consumer)
-        wait_for(lambda: refresh.is_done, "the requested metadata refresh", 10)
-        consumer._coordinator.rejoin_needed = False
-        kafka_group.request_rejoin(consumer)
-        assert consumer._coordinator.need_rejoin() is False  # not subscribed: nothing to rejoin
-        assert consumer._coordinator.rejoin_needed is True
-    finally:
-        consumer.close()
 
 
 # -- what counts as stalled ---------------------------------------------------------------------------
