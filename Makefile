@@ -8,7 +8,8 @@ PYTHON_ALT ?= $(shell infra/find-python --other $(PYTHON))
 VENV_ALT   ?= .venv-alt
 UNIT_TESTS := tests/test_routing.py tests/test_usage.py tests/test_events.py tests/test_spool.py \
               tests/test_emulator_units.py tests/test_consumer_batching.py tests/test_mitmproxy_seam.py \
-              tests/test_pricing.py tests/test_retries_units.py tests/test_gateway_config.py
+              tests/test_pricing.py tests/test_retries_units.py tests/test_gateway_config.py \
+              tests/test_ratelimits_units.py
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 

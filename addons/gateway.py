@@ -600,12 +600,14 @@ class Gateway:
                 503, "rate limits with --workers > 1 need shared counters: start with --state-url"
             )
         max_tokens = body.get("max_tokens") if isinstance(body, dict) else None
-        now = time.time()
+        # The request's own time picks budget periods and sliding windows: its event's start_time, so the
+        # read side recomputes each budget from the events alone.
+        now = x.start
         model = x.model or self.pricing.implied_model(x.route.api_version, x.route.endpoint)
         ids = [ratelimits.identity(r, x.account_id, x.gateway_id, x.key_fingerprint, x.options.metadata,
                                    model, now) for r in rules]  # fmt: skip
         estimates = [self._estimate(x, r, model, max_tokens, len(content)) for r in rules]
-        verdict = await ratelimits.bounded(self.limiter.admit(rules, ids, estimates), "admit")
+        verdict = await ratelimits.bounded(self.limiter.admit(rules, ids, estimates, now), "admit")
         if isinstance(verdict, ratelimits.Refusal):
             self.metrics.rejected[429] += 1
             x.refusal = "rate_limited"

@@ -27,7 +27,6 @@ Tokens are secrets: no message, log or event ever carries one.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import logging
 import os
 import re
@@ -38,7 +37,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cohere_gateway import gateway_file
 from cohere_gateway.events import MAX_METADATA_ENTRIES, api_key_fingerprint
+from cohere_gateway.gateway_file import boolean as _bool
+from cohere_gateway.gateway_file import int_in as _int_in
+from cohere_gateway.gateway_file import one_of as _one_of
+from cohere_gateway.gateway_file import positive as _positive
+from cohere_gateway.gateway_file import rule_key as _rule_key
 
 from . import ratelimits, retries
 from .retries import RetryPolicy
@@ -114,41 +119,6 @@ class GatewayPolicy:
 # --- validation of one entry: key -> (checker, what is allowed) --------------------------------------
 
 
-def _bool(v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise TypeError
-    return v
-
-
-def _int_in(lo: int, hi: int) -> Callable[[Any], int]:
-    def check(v: Any) -> int:
-        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-            raise TypeError
-        return v
-
-    return check
-
-
-def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str]:
-    def check(v: Any) -> str:
-        if v not in choices:
-            raise TypeError
-        return v
-
-    return check
-
-
-def _rule_key(v: Any) -> str:
-    if not isinstance(v, str):
-        raise TypeError
-    name = v.removeprefix("metadata.")
-    if v in ratelimits.KEYS or (
-        v.startswith("metadata.") and 1 <= len(name) <= 64 and not name.startswith("cf.")
-    ):
-        return v
-    raise TypeError
-
-
 def _tokens(v: Any) -> tuple[str, ...]:
     if not isinstance(v, list) or not all(isinstance(t, str) and 8 <= len(t) <= 512 for t in v):
         raise TypeError
@@ -209,18 +179,10 @@ class Entry:
 
     @property
     def specificity(self) -> tuple[int, int, int]:
-        def literal(side: str) -> int:
-            return sum(ch not in "*?[]!" for ch in side)
-
-        glob = set("*?[")
-        return (
-            not glob & set(self.account),
-            not glob & set(self.gateway),
-            literal(self.account) + literal(self.gateway),
-        )
+        return gateway_file.specificity(self.account, self.gateway)
 
     def matches(self, account: str, gateway: str) -> bool:
-        return fnmatch.fnmatchcase(account, self.account) and fnmatch.fnmatchcase(gateway, self.gateway)
+        return gateway_file.matches(self.account, self.gateway, account, gateway)
 
 
 class _Locator:
@@ -361,29 +323,31 @@ def _entry(file: str, loc: _Locator, pattern: str, raw: Any, env: dict[str, str]
     return Entry(pattern, account, gateway, values, cache, retry)
 
 
-def _positive(v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v <= ratelimits.MAX_LIMIT:
-        raise TypeError
-    return float(v)
-
-
 _RULE_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "limit": (_positive, "a number > 0 (requests or tokens: an integer; cost: USD)"),
     "window": (
-        _int_in(1, ratelimits.MAX_WINDOW_S),
-        f"an integer number of seconds 1..{ratelimits.MAX_WINDOW_S}",
+        _int_in(1, gateway_file.MAX_WINDOW_S),
+        f"an integer number of seconds 1..{gateway_file.MAX_WINDOW_S}",
     ),
     "unit": (_one_of(ratelimits.UNITS), "one of " + ", ".join(ratelimits.UNITS)),
     "technique": (_one_of(ratelimits.TECHNIQUES), "one of " + ", ".join(ratelimits.TECHNIQUES)),
     "key": (_rule_key, "gateway, account, api_key or metadata.NAME (a cf-aig-metadata entry)"),
-    "estimate": (_int_in(1, 10_000_000), "an integer number of tokens 1..10000000"),
+    "estimate": (
+        _int_in(1, gateway_file.MAX_ESTIMATE),
+        f"an integer number of tokens 1..{gateway_file.MAX_ESTIMATE}",
+    ),
 }
 _RULE_FIELD = {"window": "window_s"}
 
 
 def _rate_limits(file: str, line: int | None, key: str, value: Any) -> tuple[ratelimits.RateRule, ...]:
-    if not isinstance(value, list) or len(value) > 16:
-        raise ConfigError(file, line, key, "expected a list of at most 16 rules: [{ limit, window, ... }]")
+    if not isinstance(value, list) or len(value) > gateway_file.MAX_RULES:
+        raise ConfigError(
+            file,
+            line,
+            key,
+            f"expected a list of at most {gateway_file.MAX_RULES} rules: [{{ limit, window, ... }}]",
+        )
     rules = []
     for i, raw in enumerate(value):
         where = f"{key}[{i}]"
@@ -404,64 +368,18 @@ def _rate_limits(file: str, line: int | None, key: str, value: Any) -> tuple[rat
             raise ConfigError(file, line, f"{where}.limit", f"{unit} limits are whole numbers")
         else:
             fields["limit"] = int(fields["limit"])
-        rule = ratelimits.RateRule(**fields)
-        if rule.unit != "requests" and rule.technique == "sliding":
-            raise ConfigError(
-                file,
-                line,
-                f"{where}.technique",
-                "token and cost limits count in fixed windows only (technique = fixed)",
-            )
-        rules.append(rule)
+        rules.append(ratelimits.RateRule(**fields))
     return tuple(rules)
-
-
-_BUDGET_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
-    "usd": (_positive, "a number of US dollars > 0"),
-    "period": (_one_of(ratelimits.PERIODS), "one of " + ", ".join(ratelimits.PERIODS) + " (calendar, UTC)"),
-    "window": (
-        _int_in(1, ratelimits.MAX_WINDOW_S),
-        f"an integer number of seconds 1..{ratelimits.MAX_WINDOW_S} (periods aligned to the epoch, UTC)",
-    ),
-    "key": (_rule_key, "gateway, account, api_key, model or metadata.NAME (a cf-aig-metadata entry)"),
-    "estimate": (_int_in(1, 10_000_000), "an integer number of output tokens 1..10000000"),
-}
-_PERIOD_S = {"day": 86400, "week": 7 * 86400, "month": 31 * 86400}
 
 
 def _budgets(file: str, line: int | None, key: str, value: Any) -> tuple[ratelimits.RateRule, ...]:
-    """Budgets are cost limits whose windows are calendar periods: the same counters as rate_limits."""
-    if not isinstance(value, list) or len(value) > 16:
-        raise ConfigError(
-            file, line, key, 'expected a list of at most 16 budgets: [{ usd, period = "month" }]'
-        )
-    rules = []
-    for i, raw in enumerate(value):
-        where = f"{key}[{i}]"
-        if not isinstance(raw, dict) or "usd" not in raw or ("period" in raw) == ("window" in raw):
-            raise ConfigError(file, line, where, "expected a table with usd and one of period or window")
-        fields: dict[str, Any] = {}
-        for bkey, bvalue in raw.items():
-            spec = _BUDGET_KEYS.get(bkey)
-            if spec is None:
-                raise ConfigError(
-                    file, line, f"{where}.{bkey}", f"unknown key; allowed: {', '.join(_BUDGET_KEYS)}"
-                )
-            fields[bkey] = _checked(file, line, f"{where}.{bkey}", spec, bvalue)
-        period = fields.pop("period", "")
-        window = fields.pop("window", None) or _PERIOD_S[period]
-        usd = fields.pop("usd")
-        rules.append(
-            ratelimits.RateRule(
-                limit=max(1, round(usd * ratelimits.MICRO)),
-                window_s=window,
-                unit="cost",
-                period=period,
-                aligned=True,
-                **fields,
-            )
-        )
-    return tuple(rules)
+    """Budgets are cost limits over calendar periods, epoch-aligned windows or the last N seconds (a
+    sliding cost limit): the same counters as rate_limits. Parsed by the piece the read side shares."""
+    try:
+        budgets = gateway_file.parse_budgets(value)
+    except gateway_file.BudgetError as exc:
+        raise ConfigError(file, line, key + exc.key, exc.message) from None
+    return tuple(ratelimits.budget_rule(b) for b in budgets)
 
 
 def _provider_key(file: str, line: int | None, key: str, value: Any, env: dict[str, str]) -> ProviderKey:

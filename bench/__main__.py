@@ -1,9 +1,9 @@
 """`python -m bench <scenario> [--quick] [--results PATH] [--no-record]`
 
 Scenarios: overhead, streaming, publish, soak, lean (item 3 of the benchmark issue), read, cache (issue
-16: the response cache), plus sink and spool when bench/sink.py and bench/spool.py exist; `all` runs
-every one in turn. `--quick` shrinks every size so the whole suite finishes in a minute or two (the CI
-smoke run); the numbers are then not budgets.
+16: the response cache), limits (issue 17: the CPU rate limits cost per request), plus sink and spool
+when bench/sink.py and bench/spool.py exist; `all` runs every one in turn. `--quick` shrinks every size
+so the whole suite finishes in a minute or two (the CI smoke run); the numbers are then not budgets.
 Exit status: 0 when every stated budget was met (or --quick), 1 when one was missed, 2 on a usage error.
 """
 
@@ -31,6 +31,7 @@ OWN = {
     "lean": "bench.lean",
     "read": "bench.read",
     "cache": "bench.cache",
+    "limits": "bench.limits",
 }
 # Modules written by other engineers (bench/sink.py, bench/spool.py), run when present.
 EXTERNAL = ("sink", "spool")

@@ -129,6 +129,11 @@ class ConsumerSettings:
         "ClickHouse server URL the read API queries with, e.g. a read-only user's. Empty: --clickhouse.",
     )
     log_level: str = setting("info", "Log level.", choices=("debug", "info", "warning", "error"))
+    gateway_config: str = setting(
+        "",
+        "The gateways' configuration file (the gateway's --config): the dashboard and /api/budgets show "
+        "the use of its budgets, recomputed from the events. Only its budgets are read. Empty: none.",
+    )
 
 
 @dataclass(frozen=True)

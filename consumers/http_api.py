@@ -20,6 +20,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 
+from cohere_gateway import gateway_file
 from consumers import logs, queries
 from consumers.backends import Backend, BackendUnavailable
 from consumers.metrics import Metrics
@@ -75,10 +76,12 @@ class ReadApi:
         *,
         token: str = "",
         allowed_hosts: frozenset[str] | None = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"}),
+        gateway_config: Path | None = None,
     ) -> None:
         check_exposure(host, token)
         api = self
         self.token = token
+        self.gateway_config = gateway_config  # the gateway's --config file: its budgets' use
         self.allowed_hosts = allowed_hosts
 
         class Handler(BaseHTTPRequestHandler):
@@ -213,6 +216,18 @@ class ReadApi:
             return 503, "application/json", orjson.dumps({"error": str(exc)})
         return 200, "application/json", orjson.dumps(result)
 
+    def budgets(self, account_id: str, gateway_id: str) -> dict[str, Any]:
+        """The file is read on every call (a small file): the budgets shown are those in force now,
+        whatever was edited since the start, as the gateway reloads it."""
+        if self.gateway_config is None:
+            return {"source": None, "budgets": []}
+        try:
+            budget_file = gateway_file.read_budgets(self.gateway_config)
+        except gateway_file.FileError as exc:
+            raise BackendUnavailable(str(exc)) from None
+        rows = queries.budgets(self.backend, budget_file, account_id=account_id, gateway_id=gateway_id)
+        return {"source": str(self.gateway_config), "budgets": rows}
+
     def handle_write(self, method: str, target: str, headers: Any, body: Any) -> tuple[int, str, bytes]:
         """PATCH /api/logs/<id> (feedback), DELETE /api/logs?<filter> (erase; dry_run=true counts)."""
         parts = urlsplit(target)
@@ -270,6 +285,9 @@ class ReadApi:
                     else logs.get_event(self.backend, _event_id(path))
                 )
             )
+        if path == "/api/budgets":
+            args = dict(parse_qsl(parts.query))
+            return self._answer(lambda: self.budgets(args.get("account_id", ""), args.get("gateway_id", "")))
         if path.startswith("/api/"):
             try:
                 result = queries.run(self.backend, path[len("/api/") :], dict(parse_qsl(parts.query)))

@@ -11,6 +11,7 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
+from cohere_gateway.gateway_file import Budget, BudgetFile
 from consumers.backends import Backend
 
 
@@ -355,6 +356,73 @@ def feedback_by(backend: Backend, window: Window, by: str = "model") -> list[dic
         for k in ("positive", "negative", "scored"):
             row[k] = int(row[k])
     return rows
+
+
+def budgets(
+    backend: Backend, budget_file: BudgetFile, now: datetime | None = None, account_id: str = "",
+    gateway_id: str = "",
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Each budget counter's use now, recomputed from the raw events as the gateway counts it: the
+    budgets of the gateway configuration file (the same file, read by cohere_gateway.gateway_file),
+    resolved per gateway seen in the window as the gateway resolves them, one row per counter (a budget
+    keyed by model, API key or metadata value has one per value). Requests whose cost is unknown are
+    counted apart (`unpriced_requests`), never as $0: `used_usd` is then a lower bound."""
+    at = (now or datetime.now(UTC)).timestamp()
+    every = {b for _, _, found in budget_file.entries for b in (found or ())}
+    if not every:
+        return []
+    earliest = min(b.windows(at)[0] for b in every)
+    until = format_time(datetime.fromtimestamp(at, UTC) + timedelta(milliseconds=1))
+    seen = backend.query(sql("budget_gateways"), {"since": _stamp(earliest), "until": until})
+    # counter -> the gateways counting into it: a budget keyed by account is one counter for all the
+    # account's gateways under the same budget, any other key one counter (or one per value) per gateway
+    counters: dict[tuple[Budget, str, str], list[str]] = {}
+    for row in seen:
+        account, gateway = row["account_id"], row["gateway_id"]
+        if (account_id and account != account_id) or (gateway_id and gateway != gateway_id):
+            continue
+        for budget in budget_file.budgets_for(account, gateway):
+            scope = "" if budget.key == "account" else gateway
+            counters.setdefault((budget.counter, account, scope), []).append(gateway)
+    out = []
+    for (budget, account, _), gateways in counters.items():
+        since, split, end, weight = budget.windows(at)
+        params = {
+            "account_id": account,
+            "gateways": ",".join(gateways),
+            "key": budget.key if not budget.key.startswith("metadata.") else "metadata",
+            "meta": budget.key.removeprefix("metadata.") if budget.key.startswith("metadata.") else "",
+            "since": _stamp(since),
+            "split": _stamp(split),
+            "until": until,
+        }
+        for row in backend.query(sql("budget_use"), params):
+            used = float(row["before_usd"]) * weight + float(row["current_usd"])
+            unpriced = int(row["current_unpriced"]) + (int(row["before_unpriced"]) if weight else 0)
+            out.append({
+                "account_id": account,
+                "gateway_id": row["gateway"] or None,  # None: the account's gateways together
+                "gateways": sorted(gateways) if budget.key == "account" else [row["gateway"]],
+                "key": budget.key,
+                "value": row["value"] if budget.key not in ("account", "gateway") else None,
+                "window": budget.describe(),
+                "rolling": budget.rolling,
+                "since": datetime.fromtimestamp(since if weight else split, UTC).isoformat(),
+                "until": datetime.fromtimestamp(end, UTC).isoformat(),  # a rolling window: it slides
+                "limit_usd": budget.usd,
+                "used_usd": used,
+                "remaining_usd": max(0.0, budget.usd - used),
+                "used_share": used / budget.usd,
+                "unpriced_requests": unpriced,
+                "cost_complete": unpriced == 0,
+                "requests": int(row["requests"]),
+            })  # fmt: skip
+    out.sort(key=lambda r: (-r["used_share"], r["account_id"], r["gateway_id"] or "", r["value"] or ""))
+    return out
+
+
+def _stamp(epoch: float) -> str:
+    return format_time(datetime.fromtimestamp(epoch, UTC))
 
 
 # name -> (function, the typed parameters it takes beyond the window)

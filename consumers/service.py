@@ -6,8 +6,10 @@ import faulthandler
 import logging
 import signal
 import threading
+from pathlib import Path
 from typing import Any
 
+from cohere_gateway import gateway_file
 from cohere_gateway.settings import ConsumerSettings
 from consumers.backends import chdb_path, open_backend
 from consumers.consumer import Consumer
@@ -30,6 +32,8 @@ def serve(cfg: ConsumerSettings, stop: threading.Event | None = None) -> None:
         raise ValueError(f"--partitions must be at least 1, not {cfg.partitions}")
     if cfg.http_port >= 0:
         check_exposure(cfg.http_host, cfg.api_token)  # before anything starts
+    if cfg.gateway_config:  # a file the read side cannot use is the operator's error now, not at first view
+        gateway_file.read_budgets(Path(cfg.gateway_config))
     stop = stop or threading.Event()
     backend = open_backend(cfg.clickhouse, cfg.data_dir)
     # The read side may query as a read-only user (server mode): a bug in it then cannot write or drop.
@@ -38,7 +42,8 @@ def serve(cfg: ConsumerSettings, stop: threading.Event | None = None) -> None:
     api = None
     if cfg.http_port >= 0:
         api = ReadApi(reader, metrics, cfg.http_host, cfg.http_port, token=cfg.api_token,
-                      allowed_hosts=allowed_host_set(cfg.allowed_hosts, cfg.http_host))  # fmt: skip
+                      allowed_hosts=allowed_host_set(cfg.allowed_hosts, cfg.http_host),
+                      gateway_config=Path(cfg.gateway_config) if cfg.gateway_config else None)  # fmt: skip
         api.start()
         if not cfg.clickhouse:
             write_discovery(chdb_path(cfg.data_dir), api.url)

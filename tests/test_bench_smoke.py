@@ -34,6 +34,7 @@ EXPECTED_ROWS = {
     "lean": ("lean bare", "gateway", "gateway --workers 2"),
     "read": ("summary", "recent (latest 100)", "event by id"),
     "cache": ("direct", "gateway HIT", "gateway MISS (cache on)", "gateway, cache off", "gateway MISS"),
+    "limits": ("no rules", "3 rules, memory", "3 rules, Redis"),
 }
 
 

@@ -4,6 +4,8 @@ the shared counters, events from a real Kafka. Counts are exact: N allowed means
 from __future__ import annotations
 
 import concurrent.futures
+import json
+import math
 import time
 import uuid
 from collections.abc import Iterator
@@ -45,7 +47,30 @@ budgets = [{ usd = 0.0002, window = 5 }]
 rate_limits = [{ limit = 0.001, window = 60, unit = "cost", key = "model" }]
 [gateways."acct/shared"]
 rate_limits = [{ limit = 5, window = 60 }, { limit = 1000, window = 60, unit = "tokens" }]
+[gateways."acct/sdk"]
+rate_limits = [{ limit = 1, window = 2 }]
+[gateways."acct/rolling"]
+budgets = [{ usd = 0.0002, rolling = 4 }]
+[gateways."acct/slide-cost"]
+rate_limits = [{ limit = 0.005, window = 60, unit = "cost", technique = "sliding" }]
+[gateways."acct/slide-tokens"]
+rate_limits = [{ limit = SLIDE_TOKENS, window = 60, unit = "tokens", technique = "sliding" }]
 """
+
+
+def token_body(marker: str) -> bytes:
+    return json.dumps({"model": "command-r", "messages": [{"role": "user", "content": marker}],
+                       "max_tokens": 50}).encode()  # fmt: skip
+
+
+def token_marker(run: str, i: int) -> str:
+    return f"tok-{run}-{i:02d}"  # one length for all: every request reserves the same tokens
+
+
+# What one request of token_body reserves (its max_tokens + its input at 4 bytes a token + 1), and a
+# sliding token limit of exactly five of them.
+RESERVED = 50 + len(token_body(token_marker(uuid.uuid4().hex, 0))) // 4 + 1
+CONFIG = CONFIG.replace("SLIDE_TOKENS", str(5 * RESERVED))
 
 
 @pytest.fixture(scope="module")
@@ -241,3 +266,105 @@ def test_a_cost_limit_per_model_and_an_unpriced_model_is_refused(gw: GatewayProc
     resp = httpx.post(gw.base("acct", "cost") + "/cohere/v2/chat", json=body, timeout=30,
                       headers={"Authorization": f"Bearer {API_KEY}"})  # fmt: skip
     assert resp.status_code == 422 and "unknown" in resp.json()["message"]
+
+
+def test_a_rolling_budget_stops_requests_once_spent_and_resumes_as_spend_slides_out(
+    gw: GatewayProcess, gateway_events: EventReader, emulator_url: str
+) -> None:
+    marker = "rolling-" + uuid.uuid4().hex
+    codes = []
+    for i in range(60):
+        resp = chat(gw, "rolling", f"{marker}-{i}")
+        codes.append(resp.status_code)
+        if resp.status_code == 429:
+            break
+    assert codes[0] == 200 and codes[-1] == 429, codes
+    assert "budget of this gateway spent: $0.0002 in the last 4 s (rolling" in resp.json()["message"]
+    assert 1 <= int(resp.headers["retry-after"]) <= 8  # at most until the spend's window has slid out
+    deadline = time.monotonic() + 15
+    i = 0
+    while chat(gw, "rolling", f"{marker}-next{i}").status_code == 429:
+        assert time.monotonic() < deadline, "the budget never freed"
+        i += 1
+        time.sleep(0.2)
+    admitted = codes.count(200) + 1
+    events = gateway_events.wait_until(
+        lambda e: (e.client_event_id or "").startswith(marker + "-") and e.status_code == 200, admitted
+    )
+    assert reached_upstream(emulator_url, marker) == admitted
+    # Recomputed from the events: at each admission, the spend of the windows of 4 s (the previous one
+    # weighted by its share still in the last 4 s) never passed the budget, in the gateway's micro-dollars.
+    spent = sorted((e.start_time.timestamp(), math.ceil(e.cost_usd * 1_000_000)) for e in events)
+    for at, own in spent:
+        n = int(at // 4)
+        current = sum(c for t, c in spent if n * 4 <= t < at) + own
+        previous = sum(c for t, c in spent if (n - 1) * 4 <= t < n * 4)
+        assert math.floor(previous * (1 - (at / 4 - n))) + current <= 200
+
+
+def _post(g: GatewayProcess, gateway: str, content: bytes, marker: str, **headers: str) -> int:
+    headers = {"Authorization": f"Bearer {API_KEY}", "cf-aig-event-id": marker,
+               "content-type": "application/json", **headers}  # fmt: skip
+    return httpx.post(g.base("acct", gateway) + "/cohere/v2/chat", content=content, timeout=30,
+                      headers=headers).status_code  # fmt: skip
+
+
+@pytest.mark.parametrize("topology", ["two gateways", "workers 2"])
+def test_sliding_token_and_cost_limits_are_exact_across_processes_sharing_a_redis(
+    emulator_url: str, config: Path, redis: str, topology: str
+) -> None:
+    db = {"two gateways": 2, "workers 2": 3}[topology]
+    url = redis.rsplit("/", 1)[0] + f"/{db}"
+    if topology == "two gateways":
+        gws = [start_gateway(emulator_url, "", "unused", transparent=False, config=str(config), state_url=url)
+               for _ in range(2)]  # fmt: skip
+    else:
+        gws = [start_gateway(emulator_url, "", "unused", transparent=False, config=str(config),
+                             state_url=url, workers=2)]  # fmt: skip
+    try:
+        run = uuid.uuid4().hex
+        # cost: every request costs exactly $0.001 (its custom cost): five fit in $0.005
+        cost = json.dumps({"total_cost": 0.001})
+
+        def priced(i: int) -> int:
+            body = token_body(f"cost-{run}-{i}")
+            return _post(
+                gws[i % len(gws)], "slide-cost", body, f"cost-{run}-{i}", **{"cf-aig-custom-cost": cost}
+            )
+
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            codes = list(pool.map(priced, range(12)))
+        assert codes.count(200) == 5 and codes.count(429) == 7, codes
+        assert reached_upstream(emulator_url, f"cost-{run}") == 5
+
+        # tokens: all twelve in flight at once (the upstream answers after 3 s), each holding its
+        # reservation: exactly five reservations fit, whichever process took them
+        def streamed(i: int) -> int:
+            marker = token_marker(run, i)
+            return _post(gws[i % len(gws)], "slide-tokens", token_body(marker), marker,
+                         **{"X-Emulator-Fault": "delay-ms=3000"})  # fmt: skip
+
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            codes = list(pool.map(streamed, range(12)))
+        assert codes.count(200) == 5 and codes.count(429) == 7, codes
+        assert reached_upstream(emulator_url, f"tok-{run}-") == 5
+    finally:
+        for g in gws:
+            g.stop()
+
+
+def test_the_cohere_sdk_retries_a_gateway_429_after_its_retry_after(
+    gw: GatewayProcess, gateway_events: EventReader, emulator_url: str
+) -> None:
+    """The SDK's own retry of a 429 (2 by default) waits the gateway's retry-after, so it comes back
+    when the window has freed instead of hammering it: one refusal, then the answer."""
+    marker = "sdk-" + uuid.uuid4().hex
+    co = cohere.ClientV2(api_key=API_KEY, base_url=gw.base("acct", "sdk") + "/cohere")
+    ask = {"model": "command-r", "messages": [{"role": "user", "content": marker}]}
+    co.chat(**ask, request_options={"max_retries": 0})
+    start = time.monotonic()
+    co.chat(**ask, request_options={"additional_headers": {"cf-aig-event-id": marker}})  # default retries
+    assert time.monotonic() - start >= 0.5  # it waited (the rest of the 2 s window, at least 1 s asked)
+    assert reached_upstream(emulator_url, marker) == 2
+    events = gateway_events.wait_until(lambda e: e.client_event_id == marker, 2)
+    assert sorted(e.status_code for e in events) == [200, 429]

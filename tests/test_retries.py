@@ -269,6 +269,26 @@ def test_the_cohere_sdk_sees_its_typed_gateway_timeout(gw: GatewayProcess) -> No
     assert time.monotonic() - start < 10
 
 
+def test_the_cohere_sdks_retries_multiply_the_gateways_as_documented(
+    gw: GatewayProcess, emulator_url: str
+) -> None:
+    """docs/gateway.md: the SDK retries 5xx twice by default on top of the gateway's attempts; with
+    the SDK's max_retries=0 the gateway's attempts are all there is."""
+    for sdk_retries, expected in ((None, 2 * 3), (0, 2)):
+        cid = "sdk-retries-" + uuid.uuid4().hex
+        co = cohere.ClientV2(api_key=API_KEY, base_url=gw.base() + "/cohere")
+        options: dict = {"additional_headers": {ATTEMPTS: "2", "X-Emulator-Fault": f"status=500,id={cid}"}}
+        if sdk_retries is not None:
+            options["max_retries"] = sdk_retries
+        start = time.monotonic()
+        with pytest.raises(cohere.errors.InternalServerError):
+            co.chat(**CHAT, request_options=options)
+        elapsed = time.monotonic() - start
+        assert upstream_calls(emulator_url, cid) == expected
+        if sdk_retries is None:  # the SDK's own backoff: about 1 s, then 2 s (jitter ±10 %)
+            assert elapsed >= (1 + 2) * 0.85
+
+
 def test_an_unreachable_upstream_is_retried_then_answered_502(
     kafka_bootstrap: str, gateway_topic: str, gateway_events: EventReader
 ) -> None:

@@ -131,11 +131,9 @@ def test_rate_limit_and_budget_rules() -> None:
     ("snippet", "message"),
     [("rate_limits = [{ limit = 10 }]", "at least limit and window"),
      ("rate_limits = [{ limit = 1.5, window = 60 }]", "requests limits are whole numbers"),
-     ("rate_limits = [{ limit = 5, window = 60, unit = \"tokens\", technique = \"sliding\" }]",
-      "fixed windows only"),
      ("rate_limits = [{ limit = 5, window = 60, key = \"ip\" }]", "metadata.NAME"),
      ("rate_limits = [{ limit = 5, window = 60, per = 1 }]", "unknown key"),
-     ("budgets = [{ usd = 5 }]", "one of period or window"),
+     ("budgets = [{ usd = 5 }]", "one of period, window or rolling"),
      ("budgets = [{ usd = 5, period = \"year\" }]", "one of day, week, month"),
      ("budgets = [{ usd = -1, period = \"day\" }]", "a number of US dollars > 0")],
 )  # fmt: skip

@@ -227,6 +227,30 @@ async function drawRecent() {
   ], rows, showDetail);
 }
 
+// Each budget's use now (its own window, whatever the range), from the gateway configuration file the
+// consumer was given; hidden when it was given none. Unknown cost is shown as such, never as $0.
+async function drawBudgets() {
+  const p = scope();
+  p.delete("since");
+  const resp = await fetch(`/api/budgets?${p}`);
+  const body = await resp.json();
+  if (!resp.ok) throw new Error(body.error || `budgets: HTTP ${resp.status}`);
+  $("#budgets-section").hidden = body.source == null;
+  if (body.source == null) return;
+  $("#budgets-source").textContent = `from ${body.source}`;
+  const who = (r) => (r.gateway_id ? `${r.account_id} / ${r.gateway_id}` : `${r.account_id} (account)`);
+  fillTable($("#budgets"), [
+    { title: "account / gateway", value: who },
+    { title: "per", value: (r) => (r.value == null ? r.key : `${r.key} = ${r.value || "(none)"}`) },
+    { title: "window", value: (r) => r.window },
+    { title: "used USD", value: (r) => (r.cost_complete ? fmtUsd(r.used_usd) : `≥ ${fmtUsd(r.used_usd)}`) },
+    { title: "budget USD", value: (r) => fmtUsd(r.limit_usd) },
+    { title: "used", value: (r) => fmtPct(r.used_share), cls: (r) => (r.used_share >= 1 ? "outcome-bad" : "") },
+    { title: "unknown cost", value: (r) => (r.unpriced_requests ? `${fmtInt.format(r.unpriced_requests)} requests` : "–") },
+    { title: "requests", value: (r) => fmtInt.format(r.requests) },
+  ], body.budgets);
+}
+
 async function drawFeedback() {
   const rows = await api("feedback", { by: feedbackBy });
   fillTable($("#feedback"), [
@@ -307,7 +331,7 @@ async function refresh() {
     ]);
     drawCards(summary.total, summary.cache);
     drawSeries(fillBuckets(series, step));
-    await Promise.all([drawBreakdown(), drawRecent(), refreshOptions(), drawFeedback()]);
+    await Promise.all([drawBreakdown(), drawRecent(), refreshOptions(), drawFeedback(), drawBudgets()]);
     status.textContent = `updated ${new Date().toLocaleTimeString()}`;
     document.body.dataset.loaded = "true";
   } catch (err) {
