@@ -87,11 +87,11 @@ def metric(g: GatewayProcess, result: str) -> int:
     return int(m.group(1)) if m else 0
 
 
-def _cache_hits(path: Path) -> Iterator[float]:
-    """The cache hits counted in one worker's multiprocess file."""
+def _cache_counts(path: Path, *results: str) -> Iterator[float]:
+    """The cache lookups with one of `results` (hit, miss, ...) counted in one worker's multiprocess file."""
     for family in MultiProcessCollector.merge([str(path)]):
         for sample in family.samples:
-            if sample.name == "cohere_gateway_cache_total" and sample.labels.get("result") == "hit":
+            if sample.name == "cohere_gateway_cache_total" and sample.labels.get("result") in results:
                 yield sample.value
 
 
@@ -351,10 +351,9 @@ def test_concurrent_identical_requests_on_two_workers_make_one_upstream_call(
     g = start_gateway(emulator_url, "", "unused", transparent=False, workers=2, cache_ttl=600)
     try:
 
-        def answered() -> dict[str, int]:  # lookups per worker, from the counters each shares once a second
-            files = (g.data_dir / "worker-metrics").glob("*.json")
-            counts = {f.name: orjson.loads(f.read_bytes()).get("cache", {}) for f in files}
-            return {name: c.get("hit", 0) + c.get("miss", 0) for name, c in counts.items()}
+        def answered() -> dict[str, int]:  # lookups per worker: its prometheus_client file
+            files = (g.data_dir / "worker-metrics").glob("counter_*.db")
+            return {f.name: int(sum(_cache_counts(f, "hit", "miss"))) for f in files}
 
         for _ in range(6):  # until one herd was spread over both workers (the kernel picks per connection)
             before = answered()
@@ -384,7 +383,7 @@ def test_workers_share_the_disk_cache(emulator_url: str, emulator_requests: Emul
 
         def hits_per_worker() -> list[int]:  # each worker's own counters: its prometheus_client file
             files = (g.data_dir / "worker-metrics").glob("counter_*.db")
-            return [int(sum(_cache_hits(f))) for f in files]
+            return [int(sum(_cache_counts(f, "hit"))) for f in files]
 
         deadline = time.monotonic() + 30
         while not (len(hits_per_worker()) == 2 and min(hits_per_worker()) >= 1):
