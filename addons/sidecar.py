@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from addons.delivery import COUNTER_NAMES, DeliveryConfig, spool_late
+from cohere_gateway import settings
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +216,8 @@ class SidecarPublisher:
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         self._last_spawn = time.monotonic()
-        config = dataclasses.asdict(self.config) | {"spool_dir": str(self.config.spool_dir.resolve())}
+        # resolved: the child's working directory need not be the gateway's
+        config = dataclasses.replace(self.config, spool_dir=self.config.spool_dir.resolve())
         fd = self._theirs.fileno()
         cmd = [
             sys.executable,
@@ -224,7 +226,7 @@ class SidecarPublisher:
             "--fd",
             str(fd),
             "--config",
-            json.dumps(config),
+            settings.to_json(config),
             "--grace",
             str(self._grace_s),
             "--spool-lock-wait",
@@ -338,11 +340,6 @@ def _project_root() -> str:
 # -- child side ---------------------------------------------------------------------------------------
 
 
-def _config_from_json(text: str) -> DeliveryConfig:
-    raw = json.loads(text)
-    return DeliveryConfig(**raw | {"spool_dir": Path(raw["spool_dir"])})
-
-
 def _open_publisher(config: DeliveryConfig, lock_wait_s: float) -> Any:
     from addons.delivery import DurablePublisher
     from addons.spool import SpoolInUseError
@@ -417,7 +414,7 @@ def _serve(
 def child_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m addons.sidecar", description=__doc__.split("\n\n")[0])
     parser.add_argument("--fd", type=int, required=True, help="the SOCK_SEQPACKET socket from the gateway")
-    parser.add_argument("--config", required=True, help="DeliveryConfig as JSON")
+    parser.add_argument("--config", required=True, help="DeliveryConfig as settings.to_json")
     parser.add_argument("--grace", type=float, default=5.0, help="grace period if the gateway vanishes")
     parser.add_argument("--log-level", default="info")
     parser.add_argument(
@@ -436,7 +433,7 @@ def child_main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sock = socket.socket(fileno=args.fd)
     try:
-        publisher = _open_publisher(_config_from_json(args.config), args.spool_lock_wait)
+        publisher = _open_publisher(settings.from_json(DeliveryConfig, args.config), args.spool_lock_wait)
     except Exception as exc:
         sock.send(b"X" + f"cannot start event delivery: {exc}".encode())
         return 1

@@ -11,6 +11,8 @@ from these classes, so help text, defaults and env names are written once, here.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -282,15 +284,75 @@ class UpSettings:
     data_dir: Path = setting(DEFAULT_DATA_DIR, "Where Kafka, ClickHouse, the spool, the CA and logs live.")
 
 
-def addon_options(*names: str) -> tuple[tuple[str, type, str], ...]:
-    """(name, type, help) of ProxySettings fields, as the gateway addon registers them with mitmproxy."""
+# ProxySettings fields that shape the `proxy` process (its listeners, state directory, logging, workers)
+# rather than being options of the gateway addon.
+PROCESS_ONLY = frozenset({"host", "port", "transparent_port", "data_dir", "log_level", "workers"})
+# mitmproxy's confdir under <data-dir> when `cohere-gateway proxy` runs the addon.
+MITMPROXY_DIR = "mitmproxy"
+
+
+def addon_options() -> tuple[tuple[str, type, str], ...]:
+    """(name, type, help) of the ProxySettings fields the gateway addon registers as mitmproxy options."""
     hints = typing.get_type_hints(ProxySettings)
-    by_name = {f.name: f for f in dataclasses.fields(ProxySettings)}
-    return tuple((name, hints[name], by_name[name].metadata["help"]) for name in names)
+    return tuple(
+        (f.name, hints[f.name], f.metadata["help"])
+        for f in dataclasses.fields(ProxySettings)
+        if f.name not in PROCESS_ONLY
+    )
+
+
+def mitmproxy_dir(data_dir: Path) -> Path:
+    return data_dir / MITMPROXY_DIR
+
+
+def data_dir_of(confdir: str) -> Path:
+    """<data-dir> of a gateway from mitmproxy's confdir: its parent under `cohere-gateway proxy` (which
+    sets <data-dir>/mitmproxy), the confdir itself for a bare `mitmdump -s addons/gateway.py`."""
+    conf = Path(confdir).expanduser()
+    return conf.parent if conf.name == MITMPROXY_DIR else conf
+
+
+def spool_dir(data_dir: Path, configured: str) -> Path:
+    """--spool-dir, else <data-dir>/spool."""
+    return Path(configured).expanduser() if configured else data_dir / "spool"
 
 
 def env_name(cls: type, name: str) -> str:
     return getattr(cls, "env_prefix", ENV_PREFIX) + name.upper()
+
+
+def _value_type(kind: Any) -> Any:
+    """How a setting's text (a flag or an environment variable) becomes its value: the CLI and the addon's
+    option defaults both parse with this."""
+    if kind is bool:
+        return click.BOOL
+    if kind is Path:
+        return click.Path(path_type=Path)
+    return click.types.convert_type(kind)
+
+
+def env_value(cls: type, name: str, environ: typing.Mapping[str, str] | None = None) -> Any:
+    """Setting `name` of `cls` from its environment variable, parsed as its flag is; its default when the
+    variable is unset. An empty value is a value: `--kafka-bootstrap ""` reaches the addon as one."""
+    environ = os.environ if environ is None else environ
+    default = next(f.default for f in dataclasses.fields(cls) if f.name == name)
+    raw = environ.get(env_name(cls, name))
+    if raw is None:
+        return default
+    try:
+        return _value_type(typing.get_type_hints(cls)[name]).convert(raw, None, None)
+    except click.BadParameter as exc:
+        raise ValueError(f"{env_name(cls, name)}={raw!r}: {exc.message}") from None
+
+
+def environment(obj: Any, names: typing.Iterable[str]) -> dict[str, str]:
+    """The settings `names` of `obj` as the environment variables `env_value` reads back."""
+    cls = type(obj)
+    return {
+        env_name(cls, name): (("true" if value else "false") if isinstance(value, bool) else str(value))
+        for name in names
+        for value in (getattr(obj, name),)
+    }
 
 
 def click_options(cls: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -303,10 +365,8 @@ def click_options(cls: type) -> Callable[[Callable[..., Any]], Callable[..., Any
             kind: Any = hints[f.name]
             if kind is bool:
                 flag = f"{flag}/--no-{flag[2:]}"
-            elif f.metadata.get("choices"):
-                kind = click.Choice(f.metadata["choices"])
-            elif kind is Path:
-                kind = click.Path(path_type=Path)
+            choices = f.metadata.get("choices")
+            kind = click.Choice(choices) if choices else _value_type(kind)
             fn = click.option(
                 flag,
                 f.name,
@@ -322,11 +382,16 @@ def click_options(cls: type) -> Callable[[Callable[..., Any]], Callable[..., Any
     return decorate
 
 
-def option_specs(cls: type, *names: str) -> tuple[tuple[str, type, str], ...]:
-    """(name, type, help) of settings that are also mitmproxy options of an addon, for `add_option`."""
+def to_json(obj: Any) -> str:
+    """A settings dataclass as JSON (Paths as text), for a child process; `from_json` reads it back."""
+    return json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(obj).items()})
+
+
+def from_json(cls: type, text: str) -> Any:
+    """The `cls` that `to_json` wrote, its typed fields restored (Path)."""
+    raw = json.loads(text)
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    return tuple((name, hints[name], fields[name].metadata["help"]) for name in names)
+    return cls(**{k: Path(v) if hints[k] is Path else v for k, v in raw.items()})
 
 
 def from_kwargs(cls: type, kwargs: dict[str, Any]) -> Any:
