@@ -4,8 +4,10 @@ Each command's settings are a frozen dataclass; each field is a CLI flag (`--kaf
 environment variable with the project prefix (`COHERE_GATEWAY_KAFKA_BOOTSTRAP`), the flag winning.
 The helper commands whose flags would collide with the gateway's (`--port` of `emulator`, `kafka` and
 `clickhouse`) read `COHERE_GATEWAY_EMULATOR_*` / `COHERE_GATEWAY_KAFKA_*` / `COHERE_GATEWAY_CLICKHOUSE_*`
-instead. `cli.py` builds the click options
-from these classes, so help text, defaults and env names are written once, here.
+instead. Help text, defaults and env names are written once, here; the rest is derived:
+the click options (`click_options`), the gateway addon's mitmproxy options (`addon_options`) with their
+defaults read from the environment as the flags would be (`env_value`), and the delivery child's
+configuration handed over as JSON (`to_json` / `from_json`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ DEFAULT_DATA_DIR = Path(".cohere-gateway")
 DEFAULT_TOPIC = "cohere-gateway.events"
 DEFAULT_UPSTREAM = "https://api.cohere.ai"
 DEFAULT_PARTITIONS = 6
+DEFAULT_KAFKA_PORT = 9092
+DEFAULT_KAFKA_BOOTSTRAP = f"127.0.0.1:{DEFAULT_KAFKA_PORT}"
+DEFAULT_GATEWAY_PORT = 8080
+DEFAULT_READ_API_PORT = 8091  # the consumer's read API, which serves the dashboard
+BOOTSTRAP_HELP = "Kafka bootstrap servers, HOST:PORT[,HOST:PORT]."
 PARTITIONS_HELP = (
     "Partitions of the event topic, created with this many if missing (a consumer group shares at most "
     "this many consumers). An existing topic is left as it is: fewer partitions are logged, not changed."
@@ -34,6 +41,15 @@ PARTITIONS_HELP = (
 
 def setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None) -> Any:
     return field(default=default, metadata={"help": help, "choices": choices})
+
+
+def log_level_setting() -> Any:
+    return setting("info", "Log level.", choices=("debug", "info", "warning", "error"))
+
+
+def kafka_dir(data_dir: Path) -> Path:
+    """Where the local broker of `kafka start` and `up` lives under a data directory."""
+    return data_dir / "kafka"
 
 
 @dataclass(frozen=True)
@@ -57,9 +73,11 @@ class EmulatorSettings:
 class KafkaSettings:
     env_prefix = ENV_PREFIX + "KAFKA_"
 
-    port: int = setting(9092, "Port of the local broker's client listener (the controller uses port+1).")
+    port: int = setting(
+        DEFAULT_KAFKA_PORT, "Port of the local broker's client listener (the controller uses port+1)."
+    )
     data_dir: Path = setting(
-        DEFAULT_DATA_DIR / "kafka", "Where the local broker keeps its log, pid file and output."
+        kafka_dir(DEFAULT_DATA_DIR), "Where the local broker keeps its log, pid file and output."
     )
 
 
@@ -87,7 +105,7 @@ class ConsumerSettings:
     """`consume`: Kafka -> ClickHouse. Storage is the server at --clickhouse when given, else the embedded
     engine (chdb) under <data-dir>/clickhouse."""
 
-    kafka_bootstrap: str = setting("127.0.0.1:9092", "Kafka bootstrap servers, HOST:PORT[,HOST:PORT].")
+    kafka_bootstrap: str = setting(DEFAULT_KAFKA_BOOTSTRAP, BOOTSTRAP_HELP)
     topic: str = setting(DEFAULT_TOPIC, "Topic the gateway writes events to.")
     partitions: int = setting(DEFAULT_PARTITIONS, PARTITIONS_HELP)
     group_id: str = setting(
@@ -115,7 +133,9 @@ class ConsumerSettings:
     retention_days: int = setting(90, "Raw events older than this many days are dropped (TTL).")
     aggregate_retention_days: int = setting(400, "Per-minute aggregates older than this are dropped (TTL).")
     http_host: str = setting("127.0.0.1", "Interface of the read API (/readyz, /metrics, /api/...).")
-    http_port: int = setting(8091, "Port of the read API; 0 picks a free port, -1 disables it.")
+    http_port: int = setting(
+        DEFAULT_READ_API_PORT, "Port of the read API; 0 picks a free port, -1 disables it."
+    )
     api_token: str = setting(
         "",
         "Token the read API and dashboard require (HTTP Basic password, any user name, or "
@@ -130,7 +150,7 @@ class ConsumerSettings:
         "",
         "ClickHouse server URL the read API queries with, e.g. a read-only user's. Empty: --clickhouse.",
     )
-    log_level: str = setting("info", "Log level.", choices=("debug", "info", "warning", "error"))
+    log_level: str = log_level_setting()
     gateway_config: str = setting(
         "",
         "The gateways' configuration file (the gateway's --config): the dashboard and /api/budgets show "
@@ -160,13 +180,15 @@ class ProxySettings:
     data_dir is also a mitmproxy option of the addon with the same name (`mitmdump --set upstream=...`)."""
 
     host: str = setting("127.0.0.1", "Interface the gateway listens on.")
-    port: int = setting(8080, "Port of the gateway route /v1/{account}/{gateway}/cohere/... and /compat/.")
+    port: int = setting(
+        DEFAULT_GATEWAY_PORT, "Port of the gateway route /v1/{account}/{gateway}/cohere/... and /compat/."
+    )
     transparent_port: int = setting(
         0, "Port of the forward proxy for apps using HTTPS_PROXY (api.cohere.ai/.com only); 0: off."
     )
     upstream: str = setting(DEFAULT_UPSTREAM, "Cohere API base URL requests are forwarded to.")
     kafka_bootstrap: str = setting(
-        "127.0.0.1:9092", "Kafka bootstrap servers, HOST:PORT[,HOST:PORT]. Empty: events are not published."
+        DEFAULT_KAFKA_BOOTSTRAP, BOOTSTRAP_HELP + " Empty: events are not published."
     )
     topic: str = setting(DEFAULT_TOPIC, "Kafka topic events are published to.")
     data_dir: Path = setting(DEFAULT_DATA_DIR, "Gateway state directory (mitmproxy CA in <dir>/mitmproxy).")
@@ -235,7 +257,7 @@ class ProxySettings:
     shutdown_grace_s: float = setting(
         10.0, "On SIGTERM/SIGINT, how long to keep delivering to Kafka before spooling the rest."
     )
-    log_level: str = setting("info", "Log level.", choices=("debug", "info", "warning", "error"))
+    log_level: str = log_level_setting()
     workers: int = setting(
         1, "Gateway processes sharing --port (SO_REUSEPORT), one per core to use; each has its own spool."
     )
@@ -272,12 +294,16 @@ class UpSettings:
     demo_rate: float = setting(5.0, "Demo calls per second (with --demo).")
     demo_requests: int = setting(0, "With --demo, stop the traffic after this many calls; 0: until Ctrl-C.")
     host: str = setting("127.0.0.1", "Interface the gateway and the dashboard listen on.")
-    port: int = setting(8080, "Port of the gateway.")
-    dashboard_port: int = setting(8091, "Port of the dashboard and its JSON API (served by the consumer).")
+    port: int = setting(DEFAULT_GATEWAY_PORT, "Port of the gateway.")
+    dashboard_port: int = setting(
+        DEFAULT_READ_API_PORT, "Port of the dashboard and its JSON API (served by the consumer)."
+    )
     upstream: str = setting(DEFAULT_UPSTREAM, "Cohere API base URL (ignored with --demo: the emulator).")
     emulator_port: int = setting(0, "Port of the emulator with --demo; 0 picks a free one.")
     kafka: str = setting("", "Bootstrap servers of an existing Kafka. Empty: start the local broker.")
-    kafka_port: int = setting(9092, "Port of the local broker when --kafka is empty (controller: port+1).")
+    kafka_port: int = setting(
+        DEFAULT_KAFKA_PORT, "Port of the local broker when --kafka is empty (controller: port+1)."
+    )
     topic: str = setting(DEFAULT_TOPIC, "Kafka topic of the events.")
     partitions: int = setting(DEFAULT_PARTITIONS, PARTITIONS_HELP)
     clickhouse: str = setting("", "ClickHouse server URL. Empty: the embedded engine under --data-dir.")
