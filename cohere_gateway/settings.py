@@ -19,7 +19,7 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import click
 
@@ -33,6 +33,7 @@ DEFAULT_KAFKA_BOOTSTRAP = f"127.0.0.1:{DEFAULT_KAFKA_PORT}"
 DEFAULT_GATEWAY_PORT = 8080
 DEFAULT_READ_API_PORT = 8091  # the consumer's read API, which serves the dashboard
 BOOTSTRAP_HELP = "Kafka bootstrap servers, HOST:PORT[,HOST:PORT]."
+FsyncMode = Literal["always", "interval", "never"]  # --spool-fsync
 PARTITIONS_HELP = (
     "Partitions of the event topic, created with this many if missing (a consumer group shares at most "
     "this many consumers). An existing topic is left as it is: fewer partitions are logged, not changed."
@@ -238,7 +239,7 @@ class ProxySettings:
         "interval",
         "When spooled events are fsynced: every event, every --spool-fsync-interval-ms, or never "
         "(left to the OS). Bounds what a power loss can lose; see docs/durability.md.",
-        choices=("always", "interval", "never"),
+        choices=typing.get_args(FsyncMode),
     )
     spool_fsync_interval_ms: int = setting(
         100, "Flush/fsync period of the spool for --spool-fsync interval/never."
