@@ -83,6 +83,8 @@ class DeliveryConfig:
     delivery_timeout_ms: int = _DEFAULTS.delivery_timeout_ms
     max_pending_events: int = _DEFAULTS.max_pending_events
     dead_letter_max_bytes: int = _DEFAULTS.dead_letter_max_bytes
+    # how long the delivery child keeps delivering when the gateway vanishes without telling it
+    shutdown_grace_s: float = _DEFAULTS.shutdown_grace_s
 
     @classmethod
     def from_options(cls, options: Any, data_dir: Path) -> DeliveryConfig:
@@ -105,7 +107,7 @@ class DeliveryConfig:
 
 # The gateway options a publisher is built from: a change to any of them replaces it.
 PUBLISHER_OPTIONS = frozenset(
-    {f.name for f in fields(DeliveryConfig)} - _DERIVED | {"kafka_bootstrap", "spool_dir", "shutdown_grace_s"}
+    {f.name for f in fields(DeliveryConfig)} - _DERIVED | {"kafka_bootstrap", "spool_dir"}
 )
 
 DEAD_LETTER_FILE = "dead-letters.jsonl"

@@ -307,7 +307,6 @@ class Gateway:
         try:
             return SidecarPublisher(
                 DeliveryConfig.from_options(ctx.options, settings.data_dir_of(ctx.options.confdir)),
-                grace_s=ctx.options.shutdown_grace_s,
                 log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),
             )
         except (OSError, ValueError, RuntimeError) as exc:
