@@ -30,9 +30,6 @@ import click
 
 from cohere_gateway import settings as s
 
-# Flags that shape the process rather than being options of the addon.
-_PROCESS_ONLY = frozenset({"host", "port", "transparent_port", "data_dir", "log_level", "workers"})
-
 
 def listen_modes(cfg: s.ProxySettings) -> list[str]:
     up = urlsplit(cfg.upstream)
@@ -48,15 +45,7 @@ def listen_modes(cfg: s.ProxySettings) -> list[str]:
 def addon_environment(cfg: s.ProxySettings) -> dict[str, str]:
     """Addon options as COHERE_GATEWAY_* variables, read by the addon's option defaults (addons/gateway.py),
     so workers get their settings - the gateway token included - without it appearing on a command line."""
-    env = {}
-    for f in dataclasses.fields(cfg):
-        if f.name in _PROCESS_ONLY:
-            continue
-        value = getattr(cfg, f.name)
-        env[s.env_name(s.ProxySettings, f.name)] = (
-            ("true" if value else "false") if isinstance(value, bool) else str(value)
-        )
-    return env
+    return s.environment(cfg, (name for name, _, _ in s.addon_options()))
 
 
 def lean_master(modes: list[str], confdir: Path, log_level: str, *extra: Any) -> Any:
@@ -107,7 +96,7 @@ async def _serve(cfg: s.ProxySettings, metrics_dir: Path | None = None) -> None:
     quiet = ["asyncio", "hpack", "quic"] + (["mitmproxy.proxy"] if cfg.log_level != "debug" else [])
     for name in quiet:
         logging.getLogger(name).setLevel(logging.WARNING)
-    m = lean_master(listen_modes(cfg), cfg.data_dir / "mitmproxy", cfg.log_level, Gateway(metrics_dir))
+    m = lean_master(listen_modes(cfg), s.mitmproxy_dir(cfg.data_dir), cfg.log_level, Gateway(metrics_dir))
     await run_until_signal(m)
 
 
@@ -128,11 +117,11 @@ def _supervise(cfg: s.ProxySettings) -> int:
     """Run `cfg.workers` single-process gateways on one port; stop them together."""
     from addons.metrics import MULTIPROC_ENV, mark_worker_dead
 
-    _ensure_ca(cfg.data_dir / "mitmproxy")
+    _ensure_ca(s.mitmproxy_dir(cfg.data_dir))
     # Counters of an earlier run would be summed into this one's.
     shutil.rmtree(_metrics_dir(cfg), ignore_errors=True)
     _metrics_dir(cfg).mkdir(parents=True)
-    spool_root = Path(cfg.spool_dir) if cfg.spool_dir else cfg.data_dir / "spool"
+    spool_root = s.spool_dir(cfg.data_dir, cfg.spool_dir)
     workers = []
     for i in range(cfg.workers):
         # Each worker has its own spool: a spool directory is locked by one publisher.
@@ -190,7 +179,7 @@ def proxy(worker: bool, **kwargs: object) -> None:
         from addons import mitmproxy_seam
 
         mitmproxy_seam.reuse_port()
-    (cfg.data_dir / "mitmproxy").mkdir(parents=True, exist_ok=True)
+    (s.mitmproxy_dir(cfg.data_dir)).mkdir(parents=True, exist_ok=True)
     os.environ.update(addon_environment(cfg))  # read by the addon's option defaults as it loads
     if not worker:
         click.echo(

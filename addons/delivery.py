@@ -28,7 +28,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -64,52 +64,36 @@ EVENT_COUNTERS = (
 COUNTER_NAMES = (*EVENT_COUNTERS, "spool_corrupt_records", "events_pending", "spool_bytes_pending")
 
 
-# mitmproxy options of the gateway addon (ProxySettings fields: names, types and help from there).
-DELIVERY_OPTIONS: tuple[tuple[str, type, str], ...] = settings.addon_options(
-    "spool_dir",
-    "spool_max_bytes",
-    "spool_fsync",
-    "spool_fsync_interval_ms",
-    "delivery_timeout_ms",
-    "max_pending_events",
-    "dead_letter_max_bytes",
-    "shutdown_grace_s",
-)
-
-
-def default_spool_dir(confdir: str) -> Path:
-    """`<data-dir>/spool` under `cohere-gateway proxy` (whose confdir is <data-dir>/mitmproxy), else
-    `<confdir>/spool` for a bare `mitmdump -s addons/gateway.py`."""
-    conf = Path(confdir).expanduser()
-    return conf.parent / "spool" if conf.name == "mitmproxy" else conf / "spool"
+_DEFAULTS = settings.ProxySettings
+# DeliveryConfig fields not named as the setting they come from.
+_DERIVED = frozenset({"bootstrap", "spool_dir"})
 
 
 @dataclass(frozen=True)
 class DeliveryConfig:
+    """What the publisher needs of the gateway's settings; defaults and meaning are ProxySettings'. The
+    delivery child gets it as `settings.to_json`."""
+
     bootstrap: str
     topic: str
     spool_dir: Path
-    spool_max_bytes: int = 1_073_741_824
-    spool_fsync: FsyncMode = "interval"
-    spool_fsync_interval_ms: int = 100
-    delivery_timeout_ms: int = 5000
-    max_pending_events: int = 10_000
-    dead_letter_max_bytes: int = 104_857_600
+    spool_max_bytes: int = _DEFAULTS.spool_max_bytes
+    spool_fsync: FsyncMode = _DEFAULTS.spool_fsync
+    spool_fsync_interval_ms: int = _DEFAULTS.spool_fsync_interval_ms
+    delivery_timeout_ms: int = _DEFAULTS.delivery_timeout_ms
+    max_pending_events: int = _DEFAULTS.max_pending_events
+    dead_letter_max_bytes: int = _DEFAULTS.dead_letter_max_bytes
+    # how long the delivery child keeps delivering when the gateway vanishes without telling it
+    shutdown_grace_s: float = _DEFAULTS.shutdown_grace_s
 
     @classmethod
-    def from_options(cls, options: Any, default_spool_dir: Path) -> DeliveryConfig:
+    def from_options(cls, options: Any, data_dir: Path) -> DeliveryConfig:
         """From anything with the ProxySettings field names: the settings dataclass or mitmproxy options."""
-        spool_dir = str(options.spool_dir or "")
+        same_name = {f.name: getattr(options, f.name) for f in fields(cls) if f.name not in _DERIVED}
         return cls(
             bootstrap=options.kafka_bootstrap.strip(),
-            topic=options.topic,
-            spool_dir=Path(spool_dir).expanduser() if spool_dir else default_spool_dir,
-            spool_max_bytes=int(options.spool_max_bytes),
-            spool_fsync=options.spool_fsync,
-            spool_fsync_interval_ms=int(options.spool_fsync_interval_ms),
-            delivery_timeout_ms=int(options.delivery_timeout_ms),
-            max_pending_events=int(options.max_pending_events),
-            dead_letter_max_bytes=int(options.dead_letter_max_bytes),
+            spool_dir=settings.spool_dir(data_dir, options.spool_dir),
+            **same_name,
         )
 
     def check(self) -> None:
@@ -120,6 +104,11 @@ class DeliveryConfig:
         if self.max_pending_events < 1:
             raise ValueError(f"max_pending_events must be at least 1, got {self.max_pending_events}")
 
+
+# The gateway options a publisher is built from: a change to any of them replaces it.
+PUBLISHER_OPTIONS = frozenset(
+    {f.name for f in fields(DeliveryConfig)} - _DERIVED | {"kafka_bootstrap", "spool_dir"}
+)
 
 DEAD_LETTER_FILE = "dead-letters.jsonl"
 

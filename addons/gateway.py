@@ -35,7 +35,7 @@ from addons import gateway_config as gwconfig
 from addons import mitmproxy_seam, provider_keys, ratelimits, retries
 from addons.bodies import DECODE_INLINE_BYTES, check_content_encoding, decode_body, is_identity, too_large
 from addons.capture import Exchange, build_event, fit_event
-from addons.delivery import DELIVERY_OPTIONS, DeliveryConfig, default_spool_dir
+from addons.delivery import PUBLISHER_OPTIONS, DeliveryConfig
 from addons.headers import (
     SECRET_HEADERS,
     RequestOptions,
@@ -76,46 +76,8 @@ LOG_ID_HEADER = "cf-aig-log-id"
 ATTEMPTS_HEADER = "x-cohere-gateway-attempts"
 
 
-def _opt_default(name: str) -> object:
-    """Option defaults come from COHERE_GATEWAY_<NAME> (so the CLI can hand over the gateway token
-    without putting it on a command line), else from ProxySettings."""
-    default = next(f.default for f in dataclasses.fields(settings.ProxySettings) if f.name == name)
-    raw = os.environ.get(settings.env_name(settings.ProxySettings, name))
-    if raw is None:
-        return default
-    if isinstance(default, bool):
-        return raw.strip().lower() in ("1", "true", "yes", "on")
-    if isinstance(default, int):
-        return int(raw)
-    if isinstance(default, float):
-        return float(raw)
-    return raw
-
-
-OPTIONS: tuple[tuple[str, type, str], ...] = (
-    *settings.addon_options(
-        "upstream",
-        "kafka_bootstrap",
-        "topic",
-        "default_account_id",
-        "default_gateway_id",
-        "gateway_token",
-        "max_request_bytes",
-        "max_header_bytes",
-        "max_headers",
-        "max_connections",
-        "idle_timeout_s",
-        "header_timeout_s",
-        "allow_http2",
-        "max_custom_cost",
-        "protect_local_endpoints",
-        "log_payloads",
-        "payload_max_bytes",
-    ),
-    *DELIVERY_OPTIONS,
-    *settings.option_specs(settings.ProxySettings, "config", "cache_ttl", "cache_url", "cache_max_bytes"),
-    *settings.option_specs(settings.ProxySettings, "state_url"),
-)
+# Every ProxySettings field but the process's own, with its type and help from there.
+OPTIONS: tuple[tuple[str, type, str], ...] = settings.addon_options()
 # Options the `*/*` defaults of the per-gateway configuration come from.
 _POLICY_OPTIONS = frozenset({"config", "gateway_token", "log_payloads", "payload_max_bytes", "cache_ttl"})
 _CACHE_OPTIONS = frozenset({"cache_url", "cache_max_bytes", "confdir"})
@@ -221,7 +183,10 @@ class Gateway:
 
     def load(self, loader) -> None:  # loader: mitmproxy.addonmanager.Loader
         for name, kind, help_text in OPTIONS:
-            loader.add_option(name, kind, _opt_default(name), help_text)
+            # Defaults from COHERE_GATEWAY_<NAME>, so the CLI can hand over the gateway token without
+            # putting it on a command line.
+            default = settings.env_value(settings.ProxySettings, name)
+            loader.add_option(name, kind, default, help_text)
         # mitmproxy has no hook for the error pages it writes itself: every error this process sends is
         # JSON only through this seam.
         mitmproxy_seam.install_error_pages(json_error_page, json_error_body)
@@ -239,7 +204,7 @@ class Gateway:
                 from mitmproxy import exceptions
 
                 raise exceptions.OptionsError(str(exc)) from None
-        if updated & {"kafka_bootstrap", "topic", *(name for name, _, _ in DELIVERY_OPTIONS)}:
+        if updated & PUBLISHER_OPTIONS:
             # Close first: the new publisher takes over the old one's spool directory (and its lock).
             self.publisher.close(5.0)
             self.publisher = self._make_publisher()
@@ -313,8 +278,7 @@ class Gateway:
     def _configure_cache(self, opts) -> None:
         from mitmproxy import exceptions
 
-        conf = Path(opts.confdir).expanduser()
-        directory = (conf.parent if conf.name == "mitmproxy" else conf) / "cache"
+        directory = settings.data_dir_of(opts.confdir) / "cache"
         store = None
         try:
             store = rcache.open_store(opts.cache_url, directory, opts.cache_max_bytes)
@@ -341,10 +305,8 @@ class Gateway:
             log.warning("no kafka_bootstrap set: events are counted but not published")
             return NullPublisher()
         try:
-            spool_dir = default_spool_dir(ctx.options.confdir)
             return SidecarPublisher(
-                DeliveryConfig.from_options(ctx.options, spool_dir),
-                grace_s=ctx.options.shutdown_grace_s,
+                DeliveryConfig.from_options(ctx.options, settings.data_dir_of(ctx.options.confdir)),
                 log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),
             )
         except (OSError, ValueError, RuntimeError) as exc:

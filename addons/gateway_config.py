@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cohere_gateway import gateway_file
+from cohere_gateway import gateway_file, settings
 from cohere_gateway.events import MAX_METADATA_ENTRIES, api_key_fingerprint
 from cohere_gateway.gateway_file import boolean as _bool
 from cohere_gateway.gateway_file import int_in as _int_in
@@ -105,8 +105,8 @@ class ProviderKey:
 @dataclass(frozen=True, slots=True)
 class GatewayPolicy:
     tokens: tuple[str, ...] = field(default=(), repr=False)  # empty: no gateway token required
-    log_payloads: bool = False
-    payload_max_bytes: int = 16_384
+    log_payloads: bool = settings.ProxySettings.log_payloads
+    payload_max_bytes: int = settings.ProxySettings.payload_max_bytes
     allow_log_opt_out: bool = True  # whether cf-aig-collect-log: false is honoured
     max_metadata_entries: int = MAX_METADATA_ENTRIES
     cache: CachePolicy = field(default_factory=CachePolicy)

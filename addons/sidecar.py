@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from addons.delivery import COUNTER_NAMES, DeliveryConfig, spool_late
+from cohere_gateway import settings
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +70,11 @@ class SidecarPublisher:
         self,
         config: DeliveryConfig,
         *,
-        grace_s: float = 5.0,
         log_level: str = "info",
         spool_lock_wait_s: float = SPOOL_LOCK_WAIT_S,
     ) -> None:
         config.check()
         self.config = config
-        self._grace_s = grace_s
         self._spool_lock_wait_s = spool_lock_wait_s
         self._log_level = log_level
         self._mine, self._theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -215,7 +214,8 @@ class SidecarPublisher:
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         self._last_spawn = time.monotonic()
-        config = dataclasses.asdict(self.config) | {"spool_dir": str(self.config.spool_dir.resolve())}
+        # resolved: the child's working directory need not be the gateway's
+        config = dataclasses.replace(self.config, spool_dir=self.config.spool_dir.resolve())
         fd = self._theirs.fileno()
         cmd = [
             sys.executable,
@@ -224,9 +224,7 @@ class SidecarPublisher:
             "--fd",
             str(fd),
             "--config",
-            json.dumps(config),
-            "--grace",
-            str(self._grace_s),
+            settings.to_json(config),
             "--spool-lock-wait",
             str(self._spool_lock_wait_s),
             "--log-level",
@@ -338,11 +336,6 @@ def _project_root() -> str:
 # -- child side ---------------------------------------------------------------------------------------
 
 
-def _config_from_json(text: str) -> DeliveryConfig:
-    raw = json.loads(text)
-    return DeliveryConfig(**raw | {"spool_dir": Path(raw["spool_dir"])})
-
-
 def _open_publisher(config: DeliveryConfig, lock_wait_s: float) -> Any:
     from addons.delivery import DurablePublisher
     from addons.spool import SpoolInUseError
@@ -417,8 +410,7 @@ def _serve(
 def child_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m addons.sidecar", description=__doc__.split("\n\n")[0])
     parser.add_argument("--fd", type=int, required=True, help="the SOCK_SEQPACKET socket from the gateway")
-    parser.add_argument("--config", required=True, help="DeliveryConfig as JSON")
-    parser.add_argument("--grace", type=float, default=5.0, help="grace period if the gateway vanishes")
+    parser.add_argument("--config", required=True, help="DeliveryConfig as settings.to_json")
     parser.add_argument("--log-level", default="info")
     parser.add_argument(
         "--spool-lock-wait", type=float, default=SPOOL_LOCK_WAIT_S, help="how long to wait for the spool lock"
@@ -436,7 +428,8 @@ def child_main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sock = socket.socket(fileno=args.fd)
     try:
-        publisher = _open_publisher(_config_from_json(args.config), args.spool_lock_wait)
+        config: DeliveryConfig = settings.from_json(DeliveryConfig, args.config)
+        publisher = _open_publisher(config, args.spool_lock_wait)
     except Exception as exc:
         sock.send(b"X" + f"cannot start event delivery: {exc}".encode())
         return 1
@@ -450,7 +443,7 @@ def child_main(argv: list[str] | None = None) -> int:
     except Exception:  # deliver or spool what we hold, whatever went wrong with the socket
         log.exception("delivery: reading events from the gateway failed; finishing")
     if not closers:  # the gateway died without a word: deliver what we have within our grace
-        _finish(publisher, args.grace, sock, stop)
+        _finish(publisher, config.shutdown_grace_s, sock, stop)
     else:
         closers[0].join()
     reporter.join()

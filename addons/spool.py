@@ -27,14 +27,16 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import BinaryIO, get_args
 
 import crc32c
 
+from cohere_gateway import settings
+from cohere_gateway.settings import FsyncMode
+
 log = logging.getLogger(__name__)
 
-FsyncMode = Literal["always", "interval", "never"]
-FSYNC_MODES: tuple[str, ...] = ("always", "interval", "never")
+FSYNC_MODES: tuple[str, ...] = get_args(FsyncMode)
 
 MAGIC = 0xC06E5E11
 HEADER = struct.Struct("<III")  # magic, length, crc
@@ -113,8 +115,8 @@ class Spool:
         directory: Path,
         *,
         max_bytes: int,
-        fsync: FsyncMode = "interval",
-        fsync_interval_ms: int = 100,
+        fsync: FsyncMode = settings.ProxySettings.spool_fsync,
+        fsync_interval_ms: int = settings.ProxySettings.spool_fsync_interval_ms,
         segment_bytes: int | None = None,
     ) -> None:
         if fsync not in FSYNC_MODES:

@@ -232,11 +232,11 @@ def _read_pid(data_dir: Path) -> int | None:
 
 def start(
     data_dir: Path,
-    port: int = 8123,
-    tcp_port: int = 9000,
-    host: str = "127.0.0.1",
-    user: str = "gateway",
-    password: str = "",
+    port: int = settings.ClickHouseSettings.port,
+    tcp_port: int = settings.ClickHouseSettings.tcp_port,
+    host: str = settings.ClickHouseSettings.host,
+    user: str = settings.ClickHouseSettings.user,
+    password: str = settings.ClickHouseSettings.password,
     progress: Progress = _quiet,
 ) -> Server:
     """Start (or find already running) the server for `data_dir`; return once it answers /ping.
@@ -300,7 +300,7 @@ def stop(data_dir: Path, timeout: float = STOP_TIMEOUT_S) -> bool:
     return True
 
 
-def status(data_dir: Path, port: int, host: str = "127.0.0.1") -> Status:
+def status(data_dir: Path, port: int, host: str = settings.ClickHouseSettings.host) -> Status:
     """Whether the server for `data_dir` runs and answers; on the ports it was started with, if it runs."""
     data_dir = Path(data_dir).resolve()
     pid = _read_pid(data_dir)

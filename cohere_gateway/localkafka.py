@@ -204,7 +204,7 @@ def _format_storage(data_dir: Path, props: Path) -> None:
         raise KafkaSetupError(f"Formatting KRaft storage in {data_dir} failed:\n{proc.stdout}{proc.stderr}")
 
 
-def start(data_dir: Path, port: int = 9092, progress: Progress = _quiet) -> Broker:
+def start(data_dir: Path, port: int, progress: Progress = _quiet) -> Broker:
     """Start (or find already running) the broker for `data_dir`; return once it serves produce/consume."""
     data_dir = Path(data_dir)
     bootstrap = f"127.0.0.1:{port}"

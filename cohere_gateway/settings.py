@@ -4,18 +4,22 @@ Each command's settings are a frozen dataclass; each field is a CLI flag (`--kaf
 environment variable with the project prefix (`COHERE_GATEWAY_KAFKA_BOOTSTRAP`), the flag winning.
 The helper commands whose flags would collide with the gateway's (`--port` of `emulator`, `kafka` and
 `clickhouse`) read `COHERE_GATEWAY_EMULATOR_*` / `COHERE_GATEWAY_KAFKA_*` / `COHERE_GATEWAY_CLICKHOUSE_*`
-instead. `cli.py` builds the click options
-from these classes, so help text, defaults and env names are written once, here.
+instead. Help text, defaults and env names are written once, here; the rest is derived:
+the click options (`click_options`), the gateway addon's mitmproxy options (`addon_options`) with their
+defaults read from the environment as the flags would be (`env_value`), and the delivery child's
+configuration handed over as JSON (`to_json` / `from_json`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import click
 
@@ -24,6 +28,12 @@ DEFAULT_DATA_DIR = Path(".cohere-gateway")
 DEFAULT_TOPIC = "cohere-gateway.events"
 DEFAULT_UPSTREAM = "https://api.cohere.ai"
 DEFAULT_PARTITIONS = 6
+DEFAULT_KAFKA_PORT = 9092
+DEFAULT_KAFKA_BOOTSTRAP = f"127.0.0.1:{DEFAULT_KAFKA_PORT}"
+DEFAULT_GATEWAY_PORT = 8080
+DEFAULT_READ_API_PORT = 8091  # the consumer's read API, which serves the dashboard
+BOOTSTRAP_HELP = "Kafka bootstrap servers, HOST:PORT[,HOST:PORT]."
+FsyncMode = Literal["always", "interval", "never"]  # --spool-fsync
 PARTITIONS_HELP = (
     "Partitions of the event topic, created with this many if missing (a consumer group shares at most "
     "this many consumers). An existing topic is left as it is: fewer partitions are logged, not changed."
@@ -32,6 +42,15 @@ PARTITIONS_HELP = (
 
 def setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None) -> Any:
     return field(default=default, metadata={"help": help, "choices": choices})
+
+
+def log_level_setting() -> Any:
+    return setting("info", "Log level.", choices=("debug", "info", "warning", "error"))
+
+
+def kafka_dir(data_dir: Path) -> Path:
+    """Where the local broker of `kafka start` and `up` lives under a data directory."""
+    return data_dir / "kafka"
 
 
 @dataclass(frozen=True)
@@ -55,9 +74,11 @@ class EmulatorSettings:
 class KafkaSettings:
     env_prefix = ENV_PREFIX + "KAFKA_"
 
-    port: int = setting(9092, "Port of the local broker's client listener (the controller uses port+1).")
+    port: int = setting(
+        DEFAULT_KAFKA_PORT, "Port of the local broker's client listener (the controller uses port+1)."
+    )
     data_dir: Path = setting(
-        DEFAULT_DATA_DIR / "kafka", "Where the local broker keeps its log, pid file and output."
+        kafka_dir(DEFAULT_DATA_DIR), "Where the local broker keeps its log, pid file and output."
     )
 
 
@@ -85,7 +106,7 @@ class ConsumerSettings:
     """`consume`: Kafka -> ClickHouse. Storage is the server at --clickhouse when given, else the embedded
     engine (chdb) under <data-dir>/clickhouse."""
 
-    kafka_bootstrap: str = setting("127.0.0.1:9092", "Kafka bootstrap servers, HOST:PORT[,HOST:PORT].")
+    kafka_bootstrap: str = setting(DEFAULT_KAFKA_BOOTSTRAP, BOOTSTRAP_HELP)
     topic: str = setting(DEFAULT_TOPIC, "Topic the gateway writes events to.")
     partitions: int = setting(DEFAULT_PARTITIONS, PARTITIONS_HELP)
     group_id: str = setting(
@@ -113,7 +134,9 @@ class ConsumerSettings:
     retention_days: int = setting(90, "Raw events older than this many days are dropped (TTL).")
     aggregate_retention_days: int = setting(400, "Per-minute aggregates older than this are dropped (TTL).")
     http_host: str = setting("127.0.0.1", "Interface of the read API (/readyz, /metrics, /api/...).")
-    http_port: int = setting(8091, "Port of the read API; 0 picks a free port, -1 disables it.")
+    http_port: int = setting(
+        DEFAULT_READ_API_PORT, "Port of the read API; 0 picks a free port, -1 disables it."
+    )
     api_token: str = setting(
         "",
         "Token the read API and dashboard require (HTTP Basic password, any user name, or "
@@ -128,7 +151,7 @@ class ConsumerSettings:
         "",
         "ClickHouse server URL the read API queries with, e.g. a read-only user's. Empty: --clickhouse.",
     )
-    log_level: str = setting("info", "Log level.", choices=("debug", "info", "warning", "error"))
+    log_level: str = log_level_setting()
     gateway_config: str = setting(
         "",
         "The gateways' configuration file (the gateway's --config): the dashboard and /api/budgets show "
@@ -158,13 +181,15 @@ class ProxySettings:
     data_dir is also a mitmproxy option of the addon with the same name (`mitmdump --set upstream=...`)."""
 
     host: str = setting("127.0.0.1", "Interface the gateway listens on.")
-    port: int = setting(8080, "Port of the gateway route /v1/{account}/{gateway}/cohere/... and /compat/.")
+    port: int = setting(
+        DEFAULT_GATEWAY_PORT, "Port of the gateway route /v1/{account}/{gateway}/cohere/... and /compat/."
+    )
     transparent_port: int = setting(
         0, "Port of the forward proxy for apps using HTTPS_PROXY (api.cohere.ai/.com only); 0: off."
     )
     upstream: str = setting(DEFAULT_UPSTREAM, "Cohere API base URL requests are forwarded to.")
     kafka_bootstrap: str = setting(
-        "127.0.0.1:9092", "Kafka bootstrap servers, HOST:PORT[,HOST:PORT]. Empty: events are not published."
+        DEFAULT_KAFKA_BOOTSTRAP, BOOTSTRAP_HELP + " Empty: events are not published."
     )
     topic: str = setting(DEFAULT_TOPIC, "Kafka topic events are published to.")
     data_dir: Path = setting(DEFAULT_DATA_DIR, "Gateway state directory (mitmproxy CA in <dir>/mitmproxy).")
@@ -214,7 +239,7 @@ class ProxySettings:
         "interval",
         "When spooled events are fsynced: every event, every --spool-fsync-interval-ms, or never "
         "(left to the OS). Bounds what a power loss can lose; see docs/durability.md.",
-        choices=("always", "interval", "never"),
+        choices=typing.get_args(FsyncMode),
     )
     spool_fsync_interval_ms: int = setting(
         100, "Flush/fsync period of the spool for --spool-fsync interval/never."
@@ -233,7 +258,7 @@ class ProxySettings:
     shutdown_grace_s: float = setting(
         10.0, "On SIGTERM/SIGINT, how long to keep delivering to Kafka before spooling the rest."
     )
-    log_level: str = setting("info", "Log level.", choices=("debug", "info", "warning", "error"))
+    log_level: str = log_level_setting()
     workers: int = setting(
         1, "Gateway processes sharing --port (SO_REUSEPORT), one per core to use; each has its own spool."
     )
@@ -270,27 +295,91 @@ class UpSettings:
     demo_rate: float = setting(5.0, "Demo calls per second (with --demo).")
     demo_requests: int = setting(0, "With --demo, stop the traffic after this many calls; 0: until Ctrl-C.")
     host: str = setting("127.0.0.1", "Interface the gateway and the dashboard listen on.")
-    port: int = setting(8080, "Port of the gateway.")
-    dashboard_port: int = setting(8091, "Port of the dashboard and its JSON API (served by the consumer).")
+    port: int = setting(DEFAULT_GATEWAY_PORT, "Port of the gateway.")
+    dashboard_port: int = setting(
+        DEFAULT_READ_API_PORT, "Port of the dashboard and its JSON API (served by the consumer)."
+    )
     upstream: str = setting(DEFAULT_UPSTREAM, "Cohere API base URL (ignored with --demo: the emulator).")
     emulator_port: int = setting(0, "Port of the emulator with --demo; 0 picks a free one.")
     kafka: str = setting("", "Bootstrap servers of an existing Kafka. Empty: start the local broker.")
-    kafka_port: int = setting(9092, "Port of the local broker when --kafka is empty (controller: port+1).")
+    kafka_port: int = setting(
+        DEFAULT_KAFKA_PORT, "Port of the local broker when --kafka is empty (controller: port+1)."
+    )
     topic: str = setting(DEFAULT_TOPIC, "Kafka topic of the events.")
     partitions: int = setting(DEFAULT_PARTITIONS, PARTITIONS_HELP)
     clickhouse: str = setting("", "ClickHouse server URL. Empty: the embedded engine under --data-dir.")
     data_dir: Path = setting(DEFAULT_DATA_DIR, "Where Kafka, ClickHouse, the spool, the CA and logs live.")
 
 
-def addon_options(*names: str) -> tuple[tuple[str, type, str], ...]:
-    """(name, type, help) of ProxySettings fields, as the gateway addon registers them with mitmproxy."""
+# ProxySettings fields that shape the `proxy` process (its listeners, state directory, logging, workers)
+# rather than being options of the gateway addon.
+PROCESS_ONLY = frozenset({"host", "port", "transparent_port", "data_dir", "log_level", "workers"})
+# mitmproxy's confdir under <data-dir> when `cohere-gateway proxy` runs the addon.
+MITMPROXY_DIR = "mitmproxy"
+
+
+def addon_options() -> tuple[tuple[str, type, str], ...]:
+    """(name, type, help) of the ProxySettings fields the gateway addon registers as mitmproxy options."""
     hints = typing.get_type_hints(ProxySettings)
-    by_name = {f.name: f for f in dataclasses.fields(ProxySettings)}
-    return tuple((name, hints[name], by_name[name].metadata["help"]) for name in names)
+    return tuple(
+        (f.name, hints[f.name], f.metadata["help"])
+        for f in dataclasses.fields(ProxySettings)
+        if f.name not in PROCESS_ONLY
+    )
+
+
+def mitmproxy_dir(data_dir: Path) -> Path:
+    return data_dir / MITMPROXY_DIR
+
+
+def data_dir_of(confdir: str) -> Path:
+    """<data-dir> of a gateway from mitmproxy's confdir: its parent under `cohere-gateway proxy` (which
+    sets <data-dir>/mitmproxy), the confdir itself for a bare `mitmdump -s addons/gateway.py`."""
+    conf = Path(confdir).expanduser()
+    return conf.parent if conf.name == MITMPROXY_DIR else conf
+
+
+def spool_dir(data_dir: Path, configured: str) -> Path:
+    """--spool-dir, else <data-dir>/spool."""
+    return Path(configured).expanduser() if configured else data_dir / "spool"
 
 
 def env_name(cls: type, name: str) -> str:
     return getattr(cls, "env_prefix", ENV_PREFIX) + name.upper()
+
+
+def _value_type(kind: Any) -> Any:
+    """How a setting's text (a flag or an environment variable) becomes its value: the CLI and the addon's
+    option defaults both parse with this."""
+    if kind is bool:
+        return click.BOOL
+    if kind is Path:
+        return click.Path(path_type=Path)
+    return click.types.convert_type(kind)
+
+
+def env_value(cls: type, name: str, environ: typing.Mapping[str, str] | None = None) -> Any:
+    """Setting `name` of `cls` from its environment variable, parsed as its flag is; its default when the
+    variable is unset. An empty value is a value: `--kafka-bootstrap ""` reaches the addon as one."""
+    environ = os.environ if environ is None else environ
+    default = next(f.default for f in dataclasses.fields(cls) if f.name == name)
+    raw = environ.get(env_name(cls, name))
+    if raw is None:
+        return default
+    try:
+        return _value_type(typing.get_type_hints(cls)[name]).convert(raw, None, None)
+    except click.BadParameter as exc:
+        raise ValueError(f"{env_name(cls, name)}={raw!r}: {exc.message}") from None
+
+
+def environment(obj: Any, names: typing.Iterable[str]) -> dict[str, str]:
+    """The settings `names` of `obj` as the environment variables `env_value` reads back."""
+    cls = type(obj)
+    return {
+        env_name(cls, name): (("true" if value else "false") if isinstance(value, bool) else str(value))
+        for name in names
+        for value in (getattr(obj, name),)
+    }
 
 
 def click_options(cls: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -303,10 +392,8 @@ def click_options(cls: type) -> Callable[[Callable[..., Any]], Callable[..., Any
             kind: Any = hints[f.name]
             if kind is bool:
                 flag = f"{flag}/--no-{flag[2:]}"
-            elif f.metadata.get("choices"):
-                kind = click.Choice(f.metadata["choices"])
-            elif kind is Path:
-                kind = click.Path(path_type=Path)
+            choices = f.metadata.get("choices")
+            kind = click.Choice(choices) if choices else _value_type(kind)
             fn = click.option(
                 flag,
                 f.name,
@@ -322,11 +409,16 @@ def click_options(cls: type) -> Callable[[Callable[..., Any]], Callable[..., Any
     return decorate
 
 
-def option_specs(cls: type, *names: str) -> tuple[tuple[str, type, str], ...]:
-    """(name, type, help) of settings that are also mitmproxy options of an addon, for `add_option`."""
+def to_json(obj: Any) -> str:
+    """A settings dataclass as JSON (Paths as text), for a child process; `from_json` reads it back."""
+    return json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(obj).items()})
+
+
+def from_json(cls: type, text: str) -> Any:
+    """The `cls` that `to_json` wrote, its typed fields restored (Path)."""
+    raw = json.loads(text)
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    return tuple((name, hints[name], fields[name].metadata["help"]) for name in names)
+    return cls(**{k: Path(v) if hints[k] is Path else v for k, v in raw.items()})
 
 
 def from_kwargs(cls: type, kwargs: dict[str, Any]) -> Any:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from cohere_gateway import localkafka
 from cohere_gateway.kafka_topics import ensure_topic
-from cohere_gateway.settings import UpSettings
+from cohere_gateway.settings import UpSettings, kafka_dir
 
 Say = Callable[[str], None]
 READY_TIMEOUT_S = 120.0
@@ -62,7 +62,7 @@ class Stack:
             self.kafka_bootstrap = s.kafka
             self.say(f"Kafka: using {s.kafka}")
         else:
-            self.kafka_dir = data_dir / "kafka"
+            self.kafka_dir = kafka_dir(data_dir)
             broker = localkafka.start(self.kafka_dir, s.kafka_port, progress=self.say)
             self.kafka_bootstrap = broker.bootstrap
             self.say(f"Kafka: local broker on {broker.bootstrap}")
