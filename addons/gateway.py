@@ -34,7 +34,7 @@ from addons import cache as rcache
 from addons import gateway_config as gwconfig
 from addons import mitmproxy_seam, provider_keys, ratelimits, retries
 from addons.bodies import DECODE_INLINE_BYTES, check_content_encoding, decode_body, is_identity, too_large
-from addons.capture import Exchange, build_event, fit_event
+from addons.capture import Ending, Exchange, build_event, fit_event
 from addons.delivery import DELIVERY_OPTIONS, DeliveryConfig, default_spool_dir
 from addons.headers import (
     SECRET_HEADERS,
@@ -152,8 +152,8 @@ def json_error_page(status_code: int, message: str = "") -> bytes:
     return http1.assemble_response(resp)
 
 
-def _ms(seconds: float) -> str:
-    return f"{max(0.0, seconds) * 1000:.3f}"
+def _header_ms(ms: float) -> str:
+    return f"{ms:.3f}"
 
 
 def _fail_closed(hook: Callable[[Gateway, http.HTTPFlow], Any]) -> Callable[[Gateway, http.HTTPFlow], Any]:
@@ -635,20 +635,20 @@ class Gateway:
             )
         return math.ceil(cost * ratelimits.MICRO)
 
-    def _settle(self, x: Exchange, kw: dict[str, Any]) -> None:
+    def _settle(self, x: Exchange) -> None:
         """Token reservations become the billed usage (an error, a refusal or a cache hit bills none)."""
         reservation = x.reservation
-        if reservation is None or not reservation.held:
+        if reservation is None or not reservation.held or x.ending is None:
             return
-        usage = kw["extracted"].usage
+        usage = x.ending.extracted.usage
         billed: int | None = 0
         hit = x.cache is not None and x.cache.status == "HIT"
-        if 200 <= kw["status"] < 400 and not hit:
+        if 200 <= x.ending.status < 400 and not hit:
             counts = (usage.input_tokens, usage.output_tokens)
             billed = None if counts == (None, None) else sum(c or 0 for c in counts)
         cost: float | None = None
         if any(rule.unit == "cost" for rule, _, _ in reservation.held):
-            cost = build_event(x, pricing=self.pricing, **kw).cost_usd  # priced exactly as its event
+            cost = build_event(x, self.pricing).cost_usd  # priced exactly as its event
         task = asyncio.get_running_loop().create_task(self._settle_now(reservation, billed, cost))
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
@@ -712,7 +712,7 @@ class Gateway:
             return
         c.entry = entry
         fields = [*entry.headers, (rcache.STATUS_HEADER, "HIT"), (LOG_ID_HEADER, x.event_id)]
-        fields.append((OVERHEAD_HEADER, _ms(time.time() - x.start)))
+        fields.append((OVERHEAD_HEADER, _header_ms(x.hand_on(time.time()))))
         replay = http.Headers([(k.encode("latin-1"), v.encode("latin-1")) for k, v in fields])
         content = entry.body
         if x.strip_usage and "event-stream" in replay.get("content-type", ""):
@@ -781,8 +781,8 @@ class Gateway:
                     self._finish_stream(flow, x, time.time())
 
         resp.stream = tap
-        now = time.time()
-        resp.headers[OVERHEAD_HEADER] = _ms((x.forwarded_at - x.start) + (now - resp.timestamp_start))
+        # a stream's headers go on now: what the gateway spends on its chunks is not in this number
+        resp.headers[OVERHEAD_HEADER] = _header_ms(x.hand_on(time.time(), resp.timestamp_start))
 
     @_fail_closed
     def response(self, flow: http.HTTPFlow) -> None:
@@ -803,15 +803,14 @@ class Gateway:
             self._finish_hit(x, resp, now)
             return
         if x.forwarded_at is None:  # answered by the gateway itself
-            self._finish(
-                x,
-                status=resp.status_code,
-                outcome="gateway_error",
-                error_type=x.refusal or "gateway_rejected",
-                extracted=Extracted(),
-                end=now,
+            ending = Ending(
+                resp.status_code,
+                "gateway_error",
+                x.refusal or "gateway_rejected",
+                now,
                 error_message=_message_of(resp),
             )
+            self._finish(x, ending)
             return
         if x.watcher is not None:
             self._finish_stream(flow, x, now)
@@ -827,19 +826,18 @@ class Gateway:
         if x.policy.log_payloads and x.options.collect_payload and content is not None:
             payload = truncate(content.decode("utf-8", "replace"), x.policy.payload_max_bytes)
         # cf-aig-log-id was set in responseheaders; only now is the gateway's own time known
-        resp.headers[OVERHEAD_HEADER] = _ms((x.forwarded_at - x.start) + (now - (resp.timestamp_end or now)))
-        self._finish(
-            x,
-            status=resp.status_code,
-            outcome=outcome,
-            error_type=error_type,
-            extracted=extracted,
-            end=now,
+        resp.headers[OVERHEAD_HEADER] = _header_ms(x.hand_on(now, resp.timestamp_end or now))
+        ending = Ending(
+            resp.status_code,
+            outcome,
+            error_type,
+            now,
+            extracted,
             response_start=resp.timestamp_start,
-            response_end=resp.timestamp_end,
             response_bytes=size,
             response_body=payload,
         )
+        self._finish(x, ending)
 
     def _finish_stream(self, flow: http.HTTPFlow, x: Exchange, now: float) -> None:
         resp = flow.response
@@ -853,18 +851,17 @@ class Gateway:
             payload = truncate(
                 b"".join(x.response_payload).decode("utf-8", "replace"), x.policy.payload_max_bytes
             )
-        self._finish(
-            x,
-            status=resp.status_code,
-            outcome=outcome,
-            error_type=error_type,
-            extracted=x.watcher.extracted,
-            end=now,
+        ending = Ending(
+            resp.status_code,
+            outcome,
+            error_type,
+            now,
+            x.watcher.extracted,
             response_start=resp.timestamp_start,
-            response_end=resp.timestamp_end or now,
             response_bytes=x.watcher.bytes_seen,
             response_body=payload,
         )
+        self._finish(x, ending)
 
     @_fail_closed
     def error(self, flow: http.HTTPFlow) -> None:
@@ -883,17 +880,17 @@ class Gateway:
             extracted = x.watcher.extracted
         if x.forwarded_at is None and outcome != "client_aborted":
             outcome, error_type = "gateway_error", "proxy_error"
-        self._finish(
-            x,
-            status=resp.status_code if resp is not None else 0,
-            outcome=outcome,
-            error_type=error_type,
-            extracted=extracted,
-            end=time.time(),
+        ending = Ending(
+            resp.status_code if resp is not None else 0,
+            outcome,
+            error_type,
+            time.time(),
+            extracted,
             response_start=resp.timestamp_start if resp is not None else None,
             response_bytes=x.watcher.bytes_seen if x.watcher else 0,
             error_message=msg,
         )
+        self._finish(x, ending)
 
     # --- the response cache --------------------------------------------------------------------------
 
@@ -933,29 +930,24 @@ class Gateway:
         payload = None
         if x.policy.log_payloads and x.options.collect_payload:
             payload = truncate(body.decode("utf-8", "replace"), x.policy.payload_max_bytes)
-        self._finish(
-            x,
-            status=resp.status_code,
-            outcome="ok",
-            error_type=None,
-            extracted=extracted,
-            end=now,
-            response_bytes=len(body),
-            response_body=payload,
+        ending = Ending(
+            resp.status_code, "ok", None, now, extracted, response_bytes=len(body), response_body=payload
         )
+        self._finish(x, ending)
 
     # --- helpers -------------------------------------------------------------------------------------
 
-    def _finish(self, x: Exchange, **kw) -> None:
-        x.finished = True
+    def _finish(self, x: Exchange, ending: Ending) -> None:
+        """The one place an exchange ends: its token reservation settled, counted, its event published."""
+        x.ending = ending
         self.in_flight -= 1
         if x.relay_token is not None:
             self.relay.discard(x.relay_token)
-        self._settle(x, kw)
-        if x.ticket is not None and x.ticket.failure is not None and kw["outcome"] != "client_aborted":
+        self._settle(x)
+        if x.ticket is not None and x.ticket.failure is not None and ending.outcome != "client_aborted":
             # The relay answered itself (504/502): no attempt got an answer from upstream.
-            kw["outcome"], kw["error_type"], kw["status"] = retries.failure_outcome(x.ticket.failure)
-        outcome = kw["outcome"]
+            ending.outcome, ending.error_type, ending.status = retries.failure_outcome(x.ticket.failure)
+        outcome = ending.outcome
         self.metrics.exchanges[outcome] += 1
         if not x.recorded:  # refused before authentication: counted in rejected, nothing stored
             return
@@ -963,7 +955,7 @@ class Gateway:
             self.metrics.events_skipped.inc()
             return
         try:
-            event = build_event(x, pricing=self.pricing, **kw)
+            event = build_event(x, self.pricing)
             value = fit_event(event)
             if value is None:
                 self.metrics.events_oversize.inc()
@@ -982,9 +974,9 @@ class Gateway:
                         "account_id": x.account_id,
                         "gateway_id": x.gateway_id,
                         "path": x.route.path[:256],
-                        "status": kw["status"],
+                        "status": ending.status,
                         "outcome": outcome,
-                        "error_type": kw.get("error_type"),
+                        "error_type": ending.error_type,
                     }
                 ).decode()
             )
@@ -1030,14 +1022,9 @@ class Gateway:
             flow.response = json_response(500, {"message": message}, headers)
         if x is not None and not x.finished:
             x.options = RequestOptions(collect_log=x.options.collect_log)
+            message = f"internal error in the gateway's {hook} hook ({type(exc).__name__})"
             self._finish(
-                x,
-                status=500,
-                outcome="gateway_error",
-                error_type="gateway_internal_error",
-                extracted=Extracted(),
-                end=time.time(),
-                error_message=f"internal error in the gateway's {hook} hook ({type(exc).__name__})",
+                x, Ending(500, "gateway_error", "gateway_internal_error", time.time(), error_message=message)
             )
 
     def _reject(self, flow: http.HTTPFlow, exc: RouteError, x: Exchange | None = None) -> None:
