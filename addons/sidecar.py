@@ -54,6 +54,14 @@ READ_EVERY_S = 0.02
 _GRACE = struct.Struct("!d")
 _KEY_LEN = struct.Struct("!H")
 
+# A message's first byte says what it is (the module docstring has the layout of each).
+EVENT = b"E"  # gateway -> child
+STOP = b"S"  # gateway -> child
+READY = b"R"  # child -> gateway
+CANNOT_START = b"X"  # child -> gateway
+COUNTERS = b"C"  # child -> gateway
+DELIVERED = b"D"  # child -> gateway: its publisher is closed, everything delivered or spooled
+
 
 class SidecarError(RuntimeError):
     """The delivery process could not start; the message says why."""
@@ -90,7 +98,7 @@ class SidecarPublisher:
         self._dropped = 0
         self._closing = False  # close() began: the child is told its grace period, events still go to it
         self._closed = False  # the child takes no more: they wait in _late_events, then go to disk
-        self._child_done = False  # the child reported its publisher closed (message D)
+        self._child_done = False  # the child reported its publisher closed (DELIVERED)
         self._child_gone = False
         self._late_events: list[tuple[bytes, bytes]] = []
         self._next_check = 0.0
@@ -144,7 +152,7 @@ class SidecarPublisher:
             self._closing = True
             if self._proc.poll() is not None:  # died: a new child drains what is queued
                 self._proc = self._spawn()
-            self._backlog.append(b"S" + _GRACE.pack(max(0.0, deadline - time.monotonic())))
+            self._backlog.append(STOP + _GRACE.pack(max(0.0, deadline - time.monotonic())))
         handed_over = self._flush_backlog(deadline + 5.0) and self._wait_child_done(deadline + 15.0)
         with self._lock:
             self._closed = True
@@ -248,9 +256,9 @@ class SidecarPublisher:
                     raise SidecarError(
                         f"the delivery process did not start within {START_TIMEOUT_S:.0f} s"
                     ) from None
-                if message[:1] == b"R":
+                if message[:1] == READY:
                     return
-                if message[:1] == b"X":
+                if message[:1] == CANNOT_START:
                     self._proc.wait()
                     raise SidecarError(message[1:].decode("utf-8", "replace"))
         finally:
@@ -281,11 +289,11 @@ class SidecarPublisher:
             self._backlog.popleft()
 
     def _read_messages(self) -> None:
-        """Take what the child sent: counters (C), delivery finished (D)."""
+        """Take what the child sent: its counters, or that its delivery finished."""
         for message in _queued(self._mine, COUNTERS_MAX_BYTES):
-            if message[:1] == b"C":
+            if message[:1] == COUNTERS:
                 self._child_counts = json.loads(message[1:])
-            elif message[:1] == b"D":
+            elif message[:1] == DELIVERED:
                 self._child_done = True
 
     def _drop(self, why: str) -> None:
@@ -296,7 +304,7 @@ class SidecarPublisher:
     def _spool_unread(self) -> None:
         """Every event still queued for the child (we hold its end too), then the backlog, to disk."""
         for message in [*_queued(self._theirs, MAX_EVENT_BYTES), *self._backlog]:
-            if message[:1] == b"E":
+            if message[:1] == EVENT:
                 self._late(*split_event(message))
         self._backlog.clear()
 
@@ -307,7 +315,7 @@ class SidecarPublisher:
 
 
 def event_message(key: bytes, value: bytes) -> bytes:
-    return b"E" + _KEY_LEN.pack(len(key)) + key + value
+    return EVENT + _KEY_LEN.pack(len(key)) + key + value
 
 
 def split_event(message: bytes | memoryview) -> tuple[bytes, bytes]:
@@ -363,7 +371,7 @@ def _report(sock: socket.socket, publisher: Any, stop: threading.Event) -> None:
         counts = publisher.counters()
         if counts != last:
             try:
-                sock.send(b"C" + json.dumps(counts).encode(), socket.MSG_DONTWAIT)
+                sock.send(COUNTERS + json.dumps(counts).encode(), socket.MSG_DONTWAIT)
                 last = counts
             except OSError:
                 pass  # the gateway reads when it needs them; a skipped update is replaced by the next
@@ -373,8 +381,8 @@ def _finish(publisher: Any, grace: float, sock: socket.socket, stop: threading.E
     publisher.close(grace)
     stop.set()
     with contextlib.suppress(OSError):  # the gateway is gone; close() logged the counters
-        sock.send(b"C" + json.dumps(publisher.counters()).encode())
-        sock.send(b"D")
+        sock.send(COUNTERS + json.dumps(publisher.counters()).encode())
+        sock.send(DELIVERED)
 
 
 def _serve(
@@ -402,9 +410,9 @@ def _serve(
                 return  # the gateway closed its end, or died
             flags = socket.MSG_DONTWAIT
             kind = buffer[0]
-            if kind == ord("E"):
+            if kind == EVENT[0]:
                 publisher.publish(*split_event(view[:size]))
-            elif kind == ord("S") and not closers:
+            elif kind == STOP[0] and not closers:
                 # Deliver for the grace period while events keep arriving (exchanges still finishing
                 # on open connections); after it, the publisher appends them to the spool itself.
                 (grace,) = _GRACE.unpack_from(buffer, 1)
@@ -438,9 +446,9 @@ def child_main(argv: list[str] | None = None) -> int:
     try:
         publisher = _open_publisher(_config_from_json(args.config), args.spool_lock_wait)
     except Exception as exc:
-        sock.send(b"X" + f"cannot start event delivery: {exc}".encode())
+        sock.send(CANNOT_START + f"cannot start event delivery: {exc}".encode())
         return 1
-    sock.send(b"R")
+    sock.send(READY)
     stop = threading.Event()
     reporter = threading.Thread(target=_report, args=(sock, publisher, stop), daemon=True)
     reporter.start()
