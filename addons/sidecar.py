@@ -86,8 +86,9 @@ class SidecarPublisher:
         self._grace_s = grace_s
         self._spool_lock_wait_s = spool_lock_wait_s
         self._log_level = log_level
-        self._mine, self._theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        for sock in (self._mine, self._theirs):
+        # The child's end stays open here too: what a dead child had not read waits for the next one.
+        self._gateway_end, self._child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        for sock in (self._gateway_end, self._child_end):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
         self._lock = threading.Lock()
@@ -105,7 +106,7 @@ class SidecarPublisher:
         self._last_spawn = 0.0
         self._proc = self._spawn()
         self._await_ready()
-        self._mine.setblocking(False)
+        self._gateway_end.setblocking(False)
 
     # -- the publisher protocol ---------------------------------------------------------------------------
 
@@ -132,7 +133,7 @@ class SidecarPublisher:
                     self._send_backlog()
                 else:
                     try:
-                        self._mine.send(message)
+                        self._gateway_end.send(message)
                     except BlockingIOError:
                         self._backlog.append(message)
                 if len(self._backlog) > self.config.max_pending_events:
@@ -157,7 +158,7 @@ class SidecarPublisher:
         with self._lock:
             self._closed = True
             with contextlib.suppress(OSError):
-                self._mine.shutdown(socket.SHUT_WR)
+                self._gateway_end.shutdown(socket.SHUT_WR)
         try:
             self._proc.wait(timeout=5.0 if handed_over else 0.0)
         except subprocess.TimeoutExpired:
@@ -173,8 +174,8 @@ class SidecarPublisher:
             late, self._late_events = self._late_events, []
             for key, value in late:
                 self._late(key, value)
-        self._mine.close()
-        self._theirs.close()
+        self._gateway_end.close()
+        self._child_end.close()
 
     def _flush_backlog(self, until: float) -> bool:
         """Send the backlog (the stop message last) without holding the lock while the socket is full."""
@@ -202,7 +203,7 @@ class SidecarPublisher:
             if time.monotonic() >= until or self._proc.poll() is not None:
                 log.error("delivery: the delivery process %s", failure)
                 return False
-            ready = ([], [self._mine]) if writable else ([self._mine], [])
+            ready = ([], [self._gateway_end]) if writable else ([self._gateway_end], [])
             select.select(*ready, [], 0.2)
 
     def counters(self) -> dict[str, int]:
@@ -224,7 +225,7 @@ class SidecarPublisher:
     def _spawn(self) -> subprocess.Popen[bytes]:
         self._last_spawn = time.monotonic()
         config = dataclasses.asdict(self.config) | {"spool_dir": str(self.config.spool_dir.resolve())}
-        fd = self._theirs.fileno()
+        fd = self._child_end.fileno()
         cmd = [
             sys.executable,
             "-m",
@@ -246,11 +247,11 @@ class SidecarPublisher:
         return subprocess.Popen(cmd, pass_fds=(fd,), stdin=subprocess.DEVNULL, env=env)
 
     def _await_ready(self) -> None:
-        self._mine.settimeout(START_TIMEOUT_S)
+        self._gateway_end.settimeout(START_TIMEOUT_S)
         try:
             while True:
                 try:
-                    message = self._mine.recv(COUNTERS_MAX_BYTES)
+                    message = self._gateway_end.recv(COUNTERS_MAX_BYTES)
                 except TimeoutError:
                     self._proc.kill()
                     raise SidecarError(
@@ -262,7 +263,7 @@ class SidecarPublisher:
                     self._proc.wait()
                     raise SidecarError(message[1:].decode("utf-8", "replace"))
         finally:
-            self._mine.settimeout(None)
+            self._gateway_end.settimeout(None)
 
     @property
     def pid(self) -> int:
@@ -283,14 +284,14 @@ class SidecarPublisher:
     def _send_backlog(self) -> None:
         while self._backlog:
             try:
-                self._mine.send(self._backlog[0])
+                self._gateway_end.send(self._backlog[0])
             except BlockingIOError:
                 return
             self._backlog.popleft()
 
     def _read_messages(self) -> None:
         """Take what the child sent: its counters, or that its delivery finished."""
-        for message in _queued(self._mine, COUNTERS_MAX_BYTES):
+        for message in _queued(self._gateway_end, COUNTERS_MAX_BYTES):
             if message[:1] == COUNTERS:
                 self._child_counts = json.loads(message[1:])
             elif message[:1] == DELIVERED:
@@ -303,7 +304,7 @@ class SidecarPublisher:
 
     def _spool_unread(self) -> None:
         """Every event still queued for the child (we hold its end too), then the backlog, to disk."""
-        for message in [*_queued(self._theirs, MAX_EVENT_BYTES), *self._backlog]:
+        for message in [*_queued(self._child_end, MAX_EVENT_BYTES), *self._backlog]:
             if message[:1] == EVENT:
                 self._late(*split_event(message))
         self._backlog.clear()
