@@ -96,7 +96,6 @@ class Exchange:
     watcher: StreamWatcher | None = None
     response_payload: list[bytes] | None = None  # streamed bodies kept for payload logging
     payload_kept: int = 0
-    finished: bool = False  # the event is built exactly once, whichever hook ends the exchange
     strip_usage: bool = False  # compat stream: the gateway asked upstream for usage the client did not
     recorded: bool = True  # False: refused before authentication, no event at all
     failed_hook: str | None = None  # a response hook raised: the response is replaced by a 500
@@ -108,110 +107,146 @@ class Exchange:
     relay_token: str | None = None
     reservation: Reservation | None = None  # what this request holds of its gateway's token limits
     refusal: str | None = None  # the gateway's own refusal after authentication: the event's error_type
+    # Fixed when the gateway hands its answer on, so the response header and the event say one number.
+    overhead_ms: float | None = None
+    ending: Ending | None = None  # set once, by whichever hook ends the exchange
+
+    @property
+    def finished(self) -> bool:
+        """The event is built exactly once, whichever hook ends the exchange."""
+        return self.ending is not None
+
+    def overhead_at(self, now: float, answered: float | None = None) -> float:
+        """Milliseconds spent in the gateway itself up to `now`: all of it if upstream was never asked;
+        otherwise the time before the request left for upstream, plus the time from `answered` (upstream's
+        answer reaching the gateway) to `now`. The time waiting on upstream is not the gateway's."""
+        if self.forwarded_at is None:
+            return _ms(now - self.start)
+        held = max(0.0, now - answered) if answered is not None else 0.0
+        return _ms(self.forwarded_at - self.start + held)
+
+    def hand_on(self, now: float, answered: float | None = None) -> float:
+        """The gateway passes its answer to the client at `now`: the overhead, fixed for the event too.
+        `answered`: when upstream's answer reached the gateway (a stream's headers, a body's last byte)."""
+        self.overhead_ms = self.overhead_at(now, answered)
+        return self.overhead_ms
+
+
+@dataclass(slots=True)
+class Ending:
+    """How an exchange ended, as the hook that saw it end knows it; everything else the exchange holds."""
+
+    status: int  # 0: no response at all
+    outcome: str
+    error_type: str | None
+    at: float  # epoch seconds
+    extracted: Extracted = field(default_factory=Extracted)
+    response_start: float | None = None  # upstream's response headers reached the gateway
+    response_bytes: int = 0
+    response_body: str | None = None
+    error_message: str | None = None
 
 
 def _ms(seconds: float) -> float:
     return round(max(0.0, seconds) * 1000.0, 3)
 
 
-def latency(x: Exchange, end: float, response_start: float | None, response_end: float | None) -> Latency:
-    total = _ms(end - x.start)
-    ttfb = upstream_wait = None
-    if x.forwarded_at is not None and response_start is not None:
-        ttfb = _ms(response_start - x.forwarded_at)
-        upstream_wait = _ms((response_end or end) - x.forwarded_at)
-    ttft = _ms(x.watcher.first_token_at - x.start) if x.watcher and x.watcher.first_token_at else None
-    overhead = round(max(0.0, total - upstream_wait), 3) if upstream_wait is not None else total
-    if x.forwarded_at is None or response_start is not None:
-        return Latency(total_ms=total, upstream_ttfb_ms=ttfb, ttft_ms=ttft, gateway_overhead_ms=overhead)
-    # no response at all (connect failure): the time spent is upstream's, not ours
-    return Latency(total_ms=total, gateway_overhead_ms=_ms(x.forwarded_at - x.start))
+def latency(exchange: Exchange, ending: Ending) -> Latency:
+    total = _ms(ending.at - exchange.start)
+    overhead = exchange.overhead_ms if exchange.overhead_ms is not None else exchange.overhead_at(ending.at)
+    ttfb: float | None = None
+    if exchange.forwarded_at is not None:
+        if ending.response_start is None:  # no response at all (connect failure): the rest is upstream's
+            return Latency(total_ms=total, gateway_overhead_ms=overhead)
+        ttfb = _ms(ending.response_start - exchange.forwarded_at)
+    ttft = (
+        _ms(exchange.watcher.first_token_at - exchange.start)
+        if exchange.watcher and exchange.watcher.first_token_at
+        else None
+    )
+    return Latency(total_ms=total, upstream_ttfb_ms=ttfb, ttft_ms=ttft, gateway_overhead_ms=overhead)
 
 
-def build_event(
-    x: Exchange,
-    *,
-    pricing: PricingTable,
-    status: int,
-    outcome: str,
-    error_type: str | None,
-    extracted: Extracted,
-    end: float,
-    response_start: float | None = None,
-    response_end: float | None = None,
-    response_bytes: int = 0,
-    response_body: str | None = None,
-    error_message: str | None = None,
-) -> Event:
-    model = clean(x.model or extracted.model, MAX_MODEL)
+def build_event(exchange: Exchange, pricing: PricingTable) -> Event:
+    """The event of an ended exchange."""
+    ending = exchange.ending
+    assert ending is not None, "an exchange's event is built once it has ended"
+    status, outcome, error_type, extracted = (
+        ending.status,
+        ending.outcome,
+        ending.error_type,
+        ending.extracted,
+    )
+    model = clean(exchange.model or extracted.model, MAX_MODEL)
     implied = (
-        model is None and (model := pricing.implied_model(x.route.api_version, x.route.endpoint)) is not None
+        model is None
+        and (model := pricing.implied_model(exchange.route.api_version, exchange.route.endpoint)) is not None
     )
     # Cohere bills no request it answered with an error status, nor one it never received.
     billed = status < 400 and not (
-        status == 0 and (x.forwarded_at is None or error_type == "connection_failed")
+        status == 0 and (exchange.forwarded_at is None or error_type == "connection_failed")
     )
     # A client's own cost applies to what it was served (2xx); an error costs what pricing says.
-    custom = x.options.custom_cost if 200 <= status < 300 and outcome == "ok" else None
+    custom = exchange.options.custom_cost if 200 <= status < 300 and outcome == "ok" else None
     cost, cost_source = compute_cost(
         pricing,
-        x.route.endpoint,
+        exchange.route.endpoint,
         model,
         extracted.usage,
         custom,
-        at=utc_from_timestamp(x.start),
+        at=utc_from_timestamp(exchange.start),
         billed=billed,
     )
-    keep_payload = x.options.collect_payload
-    cache_status = x.cache.status if x.cache is not None else None
+    keep_payload = exchange.options.collect_payload
+    cache_status = exchange.cache.status if exchange.cache is not None else None
     usage, saved = extracted.usage, Usage()
     saved_cost: float | None = None
     if cache_status == "HIT":  # upstream was not called: nothing billed, the stored answer's usage saved
         usage, saved = Usage(), usage
         saved_cost, cost, cost_source = cost, 0.0, "cache"
     attempts: list[int] | None = None
-    if x.ticket is not None and x.ticket.attempts:
-        attempts = [a.status for a in x.ticket.attempts]
-    elif x.forwarded_at is not None and cache_status != "HIT":
+    if exchange.ticket is not None and exchange.ticket.attempts:
+        attempts = [a.status for a in exchange.ticket.attempts]
+    elif exchange.forwarded_at is not None and cache_status != "HIT":
         attempts = [status]
     return Event(
         schema_version=SCHEMA_VERSION,
-        event_id=x.event_id,
-        start_time=utc_from_timestamp(x.start),
-        end_time=utc_from_timestamp(max(end, x.start)),
-        account_id=x.account_id,
-        gateway_id=x.gateway_id,
-        route_mode=x.route.mode,  # type: ignore[arg-type]
-        api_version=x.route.api_version,
-        endpoint=x.route.endpoint,
-        method=clean(x.method, 16) or "",
-        path=clean(x.route.path, MAX_PATH) or "",
+        event_id=exchange.event_id,
+        start_time=utc_from_timestamp(exchange.start),
+        end_time=utc_from_timestamp(max(ending.at, exchange.start)),
+        account_id=exchange.account_id,
+        gateway_id=exchange.gateway_id,
+        route_mode=exchange.route.mode,  # type: ignore[arg-type]
+        api_version=exchange.route.api_version,
+        endpoint=exchange.route.endpoint,
+        method=clean(exchange.method, 16) or "",
+        path=clean(exchange.route.path, MAX_PATH) or "",
         model=model,
         model_implied=implied,
-        stream=x.stream,
+        stream=exchange.stream,
         status_code=status,
         outcome=outcome,  # type: ignore[arg-type]
         error_type=error_type,
-        error_message=clean(error_message or extracted.error_message, MAX_ERROR_MESSAGE)
+        error_message=clean(ending.error_message or extracted.error_message, MAX_ERROR_MESSAGE)
         if outcome != "ok"
         else None,
         usage=usage,
         finish_reason=clean(extracted.finish_reason, MAX_FIELD),
-        latency=latency(x, end, response_start, response_end),
-        request_bytes=x.request_bytes,
-        response_bytes=response_bytes,
-        user_agent=clean(x.user_agent, MAX_USER_AGENT),
-        api_key_fingerprint=x.key_fingerprint,
+        latency=latency(exchange, ending),
+        request_bytes=exchange.request_bytes,
+        response_bytes=ending.response_bytes,
+        user_agent=clean(exchange.user_agent, MAX_USER_AGENT),
+        api_key_fingerprint=exchange.key_fingerprint,
         response_id=clean(extracted.response_id, MAX_FIELD),
         generation_id=clean(extracted.generation_id, MAX_FIELD),
-        client_event_id=x.options.client_event_id,
+        client_event_id=exchange.options.client_event_id,
         metadata={
-            clean(k, MAX_FIELD) or "": clean(v, MAX_FIELD) or "" for k, v in x.options.metadata.items()
+            clean(k, MAX_FIELD) or "": clean(v, MAX_FIELD) or "" for k, v in exchange.options.metadata.items()
         },
         cost_usd=cost,
         cost_source=cost_source,  # type: ignore[arg-type]
-        request_body=_payload(x.request_body, x.secrets) if keep_payload else None,
-        response_body=_payload(response_body, x.secrets) if keep_payload else None,
+        request_body=_payload(exchange.request_body, exchange.secrets) if keep_payload else None,
+        response_body=_payload(ending.response_body, exchange.secrets) if keep_payload else None,
         cache_status=cache_status,  # type: ignore[arg-type]
         saved_input_tokens=saved.input_tokens,
         saved_output_tokens=saved.output_tokens,

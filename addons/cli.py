@@ -59,9 +59,9 @@ def lean_master(modes: list[str], confdir: Path, log_level: str, *extra: Any) ->
     from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, tlsconfig
 
     opts = options.Options()
-    m = master.Master(opts, with_termlog=True)
+    proxy_master = master.Master(opts, with_termlog=True)
     chain = [core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig()]
-    m.addons.add(*chain, errorcheck.ErrorCheck(), *extra)
+    proxy_master.addons.add(*chain, errorcheck.ErrorCheck(), *extra)
     opts.update(
         mode=modes,
         confdir=str(confdir),
@@ -69,15 +69,15 @@ def lean_master(modes: list[str], confdir: Path, log_level: str, *extra: Any) ->
         termlog_verbosity=log_level,
     )
     for addon in extra:
-        m.addons.invoke_addon_sync(addon, hooks.ConfigureHook(set(opts.keys())))
-    return m
+        proxy_master.addons.invoke_addon_sync(addon, hooks.ConfigureHook(set(opts.keys())))
+    return proxy_master
 
 
-async def run_until_signal(m: Any) -> None:
+async def run_until_signal(proxy_master: Any) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, m.shutdown)
-    await m.run()
+        loop.add_signal_handler(sig, proxy_master.shutdown)
+    await proxy_master.run()
 
 
 async def _serve(cfg: s.ProxySettings, metrics_dir: Path | None = None) -> None:
@@ -96,8 +96,10 @@ async def _serve(cfg: s.ProxySettings, metrics_dir: Path | None = None) -> None:
     quiet = ["asyncio", "hpack", "quic"] + (["mitmproxy.proxy"] if cfg.log_level != "debug" else [])
     for name in quiet:
         logging.getLogger(name).setLevel(logging.WARNING)
-    m = lean_master(listen_modes(cfg), s.mitmproxy_dir(cfg.data_dir), cfg.log_level, Gateway(metrics_dir))
-    await run_until_signal(m)
+    proxy_master = lean_master(
+        listen_modes(cfg), s.mitmproxy_dir(cfg.data_dir), cfg.log_level, Gateway(metrics_dir)
+    )
+    await run_until_signal(proxy_master)
 
 
 def _ensure_ca(confdir: Path) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import enum
 import json
 import logging
 import os
@@ -211,6 +212,19 @@ def spool_late(config: DeliveryConfig, key: bytes, value: bytes) -> str | None:
         spool.close()
 
 
+class _State(enum.IntEnum):
+    """Where an event handed to the producer stands."""
+
+    WAITING = 0  # sent, no answer yet
+    ACKED = 1  # Kafka acknowledged it
+    FAILED = 2  # the send failed and may succeed later: the event goes to the spool
+    DEAD_LETTERED = 3  # Kafka refused it for good: kept in the dead-letter file
+
+
+_SETTLED = (_State.ACKED, _State.DEAD_LETTERED)  # nothing more to do for it
+_UNSETTLED = (_State.WAITING, _State.FAILED)  # still Kafka's or the spool's to take
+
+
 class _Pending:
     """One event handed to the producer. `state` is set from the producer's I/O thread."""
 
@@ -221,7 +235,7 @@ class _Pending:
         self.value = value
         self.end = end  # position after it in the spool when replayed; None when sent live
         self.sent_at = 0.0
-        self.state = 0  # 0 waiting, 1 acknowledged, 2 failed, 3 refused for good (dead-lettered)
+        self.state = _State.WAITING
         self.spooled = False  # written to the spool after giving up on it
 
 
@@ -308,9 +322,7 @@ class DurablePublisher:
         with self._cond:
             out = dict(self._counts)
             out["spool_corrupt_records"] = self._spool.corrupt_records
-            out["events_pending"] = len(self._inbox) + sum(
-                1 for p in self._inflight if p.state < 1 or p.state == 2
-            )
+            out["events_pending"] = len(self._inbox) + sum(1 for p in self._inflight if p.state in _UNSETTLED)
             out["spool_bytes_pending"] = self._spool.size_bytes
         return out
 
@@ -390,7 +402,7 @@ class DurablePublisher:
 
     def _set_aside(self, pending: _Pending, exc: BaseException) -> None:
         """Called with the lock held: Kafka will never take this record; keep it and move on."""
-        pending.state = 3
+        pending.state = _State.DEAD_LETTERED
         why = f"{type(exc).__name__}: {exc}"
         try:
             kept = self._dead_letters.add(pending.key, pending.value, why)
@@ -410,7 +422,7 @@ class DurablePublisher:
     def _send(self, pending: _Pending) -> None:
         def on_ok(_: Any) -> None:
             with self._cond:
-                pending.state = 1
+                pending.state = _State.ACKED
                 if pending.spooled:  # given up on and spooled already: its replay will be a duplicate
                     self._counts["events_maybe_duplicated"] += 1
                 if self._closing:  # otherwise the thread collects acknowledgements when it next wakes
@@ -421,7 +433,7 @@ class DurablePublisher:
                 if isinstance(exc, BaseException) and is_permanent(exc):
                     self._set_aside(pending, exc)
                 else:
-                    pending.state = 2
+                    pending.state = _State.FAILED
                 self._cond.notify_all()
 
         pending.sent_at = time.monotonic()
@@ -441,9 +453,9 @@ class DurablePublisher:
         """Why the in-flight window is stuck, if it is."""
         now = time.monotonic()
         for pending in self._inflight:
-            if pending.state == 2:
+            if pending.state == _State.FAILED:
                 return "Kafka refused or failed a send"
-            if pending.state == 0:
+            if pending.state == _State.WAITING:
                 if now - pending.sent_at > self._timeout_s:
                     return f"no acknowledgement within {self.config.delivery_timeout_ms} ms"
                 break
@@ -468,8 +480,8 @@ class DurablePublisher:
                 self._to_spool_mode(f"send failed: {exc}")
                 return
         with self._cond:
-            while self._inflight and self._inflight[0].state in (1, 3):
-                if self._inflight.popleft().state == 1:
+            while self._inflight and self._inflight[0].state in _SETTLED:
+                if self._inflight.popleft().state == _State.ACKED:
                     self._counts["events_delivered"] += 1
             why = self._trouble()
             if why is None and overflow:
@@ -490,9 +502,9 @@ class DurablePublisher:
                 self._rewind()
             else:
                 for pending in self._inflight:
-                    if pending.state == 1:
+                    if pending.state == _State.ACKED:
                         self._counts["events_delivered"] += 1
-                    elif pending.state != 3:
+                    elif pending.state != _State.DEAD_LETTERED:
                         pending.spooled = True
                         self._append_to_spool(pending.key, pending.value)
                 self._inflight.clear()
@@ -513,15 +525,15 @@ class DurablePublisher:
     def _rewind(self) -> None:
         """After a failed replay, resume from the first unacknowledged record (acked ones are skipped)."""
         self._advance_commit()
-        self._acked_ahead |= {p.end for p in self._inflight if p.state in (1, 3) and p.end is not None}
+        self._acked_ahead |= {p.end for p in self._inflight if p.state in _SETTLED and p.end is not None}
         self._inflight.clear()
         self._read_pos = self._committed
 
     def _advance_commit(self) -> None:
         committed = self._committed
-        while self._inflight and self._inflight[0].state in (1, 3):
+        while self._inflight and self._inflight[0].state in _SETTLED:
             pending = self._inflight.popleft()
-            if pending.state == 1:
+            if pending.state == _State.ACKED:
                 self._counts["events_delivered"] += 1
                 self._counts["events_replayed"] += 1
             assert pending.end is not None
@@ -566,12 +578,12 @@ class DurablePublisher:
             for record in records:
                 if record.end in self._acked_ahead:
                     self._inflight.append(_Pending(record.key, record.value, record.end))
-                    self._inflight[-1].state = 1
+                    self._inflight[-1].state = _State.ACKED
                     continue
                 try:
                     self._send(_Pending(record.key, record.value, record.end))
                 except Exception as exc:
-                    self._inflight[-1].state = 2
+                    self._inflight[-1].state = _State.FAILED
                     log.debug("delivery: replay send failed: %s", exc)
                     break
         with self._cond:
@@ -608,8 +620,8 @@ class DurablePublisher:
                 abort_producer(producer)
         with self._cond:
             if self._mode == LIVE:
-                left = [p for p in self._inflight if p.state in (0, 2)]
-                self._counts["events_delivered"] += sum(1 for p in self._inflight if p.state == 1)
+                left = [p for p in self._inflight if p.state in _UNSETTLED]
+                self._counts["events_delivered"] += sum(1 for p in self._inflight if p.state == _State.ACKED)
                 for pending in left:
                     pending.spooled = True
                     self._append_to_spool(pending.key, pending.value)

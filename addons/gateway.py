@@ -34,7 +34,7 @@ from addons import cache as rcache
 from addons import gateway_config as gwconfig
 from addons import mitmproxy_seam, provider_keys, ratelimits, retries
 from addons.bodies import DECODE_INLINE_BYTES, check_content_encoding, decode_body, is_identity, too_large
-from addons.capture import Exchange, build_event, fit_event
+from addons.capture import Ending, Exchange, build_event, fit_event
 from addons.delivery import PUBLISHER_OPTIONS, DeliveryConfig
 from addons.headers import (
     SECRET_HEADERS,
@@ -114,8 +114,8 @@ def json_error_page(status_code: int, message: str = "") -> bytes:
     return http1.assemble_response(resp)
 
 
-def _ms(seconds: float) -> str:
-    return f"{max(0.0, seconds) * 1000:.3f}"
+def _header_ms(ms: float) -> str:
+    return f"{ms:.3f}"
 
 
 def _fail_closed(hook: Callable[[Gateway, http.HTTPFlow], Any]) -> Callable[[Gateway, http.HTTPFlow], Any]:
@@ -399,7 +399,7 @@ class Gateway:
         # Header bytes as latin-1: every byte decodes, nothing a client sends can make this raise.
         fields = [(k.decode("latin-1").lower(), v) for k, v in req.headers.fields]
         first = {name: header_text(value) for name, value in reversed(fields)}
-        x = Exchange(
+        exchange = Exchange(
             route=route,
             options=RequestOptions(),
             account_id=route.account_id or opts.default_account_id,
@@ -410,42 +410,44 @@ class Gateway:
             user_agent=first.get("user-agent"),
             key_fingerprint=key_fingerprint(first.get("authorization"), first.get("x-api-key")),
         )
-        flow.metadata[STATE] = x
+        flow.metadata[STATE] = exchange
         self.in_flight += 1
         try:
             # The token first: nothing else a client says is taken in before it is known to be allowed.
-            x.policy = self.config.current.resolve(x.account_id, x.gateway_id)
-            check_gateway_token(first.get("cf-aig-authorization"), x.policy.tokens)
+            exchange.policy = self.config.current.resolve(exchange.account_id, exchange.gateway_id)
+            check_gateway_token(first.get("cf-aig-authorization"), exchange.policy.tokens)
         except RouteError as exc:
             # Unauthenticated: no event (its account, metadata and cost would all be the client's word);
             # the refusal is counted in cohere_gateway_rejected_total.
-            x.recorded = False
-            self._reject(flow, exc, x)
+            exchange.recorded = False
+            self._reject(flow, exc, exchange)
             return
         try:
             check_singletons(name for name, _ in fields)
-            x.options = parse_request_options(fields, max_custom_cost=opts.max_custom_cost)
-            if route.mode == "transparent" and (x.options.account_id or x.options.gateway_id):
-                x.account_id = x.options.account_id or x.account_id
-                x.gateway_id = x.options.gateway_id or x.gateway_id
+            exchange.options = parse_request_options(fields, max_custom_cost=opts.max_custom_cost)
+            if route.mode == "transparent" and (exchange.options.account_id or exchange.options.gateway_id):
+                exchange.account_id = exchange.options.account_id or exchange.account_id
+                exchange.gateway_id = exchange.options.gateway_id or exchange.gateway_id
                 # the gateway the client names may hold other tokens than the default one
-                x.policy = self.config.current.resolve(x.account_id, x.gateway_id)
+                exchange.policy = self.config.current.resolve(exchange.account_id, exchange.gateway_id)
                 try:
-                    check_gateway_token(first.get("cf-aig-authorization"), x.policy.tokens)
+                    check_gateway_token(first.get("cf-aig-authorization"), exchange.policy.tokens)
                 except RouteError:
-                    x.recorded = False
+                    exchange.recorded = False
                     raise
-            gwconfig.check_metadata(x.options.metadata, x.policy)
-            x.retry = retries.parse_retry_headers(first, x.policy.retry)
+            gwconfig.check_metadata(exchange.options.metadata, exchange.policy)
+            exchange.retry = retries.parse_retry_headers(first, exchange.policy.retry)
             api_key = api_key_of(first.get("authorization"), first.get("x-api-key"))
-            if x.policy.provider_key is not None:
-                x.key_fingerprint = provider_keys.use(req.headers, x.policy)
-                api_key = x.policy.provider_key.key
-            decision = rcache.decide(x.policy.cache, rcache.parse_cache_headers(first.items()), req.method)
+            if exchange.policy.provider_key is not None:
+                exchange.key_fingerprint = provider_keys.use(req.headers, exchange.policy)
+                api_key = exchange.policy.provider_key.key
+            decision = rcache.decide(
+                exchange.policy.cache, rcache.parse_cache_headers(first.items()), req.method
+            )
             if decision.status is not None:
                 status = "BYPASS" if decision.status == "BYPASS" else None
                 vary = tuple(first.get(name, "").strip().lower() for name in rcache.VARY_HEADERS)
-                x.cache = rcache.CacheState(
+                exchange.cache = rcache.CacheState(
                     decision.ttl_s, status, decision.client_key, rcache.tenant_of(api_key), vary
                 )
             length = first.get("content-length", "")
@@ -455,7 +457,7 @@ class Gateway:
                 )
             check_content_encoding(first.get("content-encoding"))
         except RouteError as exc:
-            self._reject(flow, exc, x)
+            self._reject(flow, exc, exchange)
             return
         for name in [k for k in req.headers if k.lower().startswith("cf-aig-")]:
             del req.headers[name]
@@ -468,94 +470,108 @@ class Gateway:
 
     @_fail_closed
     def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
-        x: Exchange | None = flow.metadata.get(STATE)
-        if x is None or flow.response is not None:
+        exchange: Exchange | None = flow.metadata.get(STATE)
+        if exchange is None or flow.response is not None:
             return None
         opts = self.hot
         raw = flow.request.raw_content or b""
-        x.request_bytes = len(raw)
+        exchange.request_bytes = len(raw)
         if len(raw) > opts.max_request_bytes:
-            self._reject(flow, too_large(opts.max_request_bytes), x)
+            self._reject(flow, too_large(opts.max_request_bytes), exchange)
             return None
         coding = flow.request.headers.get("content-encoding", "")
         if not raw or is_identity(coding):
-            return self._prepare(flow, x, raw)
+            return self._prepare(flow, exchange, raw)
         if len(raw) < DECODE_INLINE_BYTES:
-            return self._prepare(flow, x, decode_body(raw, coding, opts.max_request_bytes))
-        return self._decode_off_loop(flow, x, raw, coding)
+            return self._prepare(flow, exchange, decode_body(raw, coding, opts.max_request_bytes))
+        return self._decode_off_loop(flow, exchange, raw, coding)
 
-    async def _decode_off_loop(self, flow: http.HTTPFlow, x: Exchange, raw: bytes, coding: str) -> None:
+    async def _decode_off_loop(
+        self, flow: http.HTTPFlow, exchange: Exchange, raw: bytes, coding: str
+    ) -> None:
         # A compressed body can decode to many times its size: not on the event loop every client shares.
         body = await asyncio.to_thread(decode_body, raw, coding, ctx.options.max_request_bytes)
-        pending = self._prepare(flow, x, body)
+        pending = self._prepare(flow, exchange, body)
         if pending is not None:
             await pending
 
-    def _prepare(self, flow: http.HTTPFlow, x: Exchange, content: bytes) -> Awaitable[None] | None:
+    def _prepare(self, flow: http.HTTPFlow, exchange: Exchange, content: bytes) -> Awaitable[None] | None:
         """Read what the request says (model, stream), then look it up in the cache or forward it."""
         headers = flow.request.headers
         if "content-length" not in headers and "transfer-encoding" not in headers:
             # An HTTP/2 request has no framing header; mitmproxy writes it upstream as HTTP/1.1 without
             # one, so its body would be read as the next request. The body is whole here: say its length.
             headers["content-length"] = str(len(flow.request.raw_content or b""))
-        body, x.model, x.stream = request_fields(content or None)
-        if x.route.mode == "compat" and body is not None and x.model:
-            provider, slash, name = x.model.partition("/")
+        body, exchange.model, exchange.stream = request_fields(content or None)
+        if exchange.route.mode == "compat" and body is not None and exchange.model:
+            provider, slash, name = exchange.model.partition("/")
             if slash and provider != "cohere":
                 self._reject(
                     flow,
-                    RouteError(400, f"model {x.model[:80]!r}: this gateway serves cohere/<model> only"),
-                    x,
+                    RouteError(
+                        400, f"model {exchange.model[:80]!r}: this gateway serves cohere/<model> only"
+                    ),
+                    exchange,
                 )
                 return None
             if slash:
-                x.model = name
+                exchange.model = name
                 body["model"] = name
                 flow.request.content = orjson.dumps(body)
-        if body is not None and want_stream_usage(x.route.api_version, x.route.endpoint, x.stream, body):
+        if body is not None and want_stream_usage(
+            exchange.route.api_version, exchange.route.endpoint, exchange.stream, body
+        ):
             # Without usage a compat stream cannot be priced: ask for it, and strip it from the answer.
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
             flow.request.content = orjson.dumps(body)
-            x.strip_usage = True
-        if x.stream:
+            exchange.strip_usage = True
+        if exchange.stream:
             # the stream is read as it passes; a compressed one could not be
             flow.request.headers["accept-encoding"] = "identity"
-        if x.policy.log_payloads and x.options.collect_payload:
-            x.request_body = truncate(content.decode("utf-8", "replace"), x.policy.payload_max_bytes)
-            x.secrets = tuple(
+        if exchange.policy.log_payloads and exchange.options.collect_payload:
+            exchange.request_body = truncate(
+                content.decode("utf-8", "replace"), exchange.policy.payload_max_bytes
+            )
+            exchange.secrets = tuple(
                 s
                 for s in (
-                    *x.policy.tokens,
+                    *exchange.policy.tokens,
                     *(header_text(v).partition(" ")[2].strip() or header_text(v) for k, v in
                       flow.request.headers.fields if k.lower() in SECRET_HEADER_BYTES),
                 )
                 if s
             )  # fmt: skip
-        if x.policy.rate_limits or x.policy.budgets:
-            return self._admit(flow, x, content, body)
-        return self._lookup_or_forward(flow, x, content)
+        if exchange.policy.rate_limits or exchange.policy.budgets:
+            return self._admit(flow, exchange, content, body)
+        return self._lookup_or_forward(flow, exchange, content)
 
-    def _lookup_or_forward(self, flow: http.HTTPFlow, x: Exchange, content: bytes) -> Awaitable[None] | None:
-        if x.cache is not None and x.cache.status is None and self.cache.store is not None:
-            return self._cache_lookup(flow, x, content)
-        if x.cache is not None and x.cache.status is None:  # no store configured (cache_url=none)
-            x.cache = None
-        return self._forward(flow, x)
+    def _lookup_or_forward(
+        self, flow: http.HTTPFlow, exchange: Exchange, content: bytes
+    ) -> Awaitable[None] | None:
+        if exchange.cache is not None and exchange.cache.status is None and self.cache.store is not None:
+            return self._cache_lookup(flow, exchange, content)
+        if (
+            exchange.cache is not None and exchange.cache.status is None
+        ):  # no store configured (cache_url=none)
+            exchange.cache = None
+        return self._forward(flow, exchange)
 
-    def _forward(self, flow: http.HTTPFlow, x: Exchange) -> Awaitable[None] | None:
-        self.metrics.requests[x.route.mode] += 1
-        x.forwarded_at = time.time()
-        if not x.retry.active:
+    def _forward(self, flow: http.HTTPFlow, exchange: Exchange) -> Awaitable[None] | None:
+        self.metrics.requests[exchange.route.mode] += 1
+        exchange.forwarded_at = time.time()
+        if not exchange.retry.active:
             return None
         if not self.relay.port:
-            return self._via_relay_started(flow, x)
-        self._via_relay(flow, x)
+            return self._via_relay_started(flow, exchange)
+        self._via_relay(flow, exchange)
         return None
 
-    async def _admit(self, flow: http.HTTPFlow, x: Exchange, content: bytes, body: dict | None) -> None:
+    async def _admit(
+        self, flow: http.HTTPFlow, exchange: Exchange, content: bytes, body: dict | None
+    ) -> None:
         """Count the request against its gateway's rate limits before anything else is done with it;
         over a limit it is answered 429 here and never forwarded (nor served from the cache)."""
-        rules = x.policy.rate_limits + x.policy.budgets
+        rules = exchange.policy.rate_limits + exchange.policy.budgets
         if self.metrics_dir is not None and not self.limiter.shared:
             # Each worker would count alone, allowing limit x workers: refuse rather than pretend.
             raise RouteError(
@@ -564,31 +580,39 @@ class Gateway:
         max_tokens = body.get("max_tokens") if isinstance(body, dict) else None
         # The request's own time picks budget periods and sliding windows: its event's start_time, so the
         # read side recomputes each budget from the events alone.
-        now = x.start
-        model = x.model or self.pricing.implied_model(x.route.api_version, x.route.endpoint)
-        ids = [ratelimits.identity(r, x.account_id, x.gateway_id, x.key_fingerprint, x.options.metadata,
-                                   model, now) for r in rules]  # fmt: skip
-        estimates = [self._estimate(x, r, model, max_tokens, len(content)) for r in rules]
+        now = exchange.start
+        model = exchange.model or self.pricing.implied_model(
+            exchange.route.api_version, exchange.route.endpoint
+        )
+        ids = [ratelimits.identity(r, exchange.account_id, exchange.gateway_id, exchange.key_fingerprint,
+                                   exchange.options.metadata, model, now) for r in rules]  # fmt: skip
+        estimates = [self._estimate(exchange, r, model, max_tokens, len(content)) for r in rules]
         verdict = await ratelimits.bounded(self.limiter.admit(rules, ids, estimates, now), "admit")
         if isinstance(verdict, ratelimits.Refusal):
             self.metrics.rejected[429] += 1
-            x.refusal = "rate_limited"
-            headers = {**verdict.headers(time.time()), LOG_ID_HEADER: x.event_id}
+            exchange.refusal = "rate_limited"
+            headers = {**verdict.headers(time.time()), LOG_ID_HEADER: exchange.event_id}
             flow.response = json_response(429, {"message": verdict.message()}, headers)
             return
-        x.reservation = verdict
-        pending = self._lookup_or_forward(flow, x, content)
+        exchange.reservation = verdict
+        pending = self._lookup_or_forward(flow, exchange, content)
         if pending is not None:
             await pending
 
-    def _estimate(self, x: Exchange, rule: ratelimits.RateRule, model: str | None, max_tokens: Any,
+    def _estimate(self, exchange: Exchange, rule: ratelimits.RateRule, model: str | None, max_tokens: Any,
                   size: int) -> int:  # fmt: skip
         """What a request reserves of a rule: 1 request, its worst-case tokens, or their price."""
         if rule.unit != "cost":
             return ratelimits.token_estimate(rule, max_tokens, size)
         usage = Usage(input_tokens=size // 4 + 1, output_tokens=ratelimits.output_estimate(rule, max_tokens))
-        cost, _ = compute_cost(self.pricing, x.route.endpoint, model, usage, x.options.custom_cost,
-                               at=utc_from_timestamp(x.start))  # fmt: skip
+        cost, _ = compute_cost(
+            self.pricing,
+            exchange.route.endpoint,
+            model,
+            usage,
+            exchange.options.custom_cost,
+            at=utc_from_timestamp(exchange.start),
+        )
         if cost is None:  # a spend limit cannot hold what it cannot price: refused, not let through free
             raise RouteError(
                 422,
@@ -597,20 +621,20 @@ class Gateway:
             )
         return math.ceil(cost * ratelimits.MICRO)
 
-    def _settle(self, x: Exchange, kw: dict[str, Any]) -> None:
+    def _settle(self, exchange: Exchange) -> None:
         """Token reservations become the billed usage (an error, a refusal or a cache hit bills none)."""
-        reservation = x.reservation
-        if reservation is None or not reservation.held:
+        reservation = exchange.reservation
+        if reservation is None or not reservation.held or exchange.ending is None:
             return
-        usage = kw["extracted"].usage
+        usage = exchange.ending.extracted.usage
         billed: int | None = 0
-        hit = x.cache is not None and x.cache.status == "HIT"
-        if 200 <= kw["status"] < 400 and not hit:
+        hit = exchange.cache is not None and exchange.cache.status == "HIT"
+        if 200 <= exchange.ending.status < 400 and not hit:
             counts = (usage.input_tokens, usage.output_tokens)
             billed = None if counts == (None, None) else sum(c or 0 for c in counts)
         cost: float | None = None
         if any(rule.unit == "cost" for rule, _, _ in reservation.held):
-            cost = build_event(x, pricing=self.pricing, **kw).cost_usd  # priced exactly as its event
+            cost = build_event(exchange, self.pricing).cost_usd  # priced exactly as its event
         task = asyncio.get_running_loop().create_task(self._settle_now(reservation, billed, cost))
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
@@ -623,61 +647,61 @@ class Gateway:
         except Exception as exc:  # the reservation stands: counted as estimated, never lost
             log.error("settling a token reservation failed (%s)", type(exc).__name__)
 
-    async def _via_relay_started(self, flow: http.HTTPFlow, x: Exchange) -> None:
+    async def _via_relay_started(self, flow: http.HTTPFlow, exchange: Exchange) -> None:
         await self.relay.start()
-        self._via_relay(flow, x)
+        self._via_relay(flow, exchange)
 
-    def _via_relay(self, flow: http.HTTPFlow, x: Exchange) -> None:
+    def _via_relay(self, flow: http.HTTPFlow, exchange: Exchange) -> None:
         """mitmproxy sends this request to the relay (addons/relay.py), which makes the attempts."""
-        x.ticket = Ticket(self.upstream, x.retry, x.stream)
-        x.relay_token = self.relay.register(x.ticket)
+        exchange.ticket = Ticket(self.upstream, exchange.retry, exchange.stream)
+        exchange.relay_token = self.relay.register(exchange.ticket)
         req = flow.request
         req.scheme, req.host, req.port = "http", "127.0.0.1", self.relay.port
         req.host_header = self.upstream.host_header
-        req.headers[RELAY_HEADER] = x.relay_token
+        req.headers[RELAY_HEADER] = exchange.relay_token
 
-    async def _cache_lookup(self, flow: http.HTTPFlow, x: Exchange, body: bytes) -> None:
+    async def _cache_lookup(self, flow: http.HTTPFlow, exchange: Exchange, body: bytes) -> None:
         try:
-            await self._serve_cached(flow, x, body)
+            await self._serve_cached(flow, exchange, body)
         except Exception:  # a bug in the cache must cost its saving, never the request
-            log.exception("cache lookup failed (event %s); forwarding", x.event_id)
-            if x.cache is not None and x.cache.leader:
-                self.cache.finish(x.cache.key or "", None)
-            x.cache = None
+            log.exception("cache lookup failed (event %s); forwarding", exchange.event_id)
+            if exchange.cache is not None and exchange.cache.leader:
+                self.cache.finish(exchange.cache.key or "", None)
+            exchange.cache = None
             flow.response = None
-            if x.forwarded_at is None:
-                pending = self._forward(flow, x)
+            if exchange.forwarded_at is None:
+                pending = self._forward(flow, exchange)
                 if pending is not None:
                     await pending
 
-    async def _serve_cached(self, flow: http.HTTPFlow, x: Exchange, body: bytes) -> None:
-        c = x.cache
-        assert c is not None
-        c.key = rcache.cache_key(
-            account_id=x.account_id,
-            gateway_id=x.gateway_id,
-            tenant=c.tenant,
-            path=x.route.path,
-            query=x.route.query,
-            model=x.model,
+    async def _serve_cached(self, flow: http.HTTPFlow, exchange: Exchange, body: bytes) -> None:
+        cache_state = exchange.cache
+        assert cache_state is not None
+        cache_state.key = rcache.cache_key(
+            account_id=exchange.account_id,
+            gateway_id=exchange.gateway_id,
+            tenant=cache_state.tenant,
+            path=exchange.route.path,
+            query=exchange.route.query,
+            model=exchange.model,
             body=body,
-            vary=c.vary,
-            client_key=c.client_key,
+            vary=cache_state.vary,
+            client_key=cache_state.client_key,
         )
-        c.status, entry, c.leader = await self.cache.get_or_lead(c.key)
-        self.cache.counters[c.status.lower()] += 1
+        cache_state.status, entry, cache_state.leader = await self.cache.get_or_lead(cache_state.key)
+        self.cache.counters[cache_state.status.lower()] += 1
         if entry is None:
-            c.chunks = [] if c.leader else None
-            pending = self._forward(flow, x)
+            cache_state.chunks = [] if cache_state.leader else None
+            pending = self._forward(flow, exchange)
             if pending is not None:
                 await pending
             return
-        c.entry = entry
-        fields = [*entry.headers, (rcache.STATUS_HEADER, "HIT"), (LOG_ID_HEADER, x.event_id)]
-        fields.append((OVERHEAD_HEADER, _ms(time.time() - x.start)))
+        cache_state.entry = entry
+        fields = [*entry.headers, (rcache.STATUS_HEADER, "HIT"), (LOG_ID_HEADER, exchange.event_id)]
+        fields.append((OVERHEAD_HEADER, _header_ms(exchange.hand_on(time.time()))))
         replay = http.Headers([(k.encode("latin-1"), v.encode("latin-1")) for k, v in fields])
         content = entry.body
-        if x.strip_usage and "event-stream" in replay.get("content-type", ""):
+        if exchange.strip_usage and "event-stream" in replay.get("content-type", ""):
             # the entry is upstream's answer to the usage the gateway asked for; the client did not
             stripper = UsageStripper()
             content = stripper.feed(content) + stripper.flush()
@@ -687,27 +711,29 @@ class Gateway:
 
     @_fail_closed
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        x: Exchange | None = flow.metadata.get(STATE)
+        exchange: Exchange | None = flow.metadata.get(STATE)
         resp = flow.response
-        if x is None or resp is None or x.forwarded_at is None:
+        if exchange is None or resp is None or exchange.forwarded_at is None:
             return
-        resp.headers[LOG_ID_HEADER] = x.event_id
-        resp.headers[ATTEMPTS_HEADER] = str(len(x.ticket.attempts) if x.ticket is not None else 1)
-        if x.cache is not None and x.cache.status is not None:
-            resp.headers[rcache.STATUS_HEADER] = x.cache.status
-        if not is_stream_response(resp.headers.get("content-type", ""), x.stream) or resp.headers.get(
+        resp.headers[LOG_ID_HEADER] = exchange.event_id
+        resp.headers[ATTEMPTS_HEADER] = str(
+            len(exchange.ticket.attempts) if exchange.ticket is not None else 1
+        )
+        if exchange.cache is not None and exchange.cache.status is not None:
+            resp.headers[rcache.STATUS_HEADER] = exchange.cache.status
+        if not is_stream_response(resp.headers.get("content-type", ""), exchange.stream) or resp.headers.get(
             "content-encoding", "identity"
         ) not in ("identity", ""):
             return
         fmt = "sse" if "event-stream" in resp.headers.get("content-type", "") else "ndjson"
-        watcher = x.watcher = StreamWatcher(x.route.api_version, x.route.endpoint, fmt)
-        keep = x.policy.log_payloads and x.options.collect_payload
-        limit = x.policy.payload_max_bytes
-        cached = x.cache if x.cache is not None and x.cache.leader else None
+        watcher = exchange.watcher = StreamWatcher(exchange.route.api_version, exchange.route.endpoint, fmt)
+        keep = exchange.policy.log_payloads and exchange.options.collect_payload
+        limit = exchange.policy.payload_max_bytes
+        cached = exchange.cache if exchange.cache is not None and exchange.cache.leader else None
         if keep:
-            x.response_payload = []
+            exchange.response_payload = []
 
-        stripper = UsageStripper() if x.strip_usage and fmt == "sse" else None
+        stripper = UsageStripper() if exchange.strip_usage and fmt == "sse" else None
 
         def tap(chunk: bytes) -> bytes | list[bytes]:
             # The client's stream must not break on a bug in watching it: what was seen stays counted.
@@ -733,50 +759,50 @@ class Gateway:
             if chunk:
                 watcher.feed(chunk)
                 if cached is not None:
-                    cached.collect(chunk, x.policy.cache.max_entry_bytes)
-                if keep and x.payload_kept < limit:
-                    x.response_payload.append(chunk[: limit - x.payload_kept])  # type: ignore[union-attr]
-                    x.payload_kept += len(chunk)
-                if watcher.complete and not x.finished:
+                    cached.collect(chunk, exchange.policy.cache.max_entry_bytes)
+                if keep and exchange.payload_kept < limit:
+                    exchange.response_payload.append(chunk[: limit - exchange.payload_kept])  # type: ignore[union-attr]
+                    exchange.payload_kept += len(chunk)
+                if watcher.complete and not exchange.finished:
                     # Published before the last chunk goes on: an SDK returns at `[DONE]`, and a crash
                     # right after must not lose an exchange the client saw complete.
-                    self._finish_stream(flow, x, time.time())
+                    self._finish_stream(flow, exchange, time.time())
 
         resp.stream = tap
-        now = time.time()
-        resp.headers[OVERHEAD_HEADER] = _ms((x.forwarded_at - x.start) + (now - resp.timestamp_start))
+        # a stream's headers go on now: what the gateway spends on its chunks is not in this number
+        resp.headers[OVERHEAD_HEADER] = _header_ms(exchange.hand_on(time.time(), resp.timestamp_start))
 
     @_fail_closed
     def response(self, flow: http.HTTPFlow) -> None:
-        x: Exchange | None = flow.metadata.get(STATE)
+        exchange: Exchange | None = flow.metadata.get(STATE)
         resp = flow.response
-        if x is not None and x.cache is not None and x.cache.leader and resp is not None:
+        if exchange is not None and exchange.cache is not None and exchange.cache.leader and resp is not None:
             try:
-                self._cache_store(x, resp)
+                self._cache_store(exchange, resp)
             except Exception:  # never at the cost of the client's answer or its event
-                log.exception("storing the answer failed (event %s)", x.event_id)
-                self.cache.finish(x.cache.key or "", None)
-        if x is None or x.finished or resp is None:
+                log.exception("storing the answer failed (event %s)", exchange.event_id)
+                self.cache.finish(exchange.cache.key or "", None)
+        if exchange is None or exchange.finished or resp is None:
             return
-        if x.failed_hook is not None:  # responseheaders raised; the response was buffered, not streamed
-            raise RuntimeError(f"{x.failed_hook} failed")
+        if exchange.failed_hook is not None:
+            # responseheaders raised; the response was buffered, not streamed
+            raise RuntimeError(f"{exchange.failed_hook} failed")
         now = time.time()
-        if x.forwarded_at is None and x.cache is not None and x.cache.status == "HIT":
-            self._finish_hit(x, resp, now)
+        if exchange.forwarded_at is None and exchange.cache is not None and exchange.cache.status == "HIT":
+            self._finish_hit(exchange, resp, now)
             return
-        if x.forwarded_at is None:  # answered by the gateway itself
-            self._finish(
-                x,
-                status=resp.status_code,
-                outcome="gateway_error",
-                error_type=x.refusal or "gateway_rejected",
-                extracted=Extracted(),
-                end=now,
+        if exchange.forwarded_at is None:  # answered by the gateway itself
+            ending = Ending(
+                resp.status_code,
+                "gateway_error",
+                exchange.refusal or "gateway_rejected",
+                now,
                 error_message=_message_of(resp),
             )
+            self._finish(exchange, ending)
             return
-        if x.watcher is not None:
-            self._finish_stream(flow, x, now)
+        if exchange.watcher is not None:
+            self._finish_stream(flow, exchange, now)
             return
         outcome, error_type = classify_status(resp.status_code)
         payload: str | None = None
@@ -785,168 +811,178 @@ class Gateway:
             content = resp.content
         except ValueError:  # undecodable content-encoding: we learn nothing, the client still gets it
             content = None
-        extracted = extract_body(x.route.api_version, x.route.endpoint, content)
-        if x.policy.log_payloads and x.options.collect_payload and content is not None:
-            payload = truncate(content.decode("utf-8", "replace"), x.policy.payload_max_bytes)
+        extracted = extract_body(exchange.route.api_version, exchange.route.endpoint, content)
+        if exchange.policy.log_payloads and exchange.options.collect_payload and content is not None:
+            payload = truncate(content.decode("utf-8", "replace"), exchange.policy.payload_max_bytes)
         # cf-aig-log-id was set in responseheaders; only now is the gateway's own time known
-        resp.headers[OVERHEAD_HEADER] = _ms((x.forwarded_at - x.start) + (now - (resp.timestamp_end or now)))
-        self._finish(
-            x,
-            status=resp.status_code,
-            outcome=outcome,
-            error_type=error_type,
-            extracted=extracted,
-            end=now,
+        resp.headers[OVERHEAD_HEADER] = _header_ms(exchange.hand_on(now, resp.timestamp_end or now))
+        ending = Ending(
+            resp.status_code,
+            outcome,
+            error_type,
+            now,
+            extracted,
             response_start=resp.timestamp_start,
-            response_end=resp.timestamp_end,
             response_bytes=size,
             response_body=payload,
         )
+        self._finish(exchange, ending)
 
-    def _finish_stream(self, flow: http.HTTPFlow, x: Exchange, now: float) -> None:
+    def _finish_stream(self, flow: http.HTTPFlow, exchange: Exchange, now: float) -> None:
         resp = flow.response
-        assert resp is not None and x.watcher is not None
+        assert resp is not None and exchange.watcher is not None
         outcome, error_type = classify_status(resp.status_code)
-        x.watcher.finish()
-        if outcome == "ok" and x.watcher.stream_error:
+        exchange.watcher.finish()
+        if outcome == "ok" and exchange.watcher.stream_error:
             outcome, error_type = "upstream_error", "stream_error"
         payload: str | None = None
-        if x.response_payload is not None:
+        if exchange.response_payload is not None:
             payload = truncate(
-                b"".join(x.response_payload).decode("utf-8", "replace"), x.policy.payload_max_bytes
+                b"".join(exchange.response_payload).decode("utf-8", "replace"),
+                exchange.policy.payload_max_bytes,
             )
-        self._finish(
-            x,
-            status=resp.status_code,
-            outcome=outcome,
-            error_type=error_type,
-            extracted=x.watcher.extracted,
-            end=now,
+        ending = Ending(
+            resp.status_code,
+            outcome,
+            error_type,
+            now,
+            exchange.watcher.extracted,
             response_start=resp.timestamp_start,
-            response_end=resp.timestamp_end or now,
-            response_bytes=x.watcher.bytes_seen,
+            response_bytes=exchange.watcher.bytes_seen,
             response_body=payload,
         )
+        self._finish(exchange, ending)
 
     @_fail_closed
     def error(self, flow: http.HTTPFlow) -> None:
-        x: Exchange | None = flow.metadata.get(STATE)
-        if x is not None and x.cache is not None and x.cache.leader:  # a cut answer is never stored
-            x.cache.leader = False
-            self.cache.finish(x.cache.key or "", None)
-        if x is None or x.finished:
+        exchange: Exchange | None = flow.metadata.get(STATE)
+        if (
+            exchange is not None and exchange.cache is not None and exchange.cache.leader
+        ):  # a cut answer is never stored
+            exchange.cache.leader = False
+            self.cache.finish(exchange.cache.key or "", None)
+        if exchange is None or exchange.finished:
             return
         msg = flow.error.msg if flow.error else "unknown error"
         resp = flow.response
         outcome, error_type = classify_proxy_error(msg, resp is not None)
         extracted = Extracted()
-        if x.watcher is not None:
-            x.watcher.finish()
-            extracted = x.watcher.extracted
-        if x.forwarded_at is None and outcome != "client_aborted":
+        if exchange.watcher is not None:
+            exchange.watcher.finish()
+            extracted = exchange.watcher.extracted
+        if exchange.forwarded_at is None and outcome != "client_aborted":
             outcome, error_type = "gateway_error", "proxy_error"
-        self._finish(
-            x,
-            status=resp.status_code if resp is not None else 0,
-            outcome=outcome,
-            error_type=error_type,
-            extracted=extracted,
-            end=time.time(),
+        ending = Ending(
+            resp.status_code if resp is not None else 0,
+            outcome,
+            error_type,
+            time.time(),
+            extracted,
             response_start=resp.timestamp_start if resp is not None else None,
-            response_bytes=x.watcher.bytes_seen if x.watcher else 0,
+            response_bytes=exchange.watcher.bytes_seen if exchange.watcher else 0,
             error_message=msg,
         )
+        self._finish(exchange, ending)
 
     # --- the response cache --------------------------------------------------------------------------
 
-    def _cache_store(self, x: Exchange, resp: http.Response) -> None:
+    def _cache_store(self, exchange: Exchange, resp: http.Response) -> None:
         """The leader's complete answer: store it if it is a whole 2xx, release the followers either way."""
-        c = x.cache
-        assert c is not None and c.key is not None
-        c.leader = False
+        cache_state = exchange.cache
+        assert cache_state is not None and cache_state.key is not None
+        cache_state.leader = False
         entry = None
-        if x.watcher is not None:
-            w = x.watcher
-            done = w.ended and w.extracted.error_message is None and w.extracted.finish_reason != "ERROR"
-            body = b"".join(c.chunks) if c.chunks is not None and done else None
+        if exchange.watcher is not None:
+            watcher = exchange.watcher
+            done = (
+                watcher.ended
+                and watcher.extracted.error_message is None
+                and watcher.extracted.finish_reason != "ERROR"
+            )
+            body = b"".join(cache_state.chunks) if cache_state.chunks is not None and done else None
         else:
             try:
                 body = resp.content
             except ValueError:  # undecodable content-encoding
                 body = None
-        if body is not None and rcache.storable(resp.status_code, len(body), x.policy.cache):
-            entry = rcache.make_entry(resp.status_code, resp.headers.items(), body, c.ttl_s, time.time())
-        self.cache.finish(c.key, entry)
+        if body is not None and rcache.storable(resp.status_code, len(body), exchange.policy.cache):
+            entry = rcache.make_entry(
+                resp.status_code, resp.headers.items(), body, cache_state.ttl_s, time.time()
+            )
+        self.cache.finish(cache_state.key, entry)
 
-    def _finish_hit(self, x: Exchange, resp: http.Response, now: float) -> None:
+    def _finish_hit(self, exchange: Exchange, resp: http.Response, now: float) -> None:
         # upstream's bytes as stored, as a miss's event sees them (with the usage a stripped stream saved)
-        assert x.cache is not None and x.cache.entry is not None
-        body = x.cache.entry.body
+        assert exchange.cache is not None and exchange.cache.entry is not None
+        body = exchange.cache.entry.body
         ctype = resp.headers.get("content-type", "")
-        if is_stream_response(ctype, x.stream):
+        if is_stream_response(ctype, exchange.stream):
             watcher = StreamWatcher(
-                x.route.api_version, x.route.endpoint, "sse" if "event-stream" in ctype else "ndjson"
+                exchange.route.api_version,
+                exchange.route.endpoint,
+                "sse" if "event-stream" in ctype else "ndjson",
             )
             watcher.feed(body)
             watcher.finish()
             extracted = watcher.extracted
         else:
-            extracted = extract_body(x.route.api_version, x.route.endpoint, body)
+            extracted = extract_body(exchange.route.api_version, exchange.route.endpoint, body)
         payload = None
-        if x.policy.log_payloads and x.options.collect_payload:
-            payload = truncate(body.decode("utf-8", "replace"), x.policy.payload_max_bytes)
-        self._finish(
-            x,
-            status=resp.status_code,
-            outcome="ok",
-            error_type=None,
-            extracted=extracted,
-            end=now,
-            response_bytes=len(body),
-            response_body=payload,
+        if exchange.policy.log_payloads and exchange.options.collect_payload:
+            payload = truncate(body.decode("utf-8", "replace"), exchange.policy.payload_max_bytes)
+        ending = Ending(
+            resp.status_code, "ok", None, now, extracted, response_bytes=len(body), response_body=payload
         )
+        self._finish(exchange, ending)
 
     # --- helpers -------------------------------------------------------------------------------------
 
-    def _finish(self, x: Exchange, **kw) -> None:
-        x.finished = True
+    def _finish(self, exchange: Exchange, ending: Ending) -> None:
+        """The one place an exchange ends: its token reservation settled, counted, its event published."""
+        exchange.ending = ending
         self.in_flight -= 1
-        if x.relay_token is not None:
-            self.relay.discard(x.relay_token)
-        self._settle(x, kw)
-        if x.ticket is not None and x.ticket.failure is not None and kw["outcome"] != "client_aborted":
+        if exchange.relay_token is not None:
+            self.relay.discard(exchange.relay_token)
+        self._settle(exchange)
+        if (
+            exchange.ticket is not None
+            and exchange.ticket.failure is not None
+            and ending.outcome != "client_aborted"
+        ):
             # The relay answered itself (504/502): no attempt got an answer from upstream.
-            kw["outcome"], kw["error_type"], kw["status"] = retries.failure_outcome(x.ticket.failure)
-        outcome = kw["outcome"]
+            ending.outcome, ending.error_type, ending.status = retries.failure_outcome(
+                exchange.ticket.failure
+            )
+        outcome = ending.outcome
         self.metrics.exchanges[outcome] += 1
-        if not x.recorded:  # refused before authentication: counted in rejected, nothing stored
+        if not exchange.recorded:  # refused before authentication: counted in rejected, nothing stored
             return
-        if not x.options.collect_log and x.policy.allow_log_opt_out:
+        if not exchange.options.collect_log and exchange.policy.allow_log_opt_out:
             self.metrics.events_skipped.inc()
             return
         try:
-            event = build_event(x, pricing=self.pricing, **kw)
+            event = build_event(exchange, self.pricing)
             value = fit_event(event)
             if value is None:
                 self.metrics.events_oversize.inc()
-                log.error("event %s is too large to deliver even without bodies; dropped", x.event_id)
+                log.error("event %s is too large to deliver even without bodies; dropped", exchange.event_id)
                 return
-            self.publisher.publish(f"{x.account_id}/{x.gateway_id}".encode(), value)
+            self.publisher.publish(f"{exchange.account_id}/{exchange.gateway_id}".encode(), value)
         except Exception:  # a bug here must cost an event, never the client's response
-            log.exception("building the event failed (event %s)", x.event_id)
+            log.exception("building the event failed (event %s)", exchange.event_id)
             return
         if outcome != "ok":
             log.info(
                 orjson.dumps(
                     {
                         "msg": "exchange",
-                        "event_id": x.event_id,
-                        "account_id": x.account_id,
-                        "gateway_id": x.gateway_id,
-                        "path": x.route.path[:256],
-                        "status": kw["status"],
+                        "event_id": exchange.event_id,
+                        "account_id": exchange.account_id,
+                        "gateway_id": exchange.gateway_id,
+                        "path": exchange.route.path[:256],
+                        "status": ending.status,
                         "outcome": outcome,
-                        "error_type": kw.get("error_type"),
+                        "error_type": ending.error_type,
                     }
                 ).decode()
             )
@@ -960,57 +996,53 @@ class Gateway:
     def _hook_failed(self, flow: http.HTTPFlow, hook: str, exc: Exception) -> None:
         """Fail closed: a refusal raised from deep inside is a refusal; anything else is the gateway's own
         bug, answered 500 and recorded, and the request is not forwarded as it stood."""
-        x: Exchange | None = flow.metadata.get(STATE)
-        if isinstance(exc, RouteError) and (x is None or x.forwarded_at is None):
-            self._reject(flow, exc, x)
+        exchange: Exchange | None = flow.metadata.get(STATE)
+        if isinstance(exc, RouteError) and (exchange is None or exchange.forwarded_at is None):
+            self._reject(flow, exc, exchange)
             return
         self.metrics.hook_errors[hook] += 1
         # The type and hook only: an exception's text can quote the client's bytes (or its secrets).
         log.error("internal error in the %s hook (%s); answered 500", hook, type(exc).__name__,
                   exc_info=log.isEnabledFor(logging.DEBUG))  # fmt: skip
         try:
-            self._answer_internal_error(flow, hook, exc, x)
+            self._answer_internal_error(flow, hook, exc, exchange)
         except Exception:  # last resort: cut the connection rather than let the flow go on
             log.error("could not answer the internal error of the %s hook; killing the flow", hook)
             if flow.killable:
                 flow.kill()
 
     def _answer_internal_error(
-        self, flow: http.HTTPFlow, hook: str, exc: Exception, x: Exchange | None
+        self, flow: http.HTTPFlow, hook: str, exc: Exception, exchange: Exchange | None
     ) -> None:
         if hook == "responseheaders":
             # The body is still to come; streaming is not set up, so it is buffered and `response`,
             # seeing the failure, answers the 500 in its place.
-            if x is not None:
-                x.failed_hook = hook
+            if exchange is not None:
+                exchange.failed_hook = hook
             return
         message = f"the gateway failed while handling this request ({hook}); it was not forwarded"
-        if x is not None and x.forwarded_at is not None:
+        if exchange is not None and exchange.forwarded_at is not None:
             message = f"the gateway failed while handling the response ({hook})"
-        headers = {LOG_ID_HEADER: x.event_id} if x is not None else {}
+        headers = {LOG_ID_HEADER: exchange.event_id} if exchange is not None else {}
         if hook != "error":
             flow.response = json_response(500, {"message": message}, headers)
-        if x is not None and not x.finished:
-            x.options = RequestOptions(collect_log=x.options.collect_log)
+        if exchange is not None and not exchange.finished:
+            exchange.options = RequestOptions(collect_log=exchange.options.collect_log)
+            message = f"internal error in the gateway's {hook} hook ({type(exc).__name__})"
             self._finish(
-                x,
-                status=500,
-                outcome="gateway_error",
-                error_type="gateway_internal_error",
-                extracted=Extracted(),
-                end=time.time(),
-                error_message=f"internal error in the gateway's {hook} hook ({type(exc).__name__})",
+                exchange,
+                Ending(500, "gateway_error", "gateway_internal_error", time.time(), error_message=message),
             )
 
-    def _reject(self, flow: http.HTTPFlow, exc: RouteError, x: Exchange | None = None) -> None:
+    def _reject(self, flow: http.HTTPFlow, exc: RouteError, exchange: Exchange | None = None) -> None:
         self.metrics.rejected[exc.status] += 1
-        if x is not None:
+        if exchange is not None:
             # What a refused request claims (metadata, custom cost, its own event id) is not recorded:
             # the event says only what the gateway knows.
-            x.options = RequestOptions(collect_log=x.options.collect_log)
-        headers = {LOG_ID_HEADER: x.event_id} if x is not None else {}
+            exchange.options = RequestOptions(collect_log=exchange.options.collect_log)
+        headers = {LOG_ID_HEADER: exchange.event_id} if exchange is not None else {}
         flow.response = json_response(exc.status, {"message": exc.message}, headers)
-        if x is None:
+        if exchange is None:
             log.info(orjson.dumps({"msg": "rejected", "status": exc.status, "reason": exc.message}).decode())
 
     def _serve_local(self, flow: http.HTTPFlow, route: LocalRoute) -> None:

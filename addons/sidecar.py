@@ -55,6 +55,14 @@ READ_EVERY_S = 0.02
 _GRACE = struct.Struct("!d")
 _KEY_LEN = struct.Struct("!H")
 
+# A message's first byte says what it is (the module docstring has the layout of each).
+EVENT = b"E"  # gateway -> child
+STOP = b"S"  # gateway -> child
+READY = b"R"  # child -> gateway
+CANNOT_START = b"X"  # child -> gateway
+COUNTERS = b"C"  # child -> gateway
+DELIVERED = b"D"  # child -> gateway: its publisher is closed, everything delivered or spooled
+
 
 class SidecarError(RuntimeError):
     """The delivery process could not start; the message says why."""
@@ -77,8 +85,9 @@ class SidecarPublisher:
         self.config = config
         self._spool_lock_wait_s = spool_lock_wait_s
         self._log_level = log_level
-        self._mine, self._theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        for sock in (self._mine, self._theirs):
+        # The child's end stays open here too: what a dead child had not read waits for the next one.
+        self._gateway_end, self._child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        for sock in (self._gateway_end, self._child_end):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
         self._lock = threading.Lock()
@@ -89,14 +98,14 @@ class SidecarPublisher:
         self._dropped = 0
         self._closing = False  # close() began: the child is told its grace period, events still go to it
         self._closed = False  # the child takes no more: they wait in _late_events, then go to disk
-        self._child_done = False  # the child reported its publisher closed (message D)
+        self._child_done = False  # the child reported its publisher closed (DELIVERED)
         self._child_gone = False
         self._late_events: list[tuple[bytes, bytes]] = []
         self._next_check = 0.0
         self._last_spawn = 0.0
         self._proc = self._spawn()
         self._await_ready()
-        self._mine.setblocking(False)
+        self._gateway_end.setblocking(False)
 
     # -- the publisher protocol ---------------------------------------------------------------------------
 
@@ -123,7 +132,7 @@ class SidecarPublisher:
                     self._send_backlog()
                 else:
                     try:
-                        self._mine.send(message)
+                        self._gateway_end.send(message)
                     except BlockingIOError:
                         self._backlog.append(message)
                 if len(self._backlog) > self.config.max_pending_events:
@@ -143,12 +152,12 @@ class SidecarPublisher:
             self._closing = True
             if self._proc.poll() is not None:  # died: a new child drains what is queued
                 self._proc = self._spawn()
-            self._backlog.append(b"S" + _GRACE.pack(max(0.0, deadline - time.monotonic())))
+            self._backlog.append(STOP + _GRACE.pack(max(0.0, deadline - time.monotonic())))
         handed_over = self._flush_backlog(deadline + 5.0) and self._wait_child_done(deadline + 15.0)
         with self._lock:
             self._closed = True
             with contextlib.suppress(OSError):
-                self._mine.shutdown(socket.SHUT_WR)
+                self._gateway_end.shutdown(socket.SHUT_WR)
         try:
             self._proc.wait(timeout=5.0 if handed_over else 0.0)
         except subprocess.TimeoutExpired:
@@ -164,8 +173,8 @@ class SidecarPublisher:
             late, self._late_events = self._late_events, []
             for key, value in late:
                 self._late(key, value)
-        self._mine.close()
-        self._theirs.close()
+        self._gateway_end.close()
+        self._child_end.close()
 
     def _flush_backlog(self, until: float) -> bool:
         """Send the backlog (the stop message last) without holding the lock while the socket is full."""
@@ -193,7 +202,7 @@ class SidecarPublisher:
             if time.monotonic() >= until or self._proc.poll() is not None:
                 log.error("delivery: the delivery process %s", failure)
                 return False
-            ready = ([], [self._mine]) if writable else ([self._mine], [])
+            ready = ([], [self._gateway_end]) if writable else ([self._gateway_end], [])
             select.select(*ready, [], 0.2)
 
     def counters(self) -> dict[str, int]:
@@ -216,7 +225,7 @@ class SidecarPublisher:
         self._last_spawn = time.monotonic()
         # resolved: the child's working directory need not be the gateway's
         config = dataclasses.replace(self.config, spool_dir=self.config.spool_dir.resolve())
-        fd = self._theirs.fileno()
+        fd = self._child_end.fileno()
         cmd = [
             sys.executable,
             "-m",
@@ -236,23 +245,23 @@ class SidecarPublisher:
         return subprocess.Popen(cmd, pass_fds=(fd,), stdin=subprocess.DEVNULL, env=env)
 
     def _await_ready(self) -> None:
-        self._mine.settimeout(START_TIMEOUT_S)
+        self._gateway_end.settimeout(START_TIMEOUT_S)
         try:
             while True:
                 try:
-                    message = self._mine.recv(COUNTERS_MAX_BYTES)
+                    message = self._gateway_end.recv(COUNTERS_MAX_BYTES)
                 except TimeoutError:
                     self._proc.kill()
                     raise SidecarError(
                         f"the delivery process did not start within {START_TIMEOUT_S:.0f} s"
                     ) from None
-                if message[:1] == b"R":
+                if message[:1] == READY:
                     return
-                if message[:1] == b"X":
+                if message[:1] == CANNOT_START:
                     self._proc.wait()
                     raise SidecarError(message[1:].decode("utf-8", "replace"))
         finally:
-            self._mine.settimeout(None)
+            self._gateway_end.settimeout(None)
 
     @property
     def pid(self) -> int:
@@ -273,17 +282,17 @@ class SidecarPublisher:
     def _send_backlog(self) -> None:
         while self._backlog:
             try:
-                self._mine.send(self._backlog[0])
+                self._gateway_end.send(self._backlog[0])
             except BlockingIOError:
                 return
             self._backlog.popleft()
 
     def _read_messages(self) -> None:
-        """Take what the child sent: counters (C), delivery finished (D)."""
-        for message in _queued(self._mine, COUNTERS_MAX_BYTES):
-            if message[:1] == b"C":
+        """Take what the child sent: its counters, or that its delivery finished."""
+        for message in _queued(self._gateway_end, COUNTERS_MAX_BYTES):
+            if message[:1] == COUNTERS:
                 self._child_counts = json.loads(message[1:])
-            elif message[:1] == b"D":
+            elif message[:1] == DELIVERED:
                 self._child_done = True
 
     def _drop(self, why: str) -> None:
@@ -293,8 +302,8 @@ class SidecarPublisher:
 
     def _spool_unread(self) -> None:
         """Every event still queued for the child (we hold its end too), then the backlog, to disk."""
-        for message in [*_queued(self._theirs, MAX_EVENT_BYTES), *self._backlog]:
-            if message[:1] == b"E":
+        for message in [*_queued(self._child_end, MAX_EVENT_BYTES), *self._backlog]:
+            if message[:1] == EVENT:
                 self._late(*split_event(message))
         self._backlog.clear()
 
@@ -305,7 +314,7 @@ class SidecarPublisher:
 
 
 def event_message(key: bytes, value: bytes) -> bytes:
-    return b"E" + _KEY_LEN.pack(len(key)) + key + value
+    return EVENT + _KEY_LEN.pack(len(key)) + key + value
 
 
 def split_event(message: bytes | memoryview) -> tuple[bytes, bytes]:
@@ -356,7 +365,7 @@ def _report(sock: socket.socket, publisher: Any, stop: threading.Event) -> None:
         counts = publisher.counters()
         if counts != last:
             try:
-                sock.send(b"C" + json.dumps(counts).encode(), socket.MSG_DONTWAIT)
+                sock.send(COUNTERS + json.dumps(counts).encode(), socket.MSG_DONTWAIT)
                 last = counts
             except OSError:
                 pass  # the gateway reads when it needs them; a skipped update is replaced by the next
@@ -366,8 +375,8 @@ def _finish(publisher: Any, grace: float, sock: socket.socket, stop: threading.E
     publisher.close(grace)
     stop.set()
     with contextlib.suppress(OSError):  # the gateway is gone; close() logged the counters
-        sock.send(b"C" + json.dumps(publisher.counters()).encode())
-        sock.send(b"D")
+        sock.send(COUNTERS + json.dumps(publisher.counters()).encode())
+        sock.send(DELIVERED)
 
 
 def _serve(
@@ -395,9 +404,9 @@ def _serve(
                 return  # the gateway closed its end, or died
             flags = socket.MSG_DONTWAIT
             kind = buffer[0]
-            if kind == ord("E"):
+            if kind == EVENT[0]:
                 publisher.publish(*split_event(view[:size]))
-            elif kind == ord("S") and not closers:
+            elif kind == STOP[0] and not closers:
                 # Deliver for the grace period while events keep arriving (exchanges still finishing
                 # on open connections); after it, the publisher appends them to the spool itself.
                 (grace,) = _GRACE.unpack_from(buffer, 1)
@@ -431,9 +440,9 @@ def child_main(argv: list[str] | None = None) -> int:
         config: DeliveryConfig = settings.from_json(DeliveryConfig, args.config)
         publisher = _open_publisher(config, args.spool_lock_wait)
     except Exception as exc:
-        sock.send(b"X" + f"cannot start event delivery: {exc}".encode())
+        sock.send(CANNOT_START + f"cannot start event delivery: {exc}".encode())
         return 1
-    sock.send(b"R")
+    sock.send(READY)
     stop = threading.Event()
     reporter = threading.Thread(target=_report, args=(sock, publisher, stop), daemon=True)
     reporter.start()

@@ -72,7 +72,9 @@ class Usage(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=False):
 class Latency(msgspec.Struct, omit_defaults=True):
     """Milliseconds. `upstream_ttfb_ms` is request-sent → first response byte from upstream;
     `ttft_ms` (streams only) is request-received → first generated token reaching the gateway;
-    `gateway_overhead_ms` is time spent in the gateway itself (total minus time waiting on upstream)."""
+    `gateway_overhead_ms` is time spent in the gateway itself: before the request left for upstream, plus
+    the time it held upstream's answer (a stream's headers, a whole body) before passing it on; the same
+    number as the response's `x-cohere-gateway-overhead-ms` header."""
 
     total_ms: NonNegFloat
     upstream_ttfb_ms: NonNegFloat | None = None

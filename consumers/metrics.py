@@ -84,27 +84,29 @@ class Metrics:
 class _State:
     """What the consumer holds as state, read when scraped (a prometheus_client custom collector)."""
 
-    def __init__(self, m: Metrics) -> None:
-        self.m = m
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
 
     def collect(self) -> Iterator[Metric]:
-        m = self.m
+        metrics = self.metrics
         yield CounterMetricFamily(
             "cohere_gateway_consumer_assignment_repairs",
             "Times the group's assignment left partitions unread and was repaired (refresh, rejoin).",
-            value=m.assignment_repairs,
+            value=metrics.assignment_repairs,
         )
         yield GaugeMetricFamily(
-            "cohere_gateway_consumer_ready", "1 when Kafka and ClickHouse both answer.", value=int(m.ready)
+            "cohere_gateway_consumer_ready",
+            "1 when Kafka and ClickHouse both answer.",
+            value=int(metrics.ready),
         )
         yield GaugeMetricFamily(
-            "cohere_gateway_consumer_buffered", "Events consumed and not yet written.", value=m.buffered
+            "cohere_gateway_consumer_buffered", "Events consumed and not yet written.", value=metrics.buffered
         )
         lag = GaugeMetricFamily(
             "cohere_gateway_consumer_lag",
             "Messages in the partition not yet consumed.",
             labels=["topic", "partition"],
         )
-        for (topic, partition), value in sorted(m.lag.items()):
+        for (topic, partition), value in sorted(metrics.lag.items()):
             lag.add_metric([topic, str(partition)], value)
         yield lag

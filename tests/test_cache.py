@@ -516,6 +516,9 @@ def test_hit_events_cost_nothing_and_keep_what_they_saved(
         assert (h.saved_input_tokens, h.saved_output_tokens) == (m.usage.input_tokens, m.usage.output_tokens)
         assert m.usage.input_tokens and h.usage == Usage()  # nothing billed: sums of usage stay exact
         assert h.latency.upstream_ttfb_ms is None
+        # what the client is told of the gateway's own time is what its event records, a hit's too
+        for resp, event in ((miss, m), (hit, h)):
+            assert float(resp[1]["x-cohere-gateway-overhead-ms"]) == event.latency.gateway_overhead_ms
         # the operator's override of cf-aig-collect-log: false, and the gateway's metadata limit
         strict = g.base("acct", "strict")
         kept = post(

@@ -77,6 +77,23 @@ def test_metadata_payloads_and_headers_not_forwarded(secured: Any, emulator_requ
     assert sent["headers"]["authorization"] == f"Bearer {API_KEY}"  # the app's key does reach Cohere
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_overhead_header_is_the_events_overhead(secured: Any, stream: bool) -> None:
+    """The gateway's own time a response tells its client is the time its event records: one formula."""
+    gw, events = secured
+    cid = f"overhead-{stream}-" + uuid.uuid4().hex
+    body = {"message": "hi", "model": "command-r", "stream": stream}
+    headers = {**AUTH, "cf-aig-event-id": cid}
+    with httpx.stream("POST", gw.base() + "/cohere/v1/chat", json=body, headers=headers, timeout=30) as resp:
+        assert resp.status_code == 200
+        resp.read()
+    event = events.wait_until(lambda e: e.client_event_id == cid)[0]
+    assert event.stream is stream
+    overhead = event.latency.gateway_overhead_ms
+    assert overhead is not None and 0 <= overhead <= event.latency.total_ms
+    assert float(resp.headers["x-cohere-gateway-overhead-ms"]) == overhead
+
+
 def test_collect_log_payload_false_keeps_event_without_bodies(secured: Any) -> None:
     gw, events = secured
     cid = "nopayload-" + uuid.uuid4().hex

@@ -87,7 +87,7 @@ def test_a_gateway_that_dies_leaves_its_delivery_process_to_finish(
             pub.publish(*event_bytes(i))
         # Die with the delivery process's counters unread, as a gateway between /metrics scrapes does,
         # and events queued behind them: its next read fails with ECONNRESET before those events.
-        select.select([pub._mine], [], [], 10)
+        select.select([pub._gateway_end], [], [], 10)
         for i in range(200, 400):
             pub.publish(*event_bytes(i))
         print(pub.pid, flush=True)
