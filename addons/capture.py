@@ -99,7 +99,7 @@ class Exchange:
     strip_usage: bool = False  # compat stream: the gateway asked upstream for usage the client did not
     recorded: bool = True  # False: refused before authentication, no event at all
     failed_hook: str | None = None  # a response hook raised: the response is replaced by a 500
-    secrets: tuple[str, ...] = ()  # this request's credentials, redacted from logged bodies
+    secrets: tuple[str, ...] = ()  # this request's credentials, redacted from everything its event keeps
     policy: GatewayPolicy = field(default_factory=GatewayPolicy)  # this gateway's configuration
     cache: CacheState | None = None  # None: the cache does not apply to this request
     retry: RetryPolicy = field(default_factory=RetryPolicy)  # the gateway's, with this request's headers
@@ -235,13 +235,15 @@ def build_event(exchange: Exchange, pricing: PricingTable) -> Event:
         latency=latency(exchange, ending),
         request_bytes=exchange.request_bytes,
         response_bytes=ending.response_bytes,
-        user_agent=clean(exchange.user_agent, MAX_USER_AGENT),
+        user_agent=clean(redact(exchange.user_agent, exchange.secrets), MAX_USER_AGENT),
         api_key_fingerprint=exchange.key_fingerprint,
         response_id=clean(extracted.response_id, MAX_FIELD),
         generation_id=clean(extracted.generation_id, MAX_FIELD),
         client_event_id=exchange.options.client_event_id,
         metadata={
-            clean(k, MAX_FIELD) or "": clean(v, MAX_FIELD) or "" for k, v in exchange.options.metadata.items()
+            clean(redact(k, exchange.secrets), MAX_FIELD) or "": clean(redact(v, exchange.secrets), MAX_FIELD)
+            or ""
+            for k, v in exchange.options.metadata.items()
         },
         cost_usd=cost,
         cost_source=cost_source,  # type: ignore[arg-type]

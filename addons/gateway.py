@@ -37,12 +37,12 @@ from addons.bodies import DECODE_INLINE_BYTES, check_content_encoding, decode_bo
 from addons.capture import Ending, Exchange, build_event, fit_event
 from addons.delivery import PUBLISHER_OPTIONS, DeliveryConfig
 from addons.headers import (
-    SECRET_HEADERS,
     RequestOptions,
     api_key_of,
     check_gateway_token,
     check_request_head,
     check_singletons,
+    credentials,
     header_text,
     key_fingerprint,
     parse_request_options,
@@ -70,7 +70,6 @@ from cohere_gateway.events import Usage, new_event_id, truncate, utc_from_timest
 log = logging.getLogger("cohere_gateway.gateway")
 
 STATE = "cohere_gateway"  # key of the Exchange in flow.metadata
-SECRET_HEADER_BYTES = frozenset(name.encode() for name in SECRET_HEADERS)
 OVERHEAD_HEADER = "x-cohere-gateway-overhead-ms"
 LOG_ID_HEADER = "cf-aig-log-id"
 ATTEMPTS_HEADER = "x-cohere-gateway-attempts"
@@ -416,6 +415,7 @@ class Gateway:
             # The token first: nothing else a client says is taken in before it is known to be allowed.
             exchange.policy = self.config.current.resolve(exchange.account_id, exchange.gateway_id)
             check_gateway_token(first.get("cf-aig-authorization"), exchange.policy.tokens)
+            exchange.secrets = self._credentials(fields, exchange.policy)
         except RouteError as exc:
             # Unauthenticated: no event (its account, metadata and cost would all be the client's word);
             # the refusal is counted in cohere_gateway_rejected_total.
@@ -435,6 +435,7 @@ class Gateway:
                 except RouteError:
                     exchange.recorded = False
                     raise
+                exchange.secrets = self._credentials(fields, exchange.policy)
             gwconfig.check_metadata(exchange.options.metadata, exchange.policy)
             exchange.retry = retries.parse_retry_headers(first, exchange.policy.retry)
             api_key = api_key_of(first.get("authorization"), first.get("x-api-key"))
@@ -467,6 +468,11 @@ class Gateway:
         req.port = up.port
         req.path = up.prefix + route.path + route.query
         req.host_header = up.host_header
+
+    @staticmethod
+    def _credentials(fields: list[tuple[str, bytes]], policy: gwconfig.GatewayPolicy) -> tuple[str, ...]:
+        held = (policy.provider_key.key,) if policy.provider_key is not None else ()
+        return credentials(fields, (*policy.tokens, *held))
 
     @_fail_closed
     def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
@@ -532,15 +538,6 @@ class Gateway:
             exchange.request_body = truncate(
                 content.decode("utf-8", "replace"), exchange.policy.payload_max_bytes
             )
-            exchange.secrets = tuple(
-                s
-                for s in (
-                    *exchange.policy.tokens,
-                    *(header_text(v).partition(" ")[2].strip() or header_text(v) for k, v in
-                      flow.request.headers.fields if k.lower() in SECRET_HEADER_BYTES),
-                )
-                if s
-            )  # fmt: skip
         if exchange.policy.rate_limits or exchange.policy.budgets:
             return self._admit(flow, exchange, content, body)
         return self._lookup_or_forward(flow, exchange, content)

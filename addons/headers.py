@@ -42,6 +42,19 @@ SECRET_HEADERS = frozenset(
 )
 
 
+def credentials(fields: Iterable[tuple[str, bytes]], extra: Iterable[str] = ()) -> tuple[str, ...]:
+    """What is redacted from everything stored about a request: the value of each SECRET_HEADERS field
+    (`fields`: lower-case names, raw values) after its scheme word, or whole, and `extra` (the gateway's
+    tokens, a key it holds)."""
+    found = [
+        text.partition(" ")[2].strip() or text
+        for name, value in fields
+        if name in SECRET_HEADERS
+        for text in (header_text(value),)
+    ]
+    return tuple(s for s in (*extra, *found) if s)
+
+
 @dataclass(frozen=True, slots=True)
 class CustomCost:
     per_token_in: float | None = None

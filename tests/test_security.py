@@ -834,6 +834,33 @@ def test_logged_payloads_have_credentials_redacted(upstream: CaptureUpstream, ka
         g.stop()
 
 
+def test_a_credential_a_client_repeats_in_its_user_agent_or_metadata_is_not_stored(
+    upstream: CaptureUpstream, kafka_bootstrap: str
+) -> None:
+    """Payload logging off: the strings an event always takes from the request are redacted of the request's
+    own credentials too (found by the property suite: a User-Agent carrying the API key)."""
+    topic = create_topic(kafka_bootstrap, f"redact-ua-{uuid.uuid4().hex[:8]}")
+    g = start_gateway(upstream.url + PREFIX, kafka_bootstrap, topic, transparent=False, gateway_token=TOKEN)
+    reader = EventReader(kafka_bootstrap, topic)
+    try:
+        cid = "redact-ua-" + uuid.uuid4().hex
+        extra = (
+            f"cf-aig-event-id: {cid}\r\nUser-Agent: app/1.0 (key {API_KEY}; gw {TOKEN})\r\n"
+            f'cf-aig-metadata: {{"note": "{API_KEY}", "{TOKEN}": "x"}}\r\n'
+        ).encode()
+        status, _, _ = post(g, extra)
+        assert status == 200
+        event = reader.wait_until(lambda e: e.client_event_id == cid)[0]
+        assert event.user_agent is not None and event.user_agent.startswith("app/1.0 (key ")
+        (stored,) = [v for _, v in reader.raw if cid.encode() in v]  # the event's bytes, as in Kafka
+        for secret in (API_KEY, TOKEN):
+            assert secret.encode() not in stored, secret
+        assert "[REDACTED]" in event.user_agent and "[REDACTED]" in event.metadata["note"]
+    finally:
+        reader.close()
+        g.stop()
+
+
 def test_compose_has_no_default_passwords_and_keeps_the_read_side_local() -> None:
     """Without Docker: the compose file's own text (tests/test_deploy.py starts it when Docker is there)."""
     import re
