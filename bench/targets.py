@@ -21,7 +21,7 @@ from typing import Any
 
 from bench.workload import GATEWAY_PREFIX
 from tests.fixtures.emulator import start_emulator
-from tests.fixtures.gateway import free_port, start_gateway
+from tests.fixtures.gateway import free_port, listening_sockets, start_gateway
 from tests.fixtures.kafka import create_topic, free_port_pair
 from tests.fixtures.processes import stop
 
@@ -36,20 +36,9 @@ class Target:
     pid: int | None  # the process whose CPU and memory is measured; None: nothing between client and upstream
 
 
-def _listening_inodes(port: int) -> set[str]:
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError), open(table) as fh:
-            for line in fh.readlines()[1:]:
-                cols = line.split()
-                if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
-                    inodes.add(cols[9])
-    return inodes
-
-
 def _find_pid_listening(port: int) -> int | None:
     """The pid holding a listening socket on `port`: looks the socket inode up in /proc (no psutil)."""
-    inodes = _listening_inodes(port)
+    inodes = listening_sockets(port)
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -133,16 +122,7 @@ def gateway(
     name: str, upstream: str, bootstrap: str, topic: str, command: list[str] | None = None, **options: Any
 ) -> Iterator[Target]:
     gw = start_gateway(upstream, bootstrap, topic, transparent=False, command=command, **options)
-    try:
-        # with --workers, every worker must listen before load starts, or the first gets all connections
-        port, workers = int(gw.url.rsplit(":", 1)[1]), int(options.get("workers", 1))
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while len(_listening_inodes(port)) < workers:
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"only {len(_listening_inodes(port))} of {workers} workers listen on {port}"
-                )
-            time.sleep(0.05)
+    try:  # start_gateway returns once every --workers process listens
         yield Target(name, gw.url, GATEWAY_PREFIX, gw.proc.pid)
     finally:
         gw.stop()
