@@ -228,6 +228,9 @@ class SidecarPublisher:
         fd = self._child_end.fileno()
         cmd = [
             sys.executable,
+            # -P: not the working directory first on sys.path, where another `addons` package (a user's
+            # project, another checkout) would be imported in place of this one
+            "-P",
             "-m",
             "addons.sidecar",
             "--fd",
