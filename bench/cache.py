@@ -17,16 +17,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import math
 import re
 import time
 import urllib.request
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from bench import targets
-from bench.loadgen import LoadResult, Request, encode_request, run_load
+from bench.loadgen import Request, encode_request, run_load
+from bench.overhead import Measured
 from bench.procstat import CpuMeter
 from bench.report import Outcome, Table, budget_table, verdict
 from bench.stats import ms, ratio, us
@@ -48,20 +48,6 @@ class Sizes:
 
 FULL = Sizes(requests=3000, seconds=20.0, rounds=3, warmup=200, slow_requests=200)
 QUICK = Sizes(requests=60, seconds=5.0, rounds=1, warmup=10, slow_requests=10)
-
-
-@dataclass
-class Measured:
-    load: LoadResult = field(default_factory=LoadResult)
-    proxy_cpu_s: float = 0.0
-
-    @property
-    def cpu_per_request(self) -> float:
-        return self.proxy_cpu_s / self.load.completed if self.load.completed else math.nan
-
-    def add(self, other: Measured) -> None:
-        self.load = self.load.merge(other.load)
-        self.proxy_cpu_s += other.proxy_cpu_s
 
 
 def cache_counters(target: targets.Target) -> dict[str, int]:

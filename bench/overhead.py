@@ -51,6 +51,10 @@ class Measured:
     def cpu_per_request(self) -> float:
         return self.proxy_cpu_s / self.load.completed if self.load.completed else math.nan
 
+    def add(self, other: Measured) -> None:
+        self.load = self.load.merge(other.load)
+        self.proxy_cpu_s += other.proxy_cpu_s
+
 
 async def measure(target: targets.Target, concurrency: int, sizes: Sizes) -> Measured:
     request = encode_request(target.url + target.path_prefix + "/v2/chat", chat_body(), HEADERS)
@@ -70,9 +74,7 @@ def run_rounds(tgts: list[targets.Target], sizes: Sizes) -> dict[tuple[str, int]
         for c in sizes.concurrencies:
             for t in tgts:
                 m = asyncio.run(measure(t, c, sizes))
-                acc = pooled.setdefault((t.name, c), Measured())
-                acc.load = acc.load.merge(m.load)
-                acc.proxy_cpu_s += m.proxy_cpu_s
+                pooled.setdefault((t.name, c), Measured()).add(m)
     return pooled
 
 
