@@ -225,17 +225,23 @@ def test_workers_share_the_counters_through_redis_and_refuse_without(
         g.stop()
 
 
-def test_a_budget_stops_requests_once_spent_and_resumes_in_the_next_period(
-    gw: GatewayProcess, gateway_events: EventReader, emulator_url: str
-) -> None:
-    marker = "budget-" + uuid.uuid4().hex
+def spend_until_refused(gw: GatewayProcess, gateway: str, marker: str) -> tuple[list[int], httpx.Response]:
+    """Requests to `gateway` until its budget refuses one: every status, and the refusal."""
     codes = []
     for i in range(60):
-        resp = chat(gw, "budget", f"{marker}-{i}")
+        resp = chat(gw, gateway, f"{marker}-{i}")
         codes.append(resp.status_code)
         if resp.status_code == 429:
             break
     assert codes[0] == 200 and codes[-1] == 429, codes
+    return codes, resp
+
+
+def test_a_budget_stops_requests_once_spent_and_resumes_in_the_next_period(
+    gw: GatewayProcess, gateway_events: EventReader, emulator_url: str
+) -> None:
+    marker = "budget-" + uuid.uuid4().hex
+    codes, resp = spend_until_refused(gw, "budget", marker)
     assert "budget of this gateway spent: $0.0002" in resp.json()["message"]
     assert 1 <= int(resp.headers["retry-after"]) <= 5
     assert float(resp.headers["x-ratelimit-limit"]) == 0.0002
@@ -272,13 +278,7 @@ def test_a_rolling_budget_stops_requests_once_spent_and_resumes_as_spend_slides_
     gw: GatewayProcess, gateway_events: EventReader, emulator_url: str
 ) -> None:
     marker = "rolling-" + uuid.uuid4().hex
-    codes = []
-    for i in range(60):
-        resp = chat(gw, "rolling", f"{marker}-{i}")
-        codes.append(resp.status_code)
-        if resp.status_code == 429:
-            break
-    assert codes[0] == 200 and codes[-1] == 429, codes
+    codes, resp = spend_until_refused(gw, "rolling", marker)
     assert "budget of this gateway spent: $0.0002 in the last 4 s (rolling" in resp.json()["message"]
     assert 1 <= int(resp.headers["retry-after"]) <= 8  # at most until the spend's window has slid out
     deadline = time.monotonic() + 15
