@@ -26,6 +26,7 @@ limit, and the overshoot is bounded by what was in flight. A refused request is 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import time
@@ -140,6 +141,17 @@ class Refusal:
         )
 
 
+# A counter's key takes the model and metadata values a client chose: longer ones are keyed by their
+# digest, so a megabyte of model name is not a megabyte of key in memory or in Redis.
+MAX_KEY_PART = 200
+
+
+def _key_part(value: str) -> str:
+    if len(value) <= MAX_KEY_PART:
+        return value
+    return "sha256:" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 def identity(
     rule: RateRule,
     account: str,
@@ -157,7 +169,7 @@ def identity(
     if rule.aligned:  # a budget: each period its own counter, so it resumes when the next begins
         base = (*base, rule.period, period_of(rule, now)[0])
     if rule.key == "model":
-        return (*base, account, gateway, model or "")
+        return (*base, account, gateway, _key_part(model or ""))
     if rule.key == "gateway":
         return (*base, account, gateway)
     if rule.key == "account":
@@ -166,7 +178,7 @@ def identity(
         return (*base, account, gateway, fingerprint) if fingerprint else None
     name = rule.key.removeprefix("metadata.")
     value = meta.get(name)
-    return (*base, account, gateway, value) if value is not None else None
+    return (*base, account, gateway, _key_part(value)) if value is not None else None
 
 
 def output_estimate(rule: RateRule, max_tokens: int | None) -> int:

@@ -126,3 +126,17 @@ def test_each_key_names_its_counter() -> None:
             assert isinstance(asyncio.run(limiter.admit((rule,), [other_value], [1], T0)), rl.Reservation)
         if key in ("api_key", "metadata.team"):
             assert missing is None
+
+
+def test_a_client_chosen_model_or_metadata_value_keys_a_counter_at_a_bounded_size() -> None:
+    """The request body's model and the client's metadata become part of a counter's key (in memory or in
+    Redis): a megabyte-long one must not become a megabyte-long key, yet two values stay two counters."""
+    by_model = rl.RateRule(100, 60, "tokens", key="model")
+    by_user = rl.RateRule(100, 60, "requests", key="metadata.user")
+    for rule, model, meta in ((by_model, "m" * 1_000_000, {}), (by_user, None, {"user": "u" * 1_000_000})):
+        key = rl.identity(rule, "a", "b", None, meta, model)
+        assert key is not None and sum(map(len, key)) < 1000
+    long_a, long_b = "x" * 5000 + "a", "x" * 5000 + "b"
+    keys = {rl.identity(by_model, "a", "b", None, {}, model) for model in (long_a, long_b)}
+    assert len(keys) == 2
+    assert rl.identity(by_model, "a", "b", None, {}, "command-r")[-1] == "command-r"  # short ones as they are
