@@ -58,6 +58,12 @@ def diagnose(view: GroupView, client_id: str, local: frozenset[int]) -> str | No
     own = view.members.get(client_id)
     if own is not None and own != local:
         return f"the group assigned partitions {sorted(own)} to this consumer, which reads {sorted(local)}"
+    busiest = max(view.members.values(), key=len, default=frozenset())
+    if not own and not local and len(busiest) > 1:
+        # Seen on a loaded host: a member left out of the generation the others formed (or handed nothing
+        # by it) idles while another member reads several partitions, and kafka-python does not notice.
+        where = "is not a member of the group" if own is None else "was assigned no partition"
+        return f"this consumer {where} while another member reads partitions {sorted(busiest)}"
     return None
 
 
