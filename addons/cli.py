@@ -3,7 +3,7 @@
 mitmdump loads some thirty default addons and dispatches every hook of every request to each of them;
 that dispatch was ~40 % of a bare mitmdump's CPU per request (bench/RESULTS.md). The gateway needs five:
 Core (options), Proxyserver (listeners), NextLayer (protocol detection), TlsConfig (certificates for the
-forward proxy) and ErrorCheck (start-up errors). `addons/gateway.py` still loads into a stock
+forward proxy) and ErrorCheck (start-up errors). `addons/mitmdump_script.py` loads the addon into a stock
 `mitmdump -s` for anyone who wants the full chain.
 
 With `--workers N` the command starts N such processes on the same port (SO_REUSEPORT): the kernel
@@ -81,7 +81,7 @@ async def run_until_signal(proxy_master: Any) -> None:
 
 
 async def _serve(cfg: s.ProxySettings, metrics_dir: Path | None = None) -> None:
-    from addons.gateway import Gateway
+    from cohere_gateway.addons.gateway import Gateway
 
     # Any other thread in this process shares the GIL with the event loop, and Python hands it over every
     # 5 ms by default: a request arriving meanwhile could wait that long. Since Kafka delivery moved to
@@ -117,7 +117,7 @@ def _metrics_dir(cfg: s.ProxySettings) -> Path:
 
 def _supervise(cfg: s.ProxySettings) -> int:
     """Run `cfg.workers` single-process gateways on one port; stop them together."""
-    from addons.metrics import MULTIPROC_ENV, mark_worker_dead
+    from cohere_gateway.addons.metrics import MULTIPROC_ENV, mark_worker_dead
 
     _ensure_ca(s.mitmproxy_dir(cfg.data_dir))
     # Counters of an earlier run would be summed into this one's.
@@ -178,7 +178,7 @@ def proxy(worker: bool, **kwargs: object) -> None:
         )
         sys.exit(_supervise(cfg))
     if worker:
-        from addons import mitmproxy_seam
+        from cohere_gateway.addons import mitmproxy_seam
 
         mitmproxy_seam.reuse_port()
     (s.mitmproxy_dir(cfg.data_dir)).mkdir(parents=True, exist_ok=True)

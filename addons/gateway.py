@@ -1,4 +1,5 @@
-"""The Cohere gateway as a mitmproxy addon: `mitmdump -s addons/gateway.py --mode reverse:URL@PORT ...`.
+"""The Cohere gateway as a mitmproxy addon (`cohere-gateway proxy`, or a stock mitmdump with
+`-s addons/mitmdump_script.py`).
 
 Listeners decide the route kind: a `reverse` listener serves the Cloudflare-compatible gateway routes
 (/v1/{account}/{gateway}/cohere/... and /compat/...); a `regular` listener is a forward proxy for apps that
@@ -17,26 +18,25 @@ import functools
 import logging
 import math
 import os
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # loaded by path (`mitmdump -s addons/gateway.py`) from a source checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import orjson
-from mitmproxy import ctx, http
-from mitmproxy.proxy.mode_specs import RegularMode, ReverseMode
-
-from addons import cache as rcache
-from addons import gateway_config as gwconfig
-from addons import mitmproxy_seam, provider_keys, ratelimits, retries
-from addons.bodies import DECODE_INLINE_BYTES, check_content_encoding, decode_body, is_identity, too_large
-from addons.capture import Ending, Exchange, build_event, fit_event
-from addons.delivery import PUBLISHER_OPTIONS, DeliveryConfig
-from addons.headers import (
+from cohere_gateway.addons import cache as rcache
+from cohere_gateway.addons import gateway_config as gwconfig
+from cohere_gateway.addons import mitmproxy_seam, provider_keys, ratelimits, retries
+from cohere_gateway.addons.bodies import (
+    DECODE_INLINE_BYTES,
+    check_content_encoding,
+    decode_body,
+    is_identity,
+    too_large,
+)
+from cohere_gateway.addons.capture import Ending, Exchange, build_event, fit_event
+from cohere_gateway.addons.delivery import PUBLISHER_OPTIONS, DeliveryConfig
+from cohere_gateway.addons.headers import (
     RequestOptions,
     api_key_of,
     check_gateway_token,
@@ -47,12 +47,12 @@ from addons.headers import (
     key_fingerprint,
     parse_request_options,
 )
-from addons.metrics import CONTENT_TYPE, Metrics
-from addons.outcomes import classify_proxy_error, classify_status
-from addons.pricing import DEFAULT_PRICING, compute_cost, load_pricing
-from addons.publish import NullPublisher, Publisher
-from addons.relay import RELAY_HEADER, Relay, Ticket
-from addons.routing import (
+from cohere_gateway.addons.metrics import CONTENT_TYPE, Metrics
+from cohere_gateway.addons.outcomes import classify_proxy_error, classify_status
+from cohere_gateway.addons.pricing import DEFAULT_PRICING, compute_cost, load_pricing
+from cohere_gateway.addons.publish import NullPublisher, Publisher
+from cohere_gateway.addons.relay import RELAY_HEADER, Relay, Ticket
+from cohere_gateway.addons.routing import (
     LocalRoute,
     Route,
     RouteError,
@@ -61,9 +61,17 @@ from addons.routing import (
     route_gateway,
     route_transparent,
 )
-from addons.sidecar import SidecarPublisher
-from addons.streaming import StreamWatcher, UsageStripper, is_stream_response, want_stream_usage
-from addons.usage import Extracted, extract_body, request_fields
+from cohere_gateway.addons.sidecar import SidecarPublisher
+from cohere_gateway.addons.streaming import (
+    StreamWatcher,
+    UsageStripper,
+    is_stream_response,
+    want_stream_usage,
+)
+from cohere_gateway.addons.usage import Extracted, extract_body, request_fields
+from mitmproxy import ctx, http
+from mitmproxy.proxy.mode_specs import RegularMode, ReverseMode
+
 from cohere_gateway import settings
 from cohere_gateway.events import Usage, new_event_id, truncate, utc_from_timestamp
 
@@ -1082,6 +1090,3 @@ def _message_of(resp: http.Response) -> str | None:
         return None
     message = body.get("message") if isinstance(body, dict) else None
     return message if isinstance(message, str) else None
-
-
-addons = [Gateway()]

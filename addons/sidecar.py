@@ -3,7 +3,8 @@ durable publisher (addons/delivery.py: Kafka producer, spool, replay). kafka-pyt
 compete with the event loop for the GIL, which is what held the gateway's p99 above bare mitmproxy's
 (bench/RESULTS.md).
 
-Gateway side: `SidecarPublisher`, a Publisher. Child: `python -m addons.sidecar` (started by it).
+Gateway side: `SidecarPublisher`, a Publisher. Child: `python -m cohere_gateway.addons.sidecar`, started
+by it.
 
 The socket is a SOCK_SEQPACKET pair, so messages keep their boundaries: a child that dies loses at most
 the events it had read, never the framing. The gateway keeps the child's end open as well, so what a dead
@@ -32,10 +33,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from addons.delivery import COUNTER_NAMES, DeliveryConfig, spool_late
+from cohere_gateway.addons.delivery import COUNTER_NAMES, DeliveryConfig, spool_late
+
 from cohere_gateway import settings
 
 log = logging.getLogger(__name__)
@@ -228,11 +229,11 @@ class SidecarPublisher:
         fd = self._child_end.fileno()
         cmd = [
             sys.executable,
-            # -P: not the working directory first on sys.path, where another `addons` package (a user's
-            # project, another checkout) would be imported in place of this one
+            # -P: not the working directory first on sys.path, where another checkout's cohere_gateway
+            # would be imported in place of the installed one
             "-P",
             "-m",
-            "addons.sidecar",
+            "cohere_gateway.addons.sidecar",
             "--fd",
             str(fd),
             "--config",
@@ -242,10 +243,7 @@ class SidecarPublisher:
             "--log-level",
             self._log_level,
         ]
-        # `addons` must import in the child however the gateway was started (installed, or mitmdump -s).
-        path = os.pathsep.join(p for p in (_project_root(), os.environ.get("PYTHONPATH", "")) if p)
-        env = os.environ | {"PYTHONPATH": path}
-        return subprocess.Popen(cmd, pass_fds=(fd,), stdin=subprocess.DEVNULL, env=env)
+        return subprocess.Popen(cmd, pass_fds=(fd,), stdin=subprocess.DEVNULL)
 
     def _await_ready(self) -> None:
         self._gateway_end.settimeout(START_TIMEOUT_S)
@@ -340,17 +338,12 @@ def _queued(sock: socket.socket, size: int) -> list[bytes]:
         out.append(message)
 
 
-def _project_root() -> str:
-    """Where `addons` is importable from, whatever the gateway's working directory."""
-    return str(Path(__file__).resolve().parent.parent)
-
-
 # -- child side ---------------------------------------------------------------------------------------
 
 
 def _open_publisher(config: DeliveryConfig, lock_wait_s: float) -> Any:
-    from addons.delivery import DurablePublisher
-    from addons.spool import SpoolInUseError
+    from cohere_gateway.addons.delivery import DurablePublisher
+    from cohere_gateway.addons.spool import SpoolInUseError
 
     deadline = time.monotonic() + lock_wait_s
     while True:
@@ -420,7 +413,9 @@ def _serve(
 
 
 def child_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m addons.sidecar", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m cohere_gateway.addons.sidecar", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--fd", type=int, required=True, help="the SOCK_SEQPACKET socket from the gateway")
     parser.add_argument("--config", required=True, help="DeliveryConfig as settings.to_json")
     parser.add_argument("--log-level", default="info")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 async def serve(args: argparse.Namespace) -> None:
-    from addons.cli import lean_master, run_until_signal
+    from cohere_gateway.addons.cli import lean_master, run_until_signal
 
     modes = [f"reverse:{args.upstream}@{args.host}:{args.port}"]
     await run_until_signal(lean_master(modes, Path(args.data_dir) / "mitmproxy", "warn"))

@@ -18,7 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from addons.delivery import DeliveryConfig, DurablePublisher
+from cohere_gateway.addons.delivery import DeliveryConfig, DurablePublisher
+
 from bench import overhead, targets
 from bench.report import Outcome, Table
 from bench.stats import us

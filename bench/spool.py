@@ -12,8 +12,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from addons.delivery import DeliveryConfig, DurablePublisher
-from addons.spool import Spool
+from cohere_gateway.addons.delivery import DeliveryConfig, DurablePublisher
+from cohere_gateway.addons.spool import Spool
+
 from bench import targets
 from bench.report import Outcome, Table
 from cohere_gateway import events

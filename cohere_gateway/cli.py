@@ -10,9 +10,9 @@ from pathlib import Path
 
 import click
 
-from addons.cli import proxy
 from cohere_gateway import settings as s
-from consumers.cli import consume, report
+from cohere_gateway.addons.cli import proxy
+from cohere_gateway.consumers.cli import consume, report
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -167,7 +167,7 @@ def config() -> None:
 def config_check(file: Path) -> None:
     """Validate FILE as the running gateway would (a reload of a bad file keeps the old one); print
     each entry and what it sets (tokens as a count), exit 1 with FILE:LINE: KEY: why on an error."""
-    from addons import gateway_config as gc
+    from cohere_gateway.addons import gateway_config as gc
 
     try:
         cfg = gc.load(file, gc.GatewayPolicy())

@@ -334,7 +334,7 @@ def mitmproxy_dir(data_dir: Path) -> Path:
 
 def data_dir_of(confdir: str) -> Path:
     """<data-dir> of a gateway from mitmproxy's confdir: its parent under `cohere-gateway proxy` (which
-    sets <data-dir>/mitmproxy), the confdir itself for a bare `mitmdump -s addons/gateway.py`."""
+    sets <data-dir>/mitmproxy), the confdir itself for a bare `mitmdump -s addons/mitmdump_script.py`."""
     conf = Path(confdir).expanduser()
     return conf.parent if conf.name == MITMPROXY_DIR else conf
 

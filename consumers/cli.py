@@ -16,7 +16,7 @@ def consume(**kwargs: object) -> None:
     Runs as a member of a consumer group: start several to share the topic's partitions. Serves
     /readyz, /metrics and the read API (/api/...) on --http-port. SIGTERM finishes the batch in hand.
     """
-    from consumers.service import serve
+    from cohere_gateway.consumers.service import serve
 
     try:
         serve(s.from_kwargs(s.ConsumerSettings, kwargs))
@@ -31,7 +31,7 @@ def report(**kwargs: object) -> None:
 
     Reads through the running consumer's API when one owns the data directory, else opens the storage.
     """
-    from consumers.report import run_report
+    from cohere_gateway.consumers.report import run_report
 
     try:
         run_report(s.from_kwargs(s.ReportSettings, kwargs))

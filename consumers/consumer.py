@@ -22,17 +22,17 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import orjson
+from cohere_gateway.consumers import dedup, kafka_fastpath, schema
+from cohere_gateway.consumers.assignment import Watch
+from cohere_gateway.consumers.backends import Backend, BackendRejected, BackendUnavailable
+from cohere_gateway.consumers.batching import Batch, Planner, Range
+from cohere_gateway.consumers.dead_letters import dead_letter
+from cohere_gateway.consumers.metrics import Metrics
+from cohere_gateway.consumers.rows import EVENT_COLUMNS, Rejected, Row, outside_retention, to_row
+from cohere_gateway.consumers.write_sql import sql as write_sql
 
 from cohere_gateway.kafka_topics import ensure_topic
 from cohere_gateway.settings import ConsumerSettings
-from consumers import dedup, kafka_fastpath, schema
-from consumers.assignment import Watch
-from consumers.backends import Backend, BackendRejected, BackendUnavailable
-from consumers.batching import Batch, Planner, Range
-from consumers.dead_letters import dead_letter
-from consumers.metrics import Metrics
-from consumers.rows import EVENT_COLUMNS, Rejected, Row, outside_retention, to_row
-from consumers.write_sql import sql as write_sql
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ import hashlib
 import re
 from collections.abc import Iterable, Sequence
 
-from consumers.backends import Backend
-from consumers.rows import Row
-from consumers.write_sql import sql
+from cohere_gateway.consumers.backends import Backend
+from cohere_gateway.consumers.rows import Row
+from cohere_gateway.consumers.write_sql import sql
 
 _PLAIN = re.compile(r"^[A-Za-z0-9_.:\-]*$")
 

@@ -19,11 +19,11 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import orjson
+from cohere_gateway.consumers import logs, queries
+from cohere_gateway.consumers.backends import Backend, BackendUnavailable
+from cohere_gateway.consumers.metrics import Metrics
 
 from cohere_gateway import gateway_file
-from consumers import logs, queries
-from consumers.backends import Backend, BackendUnavailable
-from consumers.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -317,7 +317,7 @@ def _event_id(path: str) -> str:
     return event_id
 
 
-_DASHBOARD = resources.files("consumers.dashboard")
+_DASHBOARD = resources.files("cohere_gateway.consumers.dashboard")
 _CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",

@@ -13,9 +13,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-
-from consumers.backends import Backend
-from consumers.queries import (
+from cohere_gateway.consumers.backends import Backend
+from cohere_gateway.consumers.queries import (
     MAX_DURATION,
     NotFound,
     QueryError,

@@ -11,8 +11,9 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
+from cohere_gateway.consumers.backends import Backend
+
 from cohere_gateway.gateway_file import Budget, BudgetFile
-from consumers.backends import Backend
 
 
 def format_time(ts: datetime) -> str:
@@ -55,7 +56,7 @@ def parse_duration(text: str) -> timedelta:
 
 @cache
 def sql(name: str) -> str:
-    return resources.files("consumers.query_sql").joinpath(f"{name}.sql").read_text()
+    return resources.files("cohere_gateway.consumers.query_sql").joinpath(f"{name}.sql").read_text()
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,11 @@ import urllib.request
 from typing import Any
 from urllib.parse import urlencode
 
+from cohere_gateway.consumers import queries
+from cohere_gateway.consumers.backends import chdb_path, open_backend
+from cohere_gateway.consumers.http_api import read_discovery
+
 from cohere_gateway.settings import ReportSettings
-from consumers import queries
-from consumers.backends import chdb_path, open_backend
-from consumers.http_api import read_discovery
 
 
 def fetch_summary(cfg: ReportSettings) -> dict[str, Any]:

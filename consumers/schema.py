@@ -10,8 +10,8 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 
-from consumers.backends import Backend
-from consumers.write_sql import sql
+from cohere_gateway.consumers.backends import Backend
+from cohere_gateway.consumers.write_sql import sql
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def split_statements(sql: str) -> list[str]:
 
 def load_migrations() -> list[Migration]:
     found = []
-    for entry in resources.files("consumers.migrations").iterdir():
+    for entry in resources.files("cohere_gateway.consumers.migrations").iterdir():
         if m := _NAME.match(entry.name):
             found.append(Migration(int(m.group(1)), m.group(2), entry.read_text()))
     found.sort(key=lambda mig: mig.version)

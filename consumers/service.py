@@ -9,14 +9,21 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from cohere_gateway.consumers.backends import chdb_path, open_backend
+from cohere_gateway.consumers.consumer import Consumer
+from cohere_gateway.consumers.http_api import (
+    ReadApi,
+    allowed_host_set,
+    check_exposure,
+    remove_discovery,
+    write_discovery,
+)
+from cohere_gateway.consumers.metrics import Metrics
+
 from cohere_gateway import gateway_file
 from cohere_gateway.settings import ConsumerSettings
-from consumers.backends import chdb_path, open_backend
-from consumers.consumer import Consumer
-from consumers.http_api import ReadApi, allowed_host_set, check_exposure, remove_discovery, write_discovery
-from consumers.metrics import Metrics
 
-log = logging.getLogger("consumers")
+log = logging.getLogger("cohere_gateway.consumers")
 
 
 def serve(cfg: ConsumerSettings, stop: threading.Event | None = None) -> None:

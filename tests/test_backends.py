@@ -13,14 +13,14 @@ from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import pytest
-
-from consumers.backends import (
+from cohere_gateway.consumers.backends import (
     BackendUnavailable,
     ServerBackend,
     ServerConfig,
     client_kwargs,
     parse_clickhouse_url,
 )
+
 from tests.fixtures.clickhouse import LocalServer, server_database
 from tests.fixtures.kafka import dead_bootstrap, free_port_pair
 

@@ -15,13 +15,13 @@ from pathlib import Path
 import httpx
 import msgspec
 import pytest
+from cohere_gateway.consumers import queries
+from cohere_gateway.consumers.backends import Backend
+from cohere_gateway.consumers.http_api import ReadApi
+from cohere_gateway.consumers.metrics import Metrics
 
 from cohere_gateway import gateway_file
 from cohere_gateway.events import Event
-from consumers import queries
-from consumers.backends import Backend
-from consumers.http_api import ReadApi
-from consumers.metrics import Metrics
 from tests.fixtures.browser import Browser
 from tests.fixtures.clickhouse import make_event
 from tests.fixtures.gateway import EventReader, start_gateway

@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cohere_gateway.consumers.backends import FAULT_FILE_ENV, chdb_path
+from cohere_gateway.consumers.consumer import CRASH_AFTER_INSERTS_ENV
+from cohere_gateway.consumers.http_api import read_discovery
 
 from cohere_gateway.events import SCHEMA_MAJOR, encode, to_builtins
-from consumers.backends import FAULT_FILE_ENV, chdb_path
-from consumers.consumer import CRASH_AFTER_INSERTS_ENV
-from consumers.http_api import read_discovery
 from tests.fixtures.clickhouse import Storage, make_event
 
 BASE = (datetime.now(UTC) - timedelta(hours=3)).replace(second=0, microsecond=0)

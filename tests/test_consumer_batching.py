@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cohere_gateway.consumers.batching import Planner, Range, TopicPartition
+from cohere_gateway.consumers.rows import Rejected
+
 from cohere_gateway.events import encode
-from consumers.batching import Planner, Range, TopicPartition
-from consumers.rows import Rejected
 from tests.fixtures.clickhouse import convert, make_event
 
 TP = TopicPartition("t", 0)

@@ -9,10 +9,10 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import msgspec
+from cohere_gateway.consumers.backends import is_data_error
+from cohere_gateway.consumers.rows import outside_retention
 
 from cohere_gateway.events import encode
-from consumers.backends import is_data_error
-from consumers.rows import outside_retention
 from tests import test_consumer
 from tests.fixtures.clickhouse import Storage, make_event
 from tests.test_consumer import BASE, ConsumerProcess, counts, dead_letters, event_messages, produce, wait_for

@@ -39,7 +39,8 @@ def test_the_base_install_leaves_the_demo_dependencies_out() -> None:
 
 def test_the_gateway_and_the_consumer_run_without_the_demo_extra() -> None:
     done = run_without_demo(
-        "import addons.gateway, addons.sidecar, addons.delivery, consumers.service, consumers.report\n"
+        "from cohere_gateway.addons import gateway, sidecar, delivery\n"
+        "from cohere_gateway.consumers import service, report\n"
         "import cohere_gateway.cli, cohere_gateway.up, cohere_gateway.localkafka\n"
         "from cohere_gateway.cli import main\n"
         "main(['proxy', '--help'])\n"

@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 import yaml
+from cohere_gateway.consumers.backends import Backend
+from cohere_gateway.consumers.rows import EVENT_COLUMNS
 
 from cohere_gateway.cli import main as cli
 from cohere_gateway.events import encode
-from consumers.backends import Backend
-from consumers.rows import EVENT_COLUMNS
 from tests.fixtures.clickhouse import convert, make_event
 
 ROOT = Path(__file__).resolve().parent.parent

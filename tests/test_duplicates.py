@@ -143,7 +143,8 @@ def test_duplicates_at_random_distances_count_once_in_every_query(
 def test_the_lookup_finds_ids_of_any_shape(clickhouse_backend: Any) -> None:
     """Ids the gateway does not make (commas, quotes, backslashes, newlines, non-ASCII) travel hex-encoded;
     each is found exactly, never split or confused with another."""
-    from consumers import dedup
+    from cohere_gateway.consumers import dedup
+
     from tests.test_storage import insert_events
 
     base = datetime.now(UTC) - timedelta(hours=1)

@@ -21,8 +21,8 @@ from typing import Any
 
 import cohere
 import pytest
+from cohere_gateway.addons.spool import HEADER
 
-from addons.spool import HEADER
 from cohere_gateway import localkafka
 from tests.fixtures.gateway import GatewayProcess, start_gateway
 from tests.fixtures.kafka import create_topic, dead_bootstrap, free_port_pair

@@ -9,15 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from addons.metrics import MULTIPROC_ENV, Metrics, mark_worker_dead
+from cohere_gateway.addons.metrics import MULTIPROC_ENV, Metrics, mark_worker_dead
 
 # One worker: counts `requests` exchanges, `rejected_401` refusals and one skipped event, brings in the
 # publisher's counters, and prints its pid and the scrape it would answer.
 WORKER = """
 import os, sys, orjson
 from pathlib import Path
-from addons.metrics import Metrics
+from cohere_gateway.addons.metrics import Metrics
 requests, rejected_401, publisher = int(sys.argv[2]), int(sys.argv[3]), orjson.loads(sys.argv[4])
 m = Metrics(Path(sys.argv[1]))
 m.requests["gateway"] += requests

@@ -10,6 +10,7 @@ from typing import Any
 import kafka
 import kafka.net.manager
 import pytest
+from cohere_gateway.consumers import kafka_fastpath
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import Fetcher
 from kafka.errors import CorruptRecordError
@@ -18,7 +19,6 @@ from kafka.record.default_records import DefaultRecordBatchBuilder
 from kafka.record.legacy_records import LegacyRecordBatchBuilder
 from kafka.serializer import Deserializer
 
-from consumers import kafka_fastpath
 from tests.fixtures.kafka import create_topic
 
 BASE_TS = 1_764_000_000_000

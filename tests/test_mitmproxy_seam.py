@@ -9,8 +9,7 @@ import asyncio
 import socket
 
 import pytest
-
-from addons import mitmproxy_seam
+from cohere_gateway.addons import mitmproxy_seam
 
 
 def test_the_installed_mitmproxy_has_both_internals() -> None:

@@ -9,9 +9,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
-from addons import gateway_config as gc
-from addons import ratelimits as rl
+from cohere_gateway.addons import gateway_config as gc
+from cohere_gateway.addons import ratelimits as rl
 
 W = 60
 T0 = 1_000_000 * W  # the start of window 1000000

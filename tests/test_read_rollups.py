@@ -8,9 +8,10 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from cohere_gateway.consumers import queries, schema
+from cohere_gateway.consumers.backends import Backend
+
 from cohere_gateway.events import Event
-from consumers import queries, schema
-from consumers.backends import Backend
 from tests.fixtures.clickhouse import make_event
 from tests.test_storage import insert_events
 

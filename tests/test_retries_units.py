@@ -7,9 +7,8 @@ import email.utils
 from pathlib import Path
 
 import pytest
-
-from addons import gateway_config as gc
-from addons.retries import (
+from cohere_gateway.addons import gateway_config as gc
+from cohere_gateway.addons.retries import (
     RetryPolicy,
     backoff_delay_s,
     next_delay_s,
@@ -17,7 +16,7 @@ from addons.retries import (
     retry_after_s,
     retryable,
 )
-from addons.routing import RouteError
+from cohere_gateway.addons.routing import RouteError
 
 
 def test_backoffs() -> None:
@@ -104,7 +103,7 @@ def test_configuration_errors_name_the_key(snippet: str, message: str) -> None:
 
 
 def test_rate_limit_and_budget_rules() -> None:
-    from addons import ratelimits as rl
+    from cohere_gateway.addons import ratelimits as rl
 
     text = (
         '[gateways."a/b"]\nrate_limits = [{ limit = 10, window = 60 }, '

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import msgspec
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
-
-from addons.headers import (
+from cohere_gateway.addons.headers import (
     api_key_of,
     check_gateway_token,
     check_singletons,
@@ -15,7 +12,7 @@ from addons.headers import (
     parse_metadata,
     parse_request_options,
 )
-from addons.routing import (
+from cohere_gateway.addons.routing import (
     LocalRoute,
     Route,
     RouteError,
@@ -25,6 +22,9 @@ from addons.routing import (
     route_gateway,
     route_transparent,
 )
+from hypothesis import given
+from hypothesis import strategies as st
+
 from cohere_gateway.events import Id
 
 

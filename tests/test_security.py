@@ -27,13 +27,13 @@ import h2.config
 import h2.connection
 import h2.events
 import pytest
+from cohere_gateway.addons.delivery import DeliveryConfig, DurablePublisher
+from cohere_gateway.addons.headers import RouteError, parse_custom_cost, parse_request_options
+from cohere_gateway.addons.pricing import DEFAULT_PRICING, compute_cost, load_pricing
+from cohere_gateway.addons.routing import check_id
+from cohere_gateway.addons.spool import Spool
 from kafka import KafkaProducer
 
-from addons.delivery import DeliveryConfig, DurablePublisher
-from addons.headers import RouteError, parse_custom_cost, parse_request_options
-from addons.pricing import DEFAULT_PRICING, compute_cost, load_pricing
-from addons.routing import check_id
-from addons.spool import Spool
 from cohere_gateway import events
 from cohere_gateway.events import Usage
 from tests.fixtures.capture_upstream import CaptureUpstream, parse_request
@@ -178,10 +178,9 @@ def test_an_unexpected_exception_in_any_hook_answers_json_500_and_is_recorded() 
     """In-process, with mitmproxy's own test flows: a bug cannot be provoked from outside once fixed, so
     one is injected (the routing step made to raise); a publisher that keeps the events in a list stands
     in for Kafka here."""
+    import cohere_gateway.addons.gateway as gateway_module
     from mitmproxy.proxy.mode_specs import ProxyMode
     from mitmproxy.test import taddons, tflow
-
-    import addons.gateway as gateway_module
 
     class Kept:
         def __init__(self) -> None:
@@ -379,7 +378,7 @@ def test_a_clean_http2_request_is_forwarded_as_one_well_formed_http1_request(
 
 
 def test_cr_lf_nul_are_refused_by_the_gateways_own_check_too() -> None:
-    from addons.headers import check_request_head
+    from cohere_gateway.addons.headers import check_request_head
 
     fields = [(b"content-type", b"application/json")]
     check_request_head(b"POST", b"/v1/a", b"", fields, 100)
@@ -432,7 +431,7 @@ def test_a_small_gzip_body_is_decoded_for_the_event_and_forwarded_as_sent(
 
 
 def test_decode_body_is_bounded_incremental_and_strict() -> None:
-    from addons import bodies
+    from cohere_gateway.addons import bodies
 
     limit = 1000
     assert bodies.decode_body(gzip.compress(b"x" * 1000), "gzip", limit) == b"x" * 1000
@@ -481,7 +480,7 @@ def test_request_derived_strings_are_bounded(gw: GatewayProcess, gw_events: Even
 
 
 def test_clean_and_fit_event() -> None:
-    from addons.capture import clean, fit_event
+    from cohere_gateway.addons.capture import clean, fit_event
 
     assert clean("a\x00b\x1b[31m\ud800", 100) == "a\ufffdb\ufffd[31m\ufffd"
     assert clean("x" * 10, 5) == "xxxx…"
@@ -767,8 +766,8 @@ def test_the_read_api_beyond_loopback_needs_a_token_and_checks_the_host() -> Non
     authorised request asks for a dashboard file), so no backend is opened."""
     import base64
 
-    from consumers.http_api import ReadApi, allowed_host_set
-    from consumers.metrics import Metrics
+    from cohere_gateway.consumers.http_api import ReadApi, allowed_host_set
+    from cohere_gateway.consumers.metrics import Metrics
 
     with pytest.raises(ValueError, match="api-token"):
         ReadApi(None, Metrics(), "0.0.0.0", 0)  # type: ignore[arg-type]
@@ -797,7 +796,7 @@ def test_the_read_api_beyond_loopback_needs_a_token_and_checks_the_host() -> Non
 def test_report_and_api_survive_hostile_names_null_costs_and_huge_windows(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from consumers import queries, report
+    from cohere_gateway.consumers import queries, report
 
     row = {"key": "[/x]", "requests": 1, "errors": 0, "error_rate": 0.0, "input_tokens": 1,
            "output_tokens": 1, "cost_usd": None}  # fmt: skip
@@ -891,9 +890,8 @@ def test_compose_has_no_default_passwords_and_keeps_the_read_side_local() -> Non
 def test_only_record_level_refusals_set_a_record_aside() -> None:
     """A producer aborted under its sends fails them with IllegalStateError (non-retriable, but about
     the producer, not the record): those events must be spooled and replayed, never dead-lettered."""
+    from cohere_gateway.addons.delivery import is_permanent
     from kafka import errors
-
-    from addons.delivery import is_permanent
 
     assert is_permanent(errors.MessageSizeTooLargeError("x")) and is_permanent(errors.InvalidRecordError())
     closed = errors.IllegalStateError("Producer is closed forcefully.")

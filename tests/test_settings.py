@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cohere_gateway.addons.delivery import PUBLISHER_OPTIONS, DeliveryConfig
 
-from addons.delivery import PUBLISHER_OPTIONS, DeliveryConfig
 from cohere_gateway import settings
 
 

@@ -12,10 +12,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from cohere_gateway.addons.delivery import DeliveryConfig, DurablePublisher
+from cohere_gateway.addons.sidecar import MAX_EVENT_BYTES, SidecarError, SidecarPublisher
+from cohere_gateway.addons.spool import Spool
 
-from addons.delivery import DeliveryConfig, DurablePublisher
-from addons.sidecar import MAX_EVENT_BYTES, SidecarError, SidecarPublisher
-from addons.spool import Spool
 from cohere_gateway import events
 from tests.fixtures.kafka import dead_bootstrap
 from tests.test_delivery import read_topic, wait_for
@@ -79,8 +79,8 @@ def test_a_gateway_that_dies_leaves_its_delivery_process_to_finish(
         f"""
         import os, select, signal
         from pathlib import Path
-        from addons.delivery import DeliveryConfig
-        from addons.sidecar import SidecarPublisher
+        from cohere_gateway.addons.delivery import DeliveryConfig
+        from cohere_gateway.addons.sidecar import SidecarPublisher
         from tests.test_sidecar import event_bytes
         pub = SidecarPublisher(DeliveryConfig({kafka_bootstrap!r}, {kafka_topic!r}, Path({str(tmp_path)!r})))
         for i in range(200):

@@ -8,11 +8,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from cohere_gateway.consumers import queries, schema
+from cohere_gateway.consumers.backends import Backend
+from cohere_gateway.consumers.rows import EVENT_COLUMNS
 
 from cohere_gateway.events import Event, Latency, Usage, encode
-from consumers import queries, schema
-from consumers.backends import Backend
-from consumers.rows import EVENT_COLUMNS
 from tests.fixtures.clickhouse import convert, live_ttl_days, make_event
 
 # Recent, so the TTL (90 days) does not drop the rows on insert.
