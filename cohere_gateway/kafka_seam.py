@@ -16,8 +16,7 @@ and the coordinator's `request_rejoin()`, which makes the next `poll()` run an o
 They are used only with the kafka-python version they were read in; with another version
 `available()` is False: the producer is closed without forcing (bounded by the broker's answer), and the
 watch still reports a stall (log, /readyz last_error) and repairs nothing. tests/test_kafka_seam.py
-fails loudly when any of them moves. (The consumer's faster record reader, consumers/kafka_fastpath.py,
-subclasses kafka-python classes and carries its own guard and test.)
+fails loudly when any of them moves.
 """
 
 from __future__ import annotations

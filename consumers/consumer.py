@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import orjson
-from cohere_gateway.consumers import dedup, kafka_fastpath, schema
+from cohere_gateway.consumers import dedup, schema
 from cohere_gateway.consumers.assignment import Watch
 from cohere_gateway.consumers.backends import Backend, BackendRejected, BackendUnavailable
 from cohere_gateway.consumers.batching import Batch, Planner, Range
@@ -160,7 +160,6 @@ class Consumer:
                 self._note_error(f"Kafka at {self.cfg.kafka_bootstrap} not reachable: {exc}; retrying")
                 stop.wait(backoff.next())
                 continue
-            kafka_fastpath.install(consumer)
             consumer.subscribe([self.cfg.topic], listener=_rebalance_listener(self))
             self._watch = Watch(
                 self.cfg.kafka_bootstrap, self.cfg.topic, self.cfg.group_id, client_id, note=self._note_error
