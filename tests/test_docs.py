@@ -42,3 +42,14 @@ def test_every_setting_is_in_its_commands_readme_table(cls: type) -> None:
 def test_readme_test_command_is_what_ci_runs() -> None:
     assert "make test" in README
     assert (ROOT / ".ci/run").read_text().rstrip().endswith("make test")
+
+
+def test_every_module_has_its_place_in_the_architecture_table() -> None:
+    """The table walks the one-way path; a module it does not name has no stated place on it."""
+    table = section("## Architecture")
+    for folder in ("addons", "consumers", "cohere_gateway"):
+        for module in sorted((ROOT / folder).glob("*.py")):
+            if module.name in ("__init__.py", "__main__.py"):
+                continue
+            named = f"`{folder}/{module.name}`" in table or f"`{module.stem}`" in table
+            assert named, f"{folder}/{module.name} is not in README's Architecture table"
