@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from cohere_gateway.consumers.backends import Backend
 from cohere_gateway.consumers.rows import Row
@@ -20,22 +20,36 @@ from cohere_gateway.consumers.write_sql import sql
 _PLAIN = re.compile(r"^[A-Za-z0-9_.:\-]*$")
 
 
-def lookup_params(ids: Iterable[str]) -> dict[str, str]:
-    plain, hexed = [], []
+# A ClickHouse server refuses an HTTP parameter longer than its http_max_field_value_size (128 KiB by
+# default) with "Field value too long", which no retry mends: a flush's ids are looked up in chunks whose
+# parameters stay well below that (a 5,000-event batch of UUIDv7 ids is about 185 KB in one).
+LOOKUP_PARAM_BYTES = 64 * 1024
+
+
+def lookup_params(ids: Iterable[str]) -> Iterator[dict[str, str]]:
+    """The lookup's parameters for `ids`, in chunks of at most LOOKUP_PARAM_BYTES a parameter (an id
+    longer than that alone makes a chunk of its own)."""
+    plain: list[str] = []
+    hexed: list[str] = []
+    size = 0
     for event_id in ids:
-        if _PLAIN.match(event_id):
-            plain.append(event_id)
-        else:
-            hexed.append(event_id.encode().hex())
-    return {"plain": ",".join(plain), "hex": ",".join(hexed)}
+        is_plain = bool(_PLAIN.match(event_id))
+        encoded = event_id if is_plain else event_id.encode().hex()
+        if size + len(encoded) + 1 > LOOKUP_PARAM_BYTES and (plain or hexed):
+            yield {"plain": ",".join(plain), "hex": ",".join(hexed)}
+            plain, hexed, size = [], [], 0
+        (plain if is_plain else hexed).append(encoded)
+        size += len(encoded) + 1
+    if plain or hexed:
+        yield {"plain": ",".join(plain), "hex": ",".join(hexed)}
 
 
 def stored_ids(backend: Backend, ids: Sequence[str]) -> set[str]:
     """The ids among `ids` that the raw table already holds (through table `event_ids`)."""
-    if not ids:
-        return set()
-    rows = backend.query(sql("stored_ids"), lookup_params(ids))
-    return {r["event_id"] for r in rows}
+    found: set[str] = set()
+    for params in lookup_params(ids):
+        found.update(r["event_id"] for r in backend.query(sql("stored_ids"), params))
+    return found
 
 
 def keep_first(rows: Iterable[Row], seen: set[str]) -> tuple[list[Row], int]:

@@ -144,7 +144,6 @@ def test_the_lookup_finds_ids_of_any_shape(clickhouse_backend: Any) -> None:
     """Ids the gateway does not make (commas, quotes, backslashes, newlines, non-ASCII) travel hex-encoded;
     each is found exactly, never split or confused with another."""
     from cohere_gateway.consumers import dedup
-
     from tests.test_storage import insert_events
 
     base = datetime.now(UTC) - timedelta(hours=1)
@@ -152,3 +151,19 @@ def test_the_lookup_finds_ids_of_any_shape(clickhouse_backend: Any) -> None:
     events = [make_event(i, base, event_id=event_id) for i, event_id in enumerate(odd)]
     insert_events(clickhouse_backend, events, "odd-ids")
     assert dedup.stored_ids(clickhouse_backend, [*odd, "a", "b", "it", "other"]) == set(odd)
+
+
+def test_a_large_flushs_lookup_stays_within_the_servers_parameter_limit(clickhouse_backend: Any) -> None:
+    """A flush of 20,000 UUIDv7 ids (a backlog drained with --batch-size 20000) in one parameter is about
+    740 KB; a ClickHouse server refuses any parameter over 128 KiB ("Field value too long"), which left a
+    consumer retrying the same flush forever. Every stored id is still found, and only those."""
+    from cohere_gateway.consumers import dedup
+    from cohere_gateway.events import new_event_id
+    from tests.test_storage import insert_events
+
+    base = datetime.now(UTC) - timedelta(hours=1)
+    ids = [new_event_id() for _ in range(20_000)]
+    stored = [*ids[::997], "odd,id\\n"]  # spread over every chunk, and one hex-encoded
+    insert_events(clickhouse_backend, [make_event(i, base, event_id=e) for i, e in enumerate(stored)], "big")
+    assert dedup.stored_ids(clickhouse_backend, [*ids, "odd,id\\n"]) == set(stored)
+    assert len(list(dedup.lookup_params(ids))) > 1
