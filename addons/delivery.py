@@ -33,9 +33,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from cohere_gateway.addons.spool import FSYNC_MODES, FsyncMode, Position, Spool, SpoolInUseError
-
 from cohere_gateway import settings
+from cohere_gateway.addons.spool import FSYNC_MODES, FsyncMode, Position, Spool, SpoolInUseError
 from cohere_gateway.events import KAFKA_MAX_MESSAGE_BYTES
 from cohere_gateway.kafka_seam import abort_producer
 

@@ -24,6 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from mitmproxy import ctx, http
+from mitmproxy.proxy.mode_specs import RegularMode, ReverseMode
+
+from cohere_gateway import settings
 from cohere_gateway.addons import cache as rcache
 from cohere_gateway.addons import gateway_config as gwconfig
 from cohere_gateway.addons import mitmproxy_seam, provider_keys, ratelimits, retries
@@ -69,10 +73,6 @@ from cohere_gateway.addons.streaming import (
     want_stream_usage,
 )
 from cohere_gateway.addons.usage import Extracted, extract_body, request_fields
-from mitmproxy import ctx, http
-from mitmproxy.proxy.mode_specs import RegularMode, ReverseMode
-
-from cohere_gateway import settings
 from cohere_gateway.events import Usage, new_event_id, truncate, utc_from_timestamp
 
 log = logging.getLogger("cohere_gateway.gateway")

@@ -35,9 +35,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from cohere_gateway.addons.delivery import COUNTER_NAMES, DeliveryConfig, spool_late
-
 from cohere_gateway import settings
+from cohere_gateway.addons.delivery import COUNTER_NAMES, DeliveryConfig, spool_late
 
 log = logging.getLogger(__name__)
 

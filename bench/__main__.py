@@ -1,8 +1,9 @@
 """`python -m bench <scenario> [--quick] [--results PATH] [--no-record]`
 
 Scenarios: overhead, streaming, publish, soak, lean (item 3 of the benchmark issue), read, cache (issue
-16: the response cache), limits (issue 17: the CPU rate limits cost per request), plus sink and spool
-when bench/sink.py and bench/spool.py exist; `all` runs every one in turn. `--quick` shrinks every size
+16: the response cache), limits (issue 17: the CPU rate limits cost per request), streams (issue 19:
+thousands of long streams on new connections), plus sink and spool when bench/sink.py and bench/spool.py
+exist; `all` runs every one in turn. `--quick` shrinks every size
 so the whole suite finishes in a minute or two (the CI smoke run); the numbers are then not budgets.
 Exit status: 0 when every stated budget was met (or --quick), 1 when one was missed, 2 on a usage error.
 """
@@ -32,6 +33,7 @@ OWN = {
     "read": "bench.read",
     "cache": "bench.cache",
     "limits": "bench.limits",
+    "streams": "bench.streams",
 }
 # Modules written by other engineers (bench/sink.py, bench/spool.py), run when present.
 EXTERNAL = ("sink", "spool")
@@ -65,27 +67,14 @@ def run_external(name: str, quick: bool) -> Outcome:
 
 
 def external_budgets(name: str, fields: dict[str, object]) -> list[Table]:
-    """The issue's sink budgets, judged from the keys bench/sink.py prints."""
-    if name != "sink" or "sustained_events_per_s" not in fields or "visible_p95_ms" not in fields:
+    """The sink's budget, judged from the keys bench/sink.py prints: produce→visible p95 at 2k events/s.
+    Its throughput (events/s per consumer process, CPU per event, embedded and into a server) are figures
+    for sizing, not budgets: issue 19 retired issue 7's single-core ≥ 40k events/s, which the storage
+    work alone (≈ 17 µs an event in-process) rules out."""
+    if name != "sink" or "visible_p95_ms" not in fields:
         return []
-    rate, p95 = float(fields["sustained_events_per_s"]), float(fields["visible_p95_ms"])  # type: ignore[arg-type]
+    p95 = float(fields["visible_p95_ms"])  # type: ignore[arg-type]
     table = budget_table()
-    table.add(
-        f"sink draining a backlog (one consumer process, {fields.get('sustained_cores', '?')} cores)",
-        f"{rate:,.0f} events/s",
-        "—",
-        "≥ 40,000 events/s",
-        verdict(rate >= 40_000),
-    )
-    if "one_core_events_per_s" in fields:
-        pinned = float(fields["one_core_events_per_s"])  # type: ignore[arg-type]
-        table.add(
-            "sink draining a backlog, pinned to one core",
-            f"{pinned:,.0f} events/s",
-            "—",
-            "≥ 40,000 events/s",
-            verdict(pinned >= 40_000),
-        )
     table.add(
         f"produce→visible p95 at {fields.get('steady_rate', '?')} events/s",
         f"{p95:.0f} ms",

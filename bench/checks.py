@@ -17,11 +17,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cohere_gateway.addons import mitmproxy_seam
-from cohere_gateway.addons.bodies import check_content_encoding, is_identity
-from cohere_gateway.addons.capture import MAX_MODEL, MAX_PATH, MAX_USER_AGENT, clean
-from cohere_gateway.addons.gateway import HotOptions, json_error_page
-from cohere_gateway.addons.headers import check_gateway_token, check_request_head, check_singletons
 from mitmproxy.connection import Client
 from mitmproxy.options import Options
 from mitmproxy.proxy import events
@@ -29,6 +24,11 @@ from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers.http import _http1
 
 from bench.workload import MODEL
+from cohere_gateway.addons import mitmproxy_seam
+from cohere_gateway.addons.bodies import check_content_encoding, is_identity
+from cohere_gateway.addons.capture import MAX_MODEL, MAX_PATH, MAX_USER_AGENT, clean
+from cohere_gateway.addons.gateway import HotOptions, json_error_page
+from cohere_gateway.addons.headers import check_gateway_token, check_request_head, check_singletons
 from cohere_gateway.settings import ProxySettings
 
 ITERATIONS = 20_000

@@ -18,11 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cohere_gateway.addons.delivery import DeliveryConfig, DurablePublisher
-
 from bench import overhead, targets
 from bench.report import Outcome, Table
 from bench.stats import us
+from cohere_gateway.addons.delivery import DeliveryConfig, DurablePublisher
 from cohere_gateway.events import encode
 from tests.fixtures.clickhouse import make_event
 from tests.fixtures.kafka import dead_bootstrap

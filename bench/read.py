@@ -24,11 +24,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from cohere_gateway.consumers import queries, schema
-from cohere_gateway.consumers.backends import Backend, ChdbBackend
-
 from bench import report
 from bench.report import Outcome, Table, budget_table, verdict
+from cohere_gateway.consumers import queries, schema
+from cohere_gateway.consumers.backends import Backend, ChdbBackend
 
 BASELINE = Path(__file__).with_name("read_baseline")
 RANGES = ("1h", "24h", "7d", "30d")

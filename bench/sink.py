@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import time
 import urllib.request
 from datetime import UTC, datetime, timedelta
@@ -58,26 +59,62 @@ def _messages(start: int, count: int, base: datetime) -> list[tuple[bytes, bytes
     return out
 
 
-def _consumer(bootstrap: str, topic: str, cpus: set[int] | None) -> Any:
+def _consumer(bootstrap: str, topic: str, cpus: set[int] | None, server_url: str = "") -> Any:
     flags = ("--batch-size", str(BATCH_SIZE), "--batch-wait-ms", "200", "--log-level", "warning")
+    if server_url:
+        flags += ("--clickhouse", server_url)
     return targets.consumer(bootstrap, topic, *flags, cpus=cpus)
 
 
-def drain(bootstrap: str, producer: Any, n: int, base: datetime, cpus: set[int] | None) -> dict[str, float]:
+def drain(
+    bootstrap: str,
+    producer: Any,
+    n: int,
+    base: datetime,
+    cpus: set[int] | None,
+    server: tuple[str, int] | None = None,
+) -> dict[str, float]:
     """A fresh consumer drains `n` events already in a new topic: events/s from its first insert until
-    all are visible through its read API, and the CPU it used meanwhile (every thread)."""
+    all are visible through its read API, and the CPU it used meanwhile (every thread). `server`: (URL,
+    pid) of a ClickHouse server to write to instead of the embedded engine; its CPU is counted apart."""
+    server_url, server_pid = server or ("", 0)
     with temporary_topic(bootstrap, "bench-sink") as topic:
         for key, value in _messages(0, n, base):
             producer.send(topic, key=key, value=value)
         producer.flush()
-        with _consumer(bootstrap, topic, cpus) as cons:
+        with _consumer(bootstrap, topic, cpus, server_url) as cons:
             _wait(lambda: cons.inserted() > 0, 120, "first insert", poll=0.01)
             started, first, cpu0 = time.monotonic(), cons.inserted(), cpu_seconds(cons.pid)
+            engine0 = cpu_seconds(server_pid) if server_pid else 0.0
             _wait(lambda: cons.inserted() >= n, 600, "all events inserted", poll=0.02)
             _wait(lambda: _landed(cons.api) >= n, 60, "all events visible")
             took, cpu = time.monotonic() - started, cpu_seconds(cons.pid) - cpu0
+            engine = cpu_seconds(server_pid) - engine0 if server_pid else 0.0
     done = n - first
-    return {"events_per_s": done / took, "cores": cpu / took, "cpu_us_per_event": 1e6 * cpu / done}
+    return {
+        "events_per_s": done / took,
+        "cores": cpu / took,
+        "cpu_us_per_event": 1e6 * cpu / done,
+        "server_cpu_us_per_event": 1e6 * engine / done,
+    }
+
+
+def drain_into_a_server(bootstrap: str, producer: Any, n: int, base: datetime) -> dict[str, float]:
+    """The same drain into a local ClickHouse server (clickhouse-connect), a fresh database: the storage
+    work leaves the consumer's process for the server's."""
+    from cohere_gateway import localclickhouse
+    from tests.fixtures.clickhouse import LocalServer, server_database
+    from tests.fixtures.kafka import free_port_pair
+
+    with tempfile.TemporaryDirectory(prefix="bench-sink-server-") as tmp:
+        port = free_port_pair()
+        local = LocalServer(Path(tmp), port, port + 1)
+        running = local.start()
+        try:
+            with server_database(local.url()) as url:
+                return drain(bootstrap, producer, n, base, None, (url, running.pid))
+        finally:
+            localclickhouse.stop(Path(tmp))
 
 
 def steady(bootstrap: str, producer: Any, rate: int, seconds: float, base: datetime) -> list[float]:
@@ -112,6 +149,7 @@ def run_bench(bootstrap: str, quick: bool) -> dict[str, Any]:
     try:
         free = drain(bootstrap, producer, n, base, None)
         one_core = drain(bootstrap, producer, n, base, {min(os.sched_getaffinity(0))})
+        server = drain_into_a_server(bootstrap, producer, n, base)
         latencies = steady(bootstrap, producer, rate, seconds, base)
     finally:
         producer.close()
@@ -122,6 +160,9 @@ def run_bench(bootstrap: str, quick: bool) -> dict[str, Any]:
         "sustained_cpu_us_per_event": round(free["cpu_us_per_event"], 1),
         "one_core_events_per_s": round(one_core["events_per_s"]),
         "one_core_cpu_us_per_event": round(one_core["cpu_us_per_event"], 1),
+        "server_events_per_s": round(server["events_per_s"]),
+        "server_consumer_cpu_us_per_event": round(server["cpu_us_per_event"], 1),
+        "server_engine_cpu_us_per_event": round(server["server_cpu_us_per_event"], 1),
         "steady_rate": rate,
         "probes": len(latencies),
         "visible_p50_ms": round(1000 * percentile(latencies, 50)),

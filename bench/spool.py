@@ -12,12 +12,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from cohere_gateway.addons.delivery import DeliveryConfig, DurablePublisher
-from cohere_gateway.addons.spool import Spool
-
 from bench import targets
 from bench.report import Outcome, Table
 from cohere_gateway import events
+from cohere_gateway.addons.delivery import DeliveryConfig, DurablePublisher
+from cohere_gateway.addons.spool import Spool
 from tests.fixtures.kafka import dead_bootstrap
 from tests.test_events import make_event
 

@@ -93,6 +93,11 @@ def process(
         try:
             wait_listening(port, proc, log)
             yield Target(name, f"http://127.0.0.1:{port}", prefix, proc.pid)
+        except BaseException:
+            print(
+                f"--- {name}'s output, last 3000 characters ---\n{log.read_text()[-3000:]}", file=sys.stderr
+            )
+            raise
         finally:
             stop(proc)
 

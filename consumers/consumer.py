@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import orjson
+
 from cohere_gateway.consumers import dedup, schema
 from cohere_gateway.consumers.assignment import Watch
 from cohere_gateway.consumers.backends import Backend, BackendRejected, BackendUnavailable
@@ -30,7 +31,6 @@ from cohere_gateway.consumers.dead_letters import dead_letter
 from cohere_gateway.consumers.metrics import Metrics
 from cohere_gateway.consumers.rows import EVENT_COLUMNS, Rejected, Row, outside_retention, to_row
 from cohere_gateway.consumers.write_sql import sql as write_sql
-
 from cohere_gateway.kafka_topics import ensure_topic
 from cohere_gateway.settings import ConsumerSettings
 

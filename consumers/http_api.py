@@ -19,11 +19,11 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import orjson
+
+from cohere_gateway import gateway_file
 from cohere_gateway.consumers import logs, queries
 from cohere_gateway.consumers.backends import Backend, BackendUnavailable
 from cohere_gateway.consumers.metrics import Metrics
-
-from cohere_gateway import gateway_file
 
 log = logging.getLogger(__name__)
 

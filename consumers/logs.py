@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+
 from cohere_gateway.consumers.backends import Backend
 from cohere_gateway.consumers.queries import (
     MAX_DURATION,

@@ -12,7 +12,6 @@ from importlib import resources
 from typing import Any
 
 from cohere_gateway.consumers.backends import Backend
-
 from cohere_gateway.gateway_file import Budget, BudgetFile
 
 

@@ -11,7 +11,6 @@ from urllib.parse import urlencode
 from cohere_gateway.consumers import queries
 from cohere_gateway.consumers.backends import chdb_path, open_backend
 from cohere_gateway.consumers.http_api import read_discovery
-
 from cohere_gateway.settings import ReportSettings
 
 

@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from cohere_gateway import gateway_file
 from cohere_gateway.consumers.backends import chdb_path, open_backend
 from cohere_gateway.consumers.consumer import Consumer
 from cohere_gateway.consumers.http_api import (
@@ -19,8 +20,6 @@ from cohere_gateway.consumers.http_api import (
     write_discovery,
 )
 from cohere_gateway.consumers.metrics import Metrics
-
-from cohere_gateway import gateway_file
 from cohere_gateway.settings import ConsumerSettings
 
 log = logging.getLogger("cohere_gateway.consumers")

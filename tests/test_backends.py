@@ -13,6 +13,7 @@ from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import pytest
+
 from cohere_gateway.consumers.backends import (
     BackendUnavailable,
     ServerBackend,
@@ -20,7 +21,6 @@ from cohere_gateway.consumers.backends import (
     client_kwargs,
     parse_clickhouse_url,
 )
-
 from tests.fixtures.clickhouse import LocalServer, server_database
 from tests.fixtures.kafka import dead_bootstrap, free_port_pair
 

@@ -35,6 +35,7 @@ EXPECTED_ROWS = {
     "read": ("summary", "recent (latest 100)", "event by id"),
     "cache": ("direct", "gateway HIT", "gateway MISS (cache on)", "gateway, cache off", "gateway MISS"),
     "limits": ("no rules", "3 rules, memory", "3 rules, Redis"),
+    "streams": ("direct", "gateway ×1"),
 }
 
 

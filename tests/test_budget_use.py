@@ -15,12 +15,12 @@ from pathlib import Path
 import httpx
 import msgspec
 import pytest
+
+from cohere_gateway import gateway_file
 from cohere_gateway.consumers import queries
 from cohere_gateway.consumers.backends import Backend
 from cohere_gateway.consumers.http_api import ReadApi
 from cohere_gateway.consumers.metrics import Metrics
-
-from cohere_gateway import gateway_file
 from cohere_gateway.events import Event
 from tests.fixtures.browser import Browser
 from tests.fixtures.clickhouse import make_event

@@ -22,10 +22,10 @@ import diskcache
 import httpx
 import orjson
 import pytest
-from cohere_gateway.addons.cache import EXPIRED_GRACE_S, Entry
 from openai import OpenAI
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from cohere_gateway.addons.cache import EXPIRED_GRACE_S, Entry
 from cohere_gateway.events import Usage
 from tests.fixtures.emulator import EmulatorRequests
 from tests.fixtures.gateway import EventReader, GatewayProcess, start_gateway

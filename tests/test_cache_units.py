@@ -11,10 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
 from cohere_gateway.addons import cache as c
 from cohere_gateway.addons.gateway_config import CachePolicy
 from cohere_gateway.addons.routing import RouteError
-
 from tests.fixtures.redis import start_redis
 
 KEY_ARGS = dict(

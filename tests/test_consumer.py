@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from cohere_gateway.consumers.backends import FAULT_FILE_ENV, chdb_path
 from cohere_gateway.consumers.consumer import CRASH_AFTER_INSERTS_ENV
 from cohere_gateway.consumers.http_api import read_discovery
-
 from cohere_gateway.events import SCHEMA_MAJOR, encode, to_builtins
 from tests.fixtures.clickhouse import Storage, make_event
 

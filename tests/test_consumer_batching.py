@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 from cohere_gateway.consumers.batching import Planner, Range, TopicPartition
 from cohere_gateway.consumers.rows import Rejected
-
 from cohere_gateway.events import encode
 from tests.fixtures.clickhouse import convert, make_event
 

@@ -9,9 +9,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import msgspec
+
 from cohere_gateway.consumers.backends import is_data_error
 from cohere_gateway.consumers.rows import outside_retention
-
 from cohere_gateway.events import encode
 from tests import test_consumer
 from tests.fixtures.clickhouse import Storage, make_event

@@ -8,9 +8,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cohere_gateway.consumers.backends import FAULT_FILE_ENV
 
 from cohere_gateway import localkafka
+from cohere_gateway.consumers.backends import FAULT_FILE_ENV
 from tests.fixtures.clickhouse import Storage
 from tests.fixtures.kafka import create_topic, free_port_pair
 from tests.test_consumer import (

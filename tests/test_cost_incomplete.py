@@ -10,10 +10,10 @@ import sys
 from datetime import UTC, datetime, timedelta
 
 import msgspec
+
 from cohere_gateway.consumers import schema
 from cohere_gateway.consumers.http_api import ReadApi
 from cohere_gateway.consumers.metrics import Metrics
-
 from cohere_gateway.events import Event, Usage
 from tests.fixtures.browser import Browser
 from tests.fixtures.clickhouse import Storage, make_event

@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cohere_gateway.addons.delivery import DeliveryConfig, DurablePublisher, make_producer
-from cohere_gateway.addons.spool import HEADER, SpoolInUseError, encode_record
 from kafka import KafkaConsumer, TopicPartition
 
 from cohere_gateway import events
+from cohere_gateway.addons.delivery import DeliveryConfig, DurablePublisher, make_producer
+from cohere_gateway.addons.spool import HEADER, SpoolInUseError, encode_record
 from tests.fixtures.kafka import dead_bootstrap
 from tests.test_events import make_event
 

@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 import yaml
-from cohere_gateway.consumers.backends import Backend
-from cohere_gateway.consumers.rows import EVENT_COLUMNS
 
 from cohere_gateway.cli import main as cli
+from cohere_gateway.consumers.backends import Backend
+from cohere_gateway.consumers.rows import EVENT_COLUMNS
 from cohere_gateway.events import encode
 from tests.fixtures.clickhouse import convert, make_event
 

@@ -21,9 +21,9 @@ from typing import Any
 
 import cohere
 import pytest
-from cohere_gateway.addons.spool import HEADER
 
 from cohere_gateway import localkafka
+from cohere_gateway.addons.spool import HEADER
 from tests.fixtures.gateway import GatewayProcess, start_gateway
 from tests.fixtures.kafka import create_topic, dead_bootstrap, free_port_pair
 from tests.test_delivery import read_topic, wait_for

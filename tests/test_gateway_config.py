@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+
 from cohere_gateway.addons import gateway_config as gc
 from cohere_gateway.addons.headers import check_gateway_token
 from cohere_gateway.addons.routing import RouteError
-
 from cohere_gateway.cli import main
 
 BASE = gc.GatewayPolicy(tokens=("flag-token-123",), log_payloads=True, payload_max_bytes=100)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from cohere_gateway.addons.metrics import MULTIPROC_ENV, Metrics, mark_worker_dead
 
 # One worker: counts `requests` exchanges, `rejected_401` refusals and one skipped event, brings in the

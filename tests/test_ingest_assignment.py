@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cohere_gateway.consumers.assignment import CHECK_INTERVAL_S, GRACE_S, GroupView, Watch, diagnose
 
+from cohere_gateway.consumers.assignment import CHECK_INTERVAL_S, GRACE_S, GroupView, Watch, diagnose
 from cohere_gateway.settings import DEFAULT_PARTITIONS
 from tests import test_consumer
 from tests.fixtures.clickhouse import Storage

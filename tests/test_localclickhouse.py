@@ -14,10 +14,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from cohere_gateway.consumers import schema
-from cohere_gateway.consumers.backends import BackendUnavailable, ServerBackend, parse_clickhouse_url
 
 from cohere_gateway import localclickhouse, settings
+from cohere_gateway.consumers import schema
+from cohere_gateway.consumers.backends import BackendUnavailable, ServerBackend, parse_clickhouse_url
 from tests.fixtures.kafka import free_port_pair
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,11 +14,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+
 from cohere_gateway.consumers import logs
 from cohere_gateway.consumers.backends import Backend
 from cohere_gateway.consumers.http_api import ReadApi
 from cohere_gateway.consumers.metrics import Metrics
-
 from cohere_gateway.events import Event
 from tests.fixtures.clickhouse import Storage, make_event
 from tests.test_storage import insert_events

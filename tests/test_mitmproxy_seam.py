@@ -9,6 +9,7 @@ import asyncio
 import socket
 
 import pytest
+
 from cohere_gateway.addons import mitmproxy_seam
 
 

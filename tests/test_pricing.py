@@ -8,8 +8,8 @@ from pathlib import Path
 
 import orjson
 import pytest
-from cohere_gateway.addons.pricing import DEFAULT_PRICING, compute_cost, load_pricing
 
+from cohere_gateway.addons.pricing import DEFAULT_PRICING, compute_cost, load_pricing
 from cohere_gateway.events import Usage
 
 PRICING = load_pricing()

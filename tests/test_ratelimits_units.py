@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+
 from cohere_gateway.addons import gateway_config as gc
 from cohere_gateway.addons import ratelimits as rl
 

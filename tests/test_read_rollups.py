@@ -10,7 +10,6 @@ from typing import Any
 
 from cohere_gateway.consumers import queries, schema
 from cohere_gateway.consumers.backends import Backend
-
 from cohere_gateway.events import Event
 from tests.fixtures.clickhouse import make_event
 from tests.test_storage import insert_events

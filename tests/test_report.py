@@ -12,7 +12,6 @@ from cohere_gateway.consumers import schema
 from cohere_gateway.consumers.backends import Backend
 from cohere_gateway.consumers.http_api import ReadApi
 from cohere_gateway.consumers.metrics import Metrics
-
 from tests.fixtures.browser import Browser
 from tests.fixtures.clickhouse import Storage, make_event
 from tests.test_storage import insert_events

@@ -7,6 +7,7 @@ import email.utils
 from pathlib import Path
 
 import pytest
+
 from cohere_gateway.addons import gateway_config as gc
 from cohere_gateway.addons.retries import (
     RetryPolicy,

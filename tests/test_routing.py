@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import msgspec
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from cohere_gateway.addons.headers import (
     api_key_of,
     check_gateway_token,
@@ -22,9 +25,6 @@ from cohere_gateway.addons.routing import (
     route_gateway,
     route_transparent,
 )
-from hypothesis import given
-from hypothesis import strategies as st
-
 from cohere_gateway.events import Id
 
 

@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from cohere_gateway.consumers.consumer import CRASH_AFTER_INSERTS_ENV
 
+from cohere_gateway.consumers.consumer import CRASH_AFTER_INSERTS_ENV
 from tests.fixtures.clickhouse import Storage, local_server, server_database
 from tests.fixtures.kafka import create_topic
 from tests.test_consumer import (

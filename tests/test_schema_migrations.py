@@ -7,9 +7,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+
 from cohere_gateway.consumers import logs, queries, schema
 from cohere_gateway.consumers.backends import Backend
-
 from tests.fixtures.clickhouse import live_ttl_days, make_event
 from tests.test_storage import insert_events
 

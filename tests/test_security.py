@@ -27,14 +27,14 @@ import h2.config
 import h2.connection
 import h2.events
 import pytest
+from kafka import KafkaProducer
+
+from cohere_gateway import events
 from cohere_gateway.addons.delivery import DeliveryConfig, DurablePublisher
 from cohere_gateway.addons.headers import RouteError, parse_custom_cost, parse_request_options
 from cohere_gateway.addons.pricing import DEFAULT_PRICING, compute_cost, load_pricing
 from cohere_gateway.addons.routing import check_id
 from cohere_gateway.addons.spool import Spool
-from kafka import KafkaProducer
-
-from cohere_gateway import events
 from cohere_gateway.events import Usage
 from tests.fixtures.capture_upstream import CaptureUpstream, parse_request
 from tests.fixtures.gateway import EventReader, GatewayProcess, start_gateway
@@ -178,9 +178,10 @@ def test_an_unexpected_exception_in_any_hook_answers_json_500_and_is_recorded() 
     """In-process, with mitmproxy's own test flows: a bug cannot be provoked from outside once fixed, so
     one is injected (the routing step made to raise); a publisher that keeps the events in a list stands
     in for Kafka here."""
-    import cohere_gateway.addons.gateway as gateway_module
     from mitmproxy.proxy.mode_specs import ProxyMode
     from mitmproxy.test import taddons, tflow
+
+    import cohere_gateway.addons.gateway as gateway_module
 
     class Kept:
         def __init__(self) -> None:
@@ -890,8 +891,9 @@ def test_compose_has_no_default_passwords_and_keeps_the_read_side_local() -> Non
 def test_only_record_level_refusals_set_a_record_aside() -> None:
     """A producer aborted under its sends fails them with IllegalStateError (non-retriable, but about
     the producer, not the record): those events must be spooled and replayed, never dead-lettered."""
-    from cohere_gateway.addons.delivery import is_permanent
     from kafka import errors
+
+    from cohere_gateway.addons.delivery import is_permanent
 
     assert is_permanent(errors.MessageSizeTooLargeError("x")) and is_permanent(errors.InvalidRecordError())
     closed = errors.IllegalStateError("Producer is closed forcefully.")

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cohere_gateway.addons.delivery import PUBLISHER_OPTIONS, DeliveryConfig
 
 from cohere_gateway import settings
+from cohere_gateway.addons.delivery import PUBLISHER_OPTIONS, DeliveryConfig
 
 
 def changed(value: Any) -> Any:

@@ -12,11 +12,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
+from cohere_gateway import events
 from cohere_gateway.addons.delivery import DeliveryConfig, DurablePublisher
 from cohere_gateway.addons.sidecar import MAX_EVENT_BYTES, SidecarError, SidecarPublisher
 from cohere_gateway.addons.spool import Spool
-
-from cohere_gateway import events
 from tests.fixtures.kafka import dead_bootstrap
 from tests.test_delivery import read_topic, wait_for
 from tests.test_events import make_event

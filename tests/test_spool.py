@@ -9,9 +9,10 @@ import os
 from pathlib import Path
 
 import pytest
-from cohere_gateway.addons.spool import HEADER, Position, Spool, encode_record
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from cohere_gateway.addons.spool import HEADER, Position, Spool, encode_record
 
 
 def read_all(spool: Spool, pos: Position | None = None) -> tuple[list[tuple[bytes, bytes]], Position]:

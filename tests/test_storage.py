@@ -8,10 +8,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+
 from cohere_gateway.consumers import queries, schema
 from cohere_gateway.consumers.backends import Backend
 from cohere_gateway.consumers.rows import EVENT_COLUMNS
-
 from cohere_gateway.events import Event, Latency, Usage, encode
 from tests.fixtures.clickhouse import convert, live_ttl_days, make_event
 

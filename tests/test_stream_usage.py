@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 
-from cohere_gateway.addons.streaming import StreamWatcher, UsageStripper, want_stream_usage
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from cohere_gateway.addons.streaming import StreamWatcher, UsageStripper, want_stream_usage
 
 BASE = {"id": "c1", "created": 1, "model": "command-r", "object": "chat.completion.chunk"}
 

@@ -6,13 +6,13 @@ import json
 from datetime import UTC, datetime
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from cohere_gateway.addons.headers import CustomCost
 from cohere_gateway.addons.pricing import compute_cost, load_pricing
 from cohere_gateway.addons.streaming import StreamWatcher, is_stream_response
 from cohere_gateway.addons.usage import extract_body, extract_json, request_fields
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from cohere_gateway.events import Usage
 
 PRICING = load_pricing()

@@ -1,0 +1,210 @@
+"""Streams (issue 19): many long paced v2 chat streams open at once, each on a new client connection,
+direct vs through the gateway (`--workers 1` and 2) in the same run.
+
+The load and the upstream are native (bench/streamload, Go, built here with `go build`), so neither eats
+the CPU the gateway is measured on: `streamload serve` replays a stream recorded from the project's
+emulator (Cohere's wire format, usage included) one event every `chunk_delay_ms`; `streamload load`
+opens the streams spread over a ramp and times every event. Per target and size: failures, first event
+and inter-event gap p50/p99 (added over direct), the gateway's CPU over the run (share of one core per
+worker), its RSS growth per open stream (peak over idle, the delivery process included), and event-loop
+lag (a /healthz probe through the same listener every 100 ms, p99).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import targets
+from bench.procstat import tree_cpu_seconds, tree_rss_bytes
+from bench.report import Outcome, Table, budget_table, verdict
+from bench.stats import percentile
+from bench.workload import HEADERS, long_stream_body
+from tests.fixtures.gateway import free_port
+
+TOOL = Path(__file__).with_name("streamload")
+GAP_SLACK_MS = 5.0
+RSS_PER_STREAM_KB = 30.0
+CPU_CEILING = 0.8
+
+
+@dataclass(frozen=True)
+class Sizes:
+    streams: tuple[int, ...]
+    tokens: int  # events per stream: the reply's tokens plus the stream's framing events
+    chunk_delay_ms: float
+    ramp_ms: int
+    workers: tuple[int, ...]
+
+
+FULL = Sizes(streams=(100, 1000, 5000), tokens=20, chunk_delay_ms=50.0, ramp_ms=5000, workers=(1, 2))
+QUICK = Sizes(streams=(20,), tokens=5, chunk_delay_ms=5.0, ramp_ms=200, workers=(1,))
+
+
+def build(out: Path) -> Path:
+    go = shutil.which("go")
+    if go is None:
+        raise RuntimeError(
+            "the streams bench builds bench/streamload with Go: install it (apt-get install golang)"
+        )
+    binary = out / "streamload"
+    subprocess.run([go, "build", "-o", str(binary), "."], cwd=TOOL, check=True, timeout=600)
+    return binary
+
+
+def record_stream(tokens: int) -> bytes:
+    """One v2 chat stream as the emulator sends it: the bytes the native upstream replays."""
+    with targets.emulator() as emulator:
+        request = urllib.request.Request(
+            f"{emulator.url}/v2/chat", data=long_stream_body(tokens), headers=HEADERS, method="POST"
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.read()
+
+
+@contextmanager
+def upstream(binary: Path, stream: Path, delay_ms: float) -> Iterator[targets.Target]:
+    port = free_port()
+    args = [str(binary), "serve", "-addr", f"127.0.0.1:{port}", "-body", str(stream)]
+    with targets.process("direct", [*args, "-chunk-delay-ms", str(delay_ms)], port) as target:
+        yield target
+
+
+@dataclass
+class Run:
+    target: str
+    streams: int
+    result: dict
+    cpu_core: float | None = None  # CPU seconds / wall seconds of the gateway's process tree
+    rss_per_stream_kb: float | None = None
+    lag_p99_ms: float | None = None
+
+
+def _probe(url: str, stop: threading.Event, lags: list[float]) -> None:
+    while not stop.wait(0.1):
+        started = time.perf_counter()
+        try:
+            urllib.request.urlopen(f"{url}/healthz", timeout=10).read()
+        except OSError:
+            continue
+        lags.append(time.perf_counter() - started)
+
+
+def load(binary: Path, target: targets.Target, request: Path, streams: int, sizes: Sizes) -> Run:
+    args = [str(binary), "load", "-url", f"{target.url}{target.path_prefix}/v2/chat", "-body", str(request)]
+    args += ["-streams", str(streams), "-ramp-ms", str(sizes.ramp_ms)]
+    for name in ("Authorization", "User-Agent"):
+        args += ["-header", f"{name}: {HEADERS[name]}"]
+    pid = target.pid if target.name != "direct" else None
+    idle_rss = tree_rss_bytes(pid) if pid else 0
+    peak_rss = idle_rss
+    cpu0, wall0 = (tree_cpu_seconds(pid) if pid else 0.0), time.monotonic()
+    stop, lags = threading.Event(), []
+    probe = threading.Thread(target=_probe, args=(target.url, stop, lags), daemon=True)
+    if pid:
+        probe.start()
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while proc.poll() is None:
+        if pid:
+            peak_rss = max(peak_rss, tree_rss_bytes(pid))
+        time.sleep(0.1)
+    out, err = proc.communicate()
+    stop.set()
+    if proc.returncode != 0:
+        raise RuntimeError(f"streamload load exited with {proc.returncode}: {err[-2000:]}")
+    result = json.loads(out)
+    run = Run(target.name, streams, result)
+    if pid:
+        run.cpu_core = (tree_cpu_seconds(pid) - cpu0) / (time.monotonic() - wall0)
+        run.rss_per_stream_kb = (peak_rss - idle_rss) / 1024 / max(1, int(result["peak_open"]))
+        run.lag_p99_ms = percentile(lags, 99) * 1000 if lags else None
+    return run
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "—" if value is None else f"{value:,.{digits}f}"
+
+
+def run(quick: bool) -> Outcome:
+    sizes = QUICK if quick else FULL
+    runs: list[Run] = []
+    with tempfile.TemporaryDirectory(prefix="bench-streams-") as tmp:
+        binary = build(Path(tmp))
+        stream, request = Path(tmp) / "stream.sse", Path(tmp) / "request.json"
+        stream.write_bytes(record_stream(sizes.tokens))
+        request.write_bytes(long_stream_body(sizes.tokens))
+        with targets.kafka() as kafka, upstream(binary, stream, sizes.chunk_delay_ms) as direct:
+            topic = kafka.topic("bench-streams")
+            for workers in sizes.workers:
+                with targets.gateway(
+                    f"gateway ×{workers}", direct.url, kafka.bootstrap, topic, workers=workers
+                ) as gw:
+                    for n in sizes.streams:
+                        runs.append(load(binary, direct, request, n, sizes))
+                        runs.append(load(binary, gw, request, n, sizes))
+    table = Table(
+        f"Streams: v2 chat SSE, {sizes.tokens}-token replies, {sizes.chunk_delay_ms:g} ms between events, "
+        f"each on a new connection, started over {sizes.ramp_ms} ms",
+        [
+            "target",
+            "streams",
+            "peak open",
+            "failures",
+            "first event p50 / p99 ms",
+            "gap p50 / p99 / max ms",
+            "gateway CPU (cores)",
+            "RSS per open stream KB",
+            "/healthz p99 ms (loop lag)",
+        ],
+    )
+    for r in runs:
+        res = r.result
+        table.add(
+            r.target,
+            r.streams,
+            res["peak_open"],
+            res["failures"] if not res["errors"] else f"{res['failures']} {res['errors']}",
+            f"{res['first_p50_ms']:.1f} / {res['first_p99_ms']:.1f}",
+            f"{res['gap_p50_ms']:.1f} / {res['gap_p99_ms']:.1f} / {res['gap_max_ms']:.1f}",
+            _fmt(r.cpu_core, 2),
+            _fmt(r.rss_per_stream_kb),
+            _fmt(r.lag_p99_ms),
+        )
+    budgets = budget_table()
+    met = True
+    directs = {r.streams: r for r in runs if r.target == "direct"}
+    for r in runs:
+        if r.target == "direct":
+            continue
+        base = directs[r.streams].result
+        added = r.result["gap_p99_ms"] - base["gap_p99_ms"]
+        workers = int(r.target.rsplit("×", 1)[1])
+        cpu_ok = r.cpu_core is not None and r.cpu_core / workers < CPU_CEILING
+        checks = [
+            (f"{r.target}, {r.streams} streams: failures", str(r.result["failures"]), "—", "0",
+             r.result["failures"] == 0),
+            (f"{r.target}, {r.streams} streams: added gap p99 (CPU {_fmt(r.cpu_core, 2)} cores)",
+             f"{added:+.1f} ms", f"direct {base['gap_p99_ms']:.1f} ms",
+             f"≤ +{GAP_SLACK_MS:g} ms, CPU < {CPU_CEILING:.0%} a worker", added <= GAP_SLACK_MS and cpu_ok),
+            (f"{r.target}, {r.streams} streams: RSS per open stream", f"{_fmt(r.rss_per_stream_kb)} KB", "—",
+             f"≤ {RSS_PER_STREAM_KB:g} KB", (r.rss_per_stream_kb or 0) <= RSS_PER_STREAM_KB),
+        ]  # fmt: skip
+        for name, measured, baseline, limit, ok in checks:
+            budgets.add(name, measured, baseline, limit, verdict(ok))
+            met = met and ok
+    notes = [
+        "load and upstream: bench/streamload (Go), built in the run; the upstream replays a stream recorded "
+        "from the emulator",
+        "gateway CPU = CPU seconds of its process tree (workers, delivery processes) over the load's wall"
+        " time",
+    ]
+    return Outcome([table, budgets], notes, None if quick else met)
