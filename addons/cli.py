@@ -131,6 +131,7 @@ def _supervise(cfg: s.ProxySettings) -> int:
         env[MULTIPROC_ENV] = str(_metrics_dir(cfg))
         args = ["--host", cfg.host, "--port", str(cfg.port), "--data-dir", str(cfg.data_dir)]
         args += ["--log-level", cfg.log_level, "--transparent-port", str(cfg.transparent_port)]
+        args += ["--listen-backlog", str(cfg.listen_backlog)]
         cmd = [sys.executable, "-m", "cohere_gateway.cli", "proxy", "--worker", *args]
         workers.append(subprocess.Popen(cmd, env=env))
 
@@ -177,10 +178,9 @@ def proxy(worker: bool, **kwargs: object) -> None:
             err=True,
         )
         sys.exit(_supervise(cfg))
-    if worker:
-        from cohere_gateway.addons import mitmproxy_seam
+    from cohere_gateway.addons import mitmproxy_seam
 
-        mitmproxy_seam.reuse_port()
+    mitmproxy_seam.listen(cfg.listen_backlog, reuse_port=worker)
     (s.mitmproxy_dir(cfg.data_dir)).mkdir(parents=True, exist_ok=True)
     os.environ.update(addon_environment(cfg))  # read by the addon's option defaults as it loads
     if not worker:

@@ -4,7 +4,8 @@ mitmproxy has no public hook for any of them:
 - the error pages its HTTP/1 layer writes itself (upstream unreachable, malformed request line) are built
   by `mitmproxy.proxy.layers.http._http1.make_error_response`, looked up by name at call time, and its
   HTTP/2 layer's error bodies by `_http2.format_error` (its content-type header stays text/html);
-- its listeners bind with `asyncio.start_server()` and offer no `reuse_port`, which `--workers N` needs;
+- its listeners bind with `asyncio.start_server()` and offer no `reuse_port`, which `--workers N` needs,
+  nor a backlog;
 - its HTTP/1 reader buffers a request head without limit (one unterminated 300 MiB header line grew the
   process by 600 MB): `_http1.Http1Server.read_headers` is wrapped to answer 431 and close once the
   buffered head (`Http1Connection.buf`) passes `max_header_bytes` without ending, and 408 once it has
@@ -89,9 +90,11 @@ def install_error_pages(
         _http2.format_error = make_body
 
 
-def reuse_port() -> None:
-    """Bind mitmproxy's listeners with SO_REUSEPORT (workers of one `--workers N` gateway share a port).
-    Only worker processes call this, so a lone gateway still fails loudly on a busy port."""
+def listen(backlog: int, reuse_port: bool) -> None:
+    """Bind mitmproxy's listeners with `backlog` (asyncio's default, 100, resets clients that arrive in a
+    burst while the event loop is busy) and, for the workers of one `--workers N` gateway, SO_REUSEPORT
+    so they share a port. Only worker processes ask for reuse_port, so a lone gateway still fails loudly
+    on a busy port."""
     check()
     from mitmproxy.proxy import mode_servers
 
@@ -99,7 +102,9 @@ def reuse_port() -> None:
 
     @functools.wraps(original)
     async def start_server(*args: Any, **kwargs: Any) -> Any:
-        kwargs.setdefault("reuse_port", True)
+        kwargs.setdefault("backlog", backlog)
+        if reuse_port:
+            kwargs.setdefault("reuse_port", True)
         return await original(*args, **kwargs)
 
     mode_servers.asyncio.start_server = start_server  # type: ignore[attr-defined]

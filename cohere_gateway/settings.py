@@ -262,6 +262,11 @@ class ProxySettings:
     workers: int = setting(
         1, "Gateway processes sharing --port (SO_REUSEPORT), one per core to use; each has its own spool."
     )
+    listen_backlog: int = setting(
+        4096,
+        "Connections the kernel queues on each listener until the gateway accepts them (capped by "
+        "net.core.somaxconn): a burst of new connections larger than this is reset.",
+    )
     config: str = setting(
         "",
         "Per-gateway configuration file (TOML, docs/gateway.md), reloaded when it changes; the flags "
@@ -313,7 +318,9 @@ class UpSettings:
 
 # ProxySettings fields that shape the `proxy` process (its listeners, state directory, logging, workers)
 # rather than being options of the gateway addon.
-PROCESS_ONLY = frozenset({"host", "port", "transparent_port", "data_dir", "log_level", "workers"})
+PROCESS_ONLY = frozenset(
+    {"host", "port", "transparent_port", "data_dir", "log_level", "workers", "listen_backlog"}
+)
 # mitmproxy's confdir under <data-dir> when `cohere-gateway proxy` runs the addon.
 MITMPROXY_DIR = "mitmproxy"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import time
 import urllib.request
 import uuid
@@ -16,9 +17,15 @@ from tests.fixtures.gateway import EventReader, start_gateway
 def test_workers_share_the_port_and_every_exchange_is_one_event(
     emulator_url: str, kafka_bootstrap: str, kafka_topic: str
 ) -> None:
-    gw = start_gateway(emulator_url, kafka_bootstrap, kafka_topic, transparent=False, workers=2)
+    gw = start_gateway(
+        emulator_url, kafka_bootstrap, kafka_topic, transparent=False, workers=2, listen_backlog=555
+    )
     reader = EventReader(kafka_bootstrap, kafka_topic)
     try:
+        # Each worker's listener queues --listen-backlog connections (`ss` shows it as Send-Q).
+        port = gw.url.rsplit(":", 1)[1]
+        listed = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
+        assert [line.split()[2] for line in listed.splitlines()] == ["555", "555"], listed
         pids = set()
         for _ in range(40):  # a new connection each time: the kernel spreads them over the workers
             with urllib.request.urlopen(gw.url + "/healthz", timeout=10) as resp:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
 
 import pytest
 
@@ -39,11 +40,13 @@ def test_error_pages_come_from_the_installed_function(monkeypatch: pytest.Monkey
     assert _http1.make_error_response(502, "down") == b"502:down"
 
 
-def test_reuse_port_lets_two_listeners_share_a_port(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_listeners_share_a_port_in_workers_and_queue_the_configured_backlog(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from mitmproxy.proxy import mode_servers
 
     monkeypatch.setattr(mode_servers.asyncio, "start_server", asyncio.start_server)
-    mitmproxy_seam.reuse_port()
+    mitmproxy_seam.listen(777, reuse_port=True)
 
     async def two_listeners() -> None:
         async def ignore(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -53,10 +56,32 @@ def test_reuse_port_lets_two_listeners_share_a_port(monkeypatch: pytest.MonkeyPa
         port = first.sockets[0].getsockname()[1]
         second = await mode_servers.asyncio.start_server(ignore, "127.0.0.1", port)
         assert second.sockets[0].getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)
+        # A listening socket's Send-Q in `ss` is its backlog (asyncio's own default is 100).
+        listed = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
+        assert [line.split()[2] for line in listed.splitlines()] == ["777", "777"], listed
         first.close()
         second.close()
 
     asyncio.run(two_listeners())
+
+
+def test_a_lone_gateway_does_not_share_its_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mitmproxy.proxy import mode_servers
+
+    monkeypatch.setattr(mode_servers.asyncio, "start_server", asyncio.start_server)
+    mitmproxy_seam.listen(100, reuse_port=False)
+
+    async def taken() -> None:
+        first = await mode_servers.asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        try:
+            with pytest.raises(OSError):
+                await mode_servers.asyncio.start_server(
+                    lambda r, w: None, "127.0.0.1", first.sockets[0].getsockname()[1]
+                )
+        finally:
+            first.close()
+
+    asyncio.run(taken())
 
 
 def test_a_moved_request_head_reader_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
