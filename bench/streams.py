@@ -12,6 +12,7 @@ lag (a /healthz probe through the same listener every 100 ms, p99).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -42,12 +43,17 @@ class Sizes:
     streams: tuple[int, ...]
     tokens: int  # events per stream: the reply's tokens plus the stream's framing events
     chunk_delay_ms: float
-    ramp_ms: int
+    arrivals_per_s: int  # new streams (connections) a second while they open
     workers: tuple[int, ...]
 
+    def ramp_ms(self, streams: int) -> int:
+        return round(1000 * streams / self.arrivals_per_s)
 
-FULL = Sizes(streams=(100, 1000, 5000), tokens=20, chunk_delay_ms=50.0, ramp_ms=5000, workers=(1, 2))
-QUICK = Sizes(streams=(20,), tokens=5, chunk_delay_ms=5.0, ramp_ms=200, workers=(1,))
+
+# Streams of ~40 s (80 events, 0.5 s apart) arriving at 150 a second: every stream of a size is open at
+# once, the new-connection rate stays what a core can take, and 5,000 open streams make 10k events/s.
+FULL = Sizes(streams=(100, 1000, 5000), tokens=80, chunk_delay_ms=500.0, arrivals_per_s=150, workers=(1, 2))
+QUICK = Sizes(streams=(20,), tokens=5, chunk_delay_ms=5.0, arrivals_per_s=100, workers=(1,))
 
 
 def build(out: Path) -> Path:
@@ -101,7 +107,7 @@ def _probe(url: str, stop: threading.Event, lags: list[float]) -> None:
 
 def load(binary: Path, target: targets.Target, request: Path, streams: int, sizes: Sizes) -> Run:
     args = [str(binary), "load", "-url", f"{target.url}{target.path_prefix}/v2/chat", "-body", str(request)]
-    args += ["-streams", str(streams), "-ramp-ms", str(sizes.ramp_ms)]
+    args += ["-streams", str(streams), "-ramp-ms", str(sizes.ramp_ms(streams))]
     for name in ("Authorization", "User-Agent"):
         args += ["-header", f"{name}: {HEADERS[name]}"]
     pid = target.pid if target.name != "direct" else None
@@ -142,18 +148,23 @@ def run(quick: bool) -> Outcome:
         stream, request = Path(tmp) / "stream.sse", Path(tmp) / "request.json"
         stream.write_bytes(record_stream(sizes.tokens))
         request.write_bytes(long_stream_body(sizes.tokens))
-        with targets.kafka() as kafka, upstream(binary, stream, sizes.chunk_delay_ms) as direct:
+        with (
+            targets.kafka() as kafka,
+            upstream(binary, stream, sizes.chunk_delay_ms) as direct,
+            contextlib.ExitStack() as gateways,
+        ):
             topic = kafka.topic("bench-streams")
-            for workers in sizes.workers:
-                with targets.gateway(
-                    f"gateway ×{workers}", direct.url, kafka.bootstrap, topic, workers=workers
-                ) as gw:
-                    for n in sizes.streams:
-                        runs.append(load(binary, direct, request, n, sizes))
-                        runs.append(load(binary, gw, request, n, sizes))
+            tgts = [direct] + [
+                gateways.enter_context(
+                    targets.gateway(f"gateway ×{w}", direct.url, kafka.bootstrap, topic, workers=w)
+                )
+                for w in sizes.workers
+            ]
+            for n in sizes.streams:
+                runs += [load(binary, t, request, n, sizes) for t in tgts]
     table = Table(
         f"Streams: v2 chat SSE, {sizes.tokens}-token replies, {sizes.chunk_delay_ms:g} ms between events, "
-        f"each on a new connection, started over {sizes.ramp_ms} ms",
+        f"each on a new connection, {sizes.arrivals_per_s} new a second",
         [
             "target",
             "streams",
