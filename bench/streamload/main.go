@@ -6,8 +6,9 @@
 //	    emulator, so the gateway sees Cohere's wire format), one event every chunk-delay-ms.
 //	streamload load -url URL -body REQUEST.json -streams N [-ramp-ms MS] [-header 'Name: value']...
 //	    opens N streams at once, each on its own connection (the streams start spread over ramp-ms),
-//	    reads every event and prints one JSON object: failures, first-event and inter-event gap
-//	    percentiles in ms, the events read and the most streams open at one time.
+//	    reads every event and prints one JSON object: failures (with -events E, a stream with fewer
+//	    events is one), first-event and inter-event gap percentiles in ms, the events read and the most
+//	    streams open at one time.
 package main
 
 import (
@@ -112,6 +113,7 @@ func load(args []string) {
 	streams := fs.Int("streams", 100, "streams opened together")
 	rampMs := fs.Int("ramp-ms", 1000, "the starts are spread over this long")
 	timeout := fs.Duration("timeout", 5*time.Minute, "a stream not finished by then fails")
+	want := fs.Int("events", 0, "a stream with fewer events fails (0: any number)")
 	var hs headers
 	fs.Var(&hs, "header", "'Name: value', repeatable")
 	_ = fs.Parse(args)
@@ -137,6 +139,9 @@ func load(args []string) {
 				time.Sleep(time.Duration(*rampMs) * time.Millisecond * time.Duration(i) / time.Duration(*streams))
 			}
 			results[i] = one(client, *url, body, hs, &open, &peak)
+			if results[i].err == "" && results[i].nevents < *want {
+				results[i] = result{err: fmt.Sprintf("short stream (%d of %d events)", results[i].nevents, *want)}
+			}
 		}(i)
 	}
 	wg.Wait()
