@@ -10,7 +10,10 @@ own admin client (public API): every CHECK_INTERVAL_S it compares the topic's pa
 group's members hold, and this member's share with what the consumer actually reads. A difference that
 outlives a rebalance (GRACE_S, the group Stable) is repaired from the consume loop, which owns the
 consumer: a metadata refresh, then a rejoin once it is applied (cohere_gateway/kafka_seam.py), at most once
-per COOLDOWN_S.
+per COOLDOWN_S. A consumer that two such repairs left reading nothing while another member reads several
+partitions (CI saw one left out of the generation the others formed, idle for minutes: a rejoin asks
+for a JoinGroup that such a member never sends) is replaced by the consume loop with a new member.
+Every decision is taken against what the consumer reads at that moment, not when the broker was asked.
 """
 
 from __future__ import annotations
@@ -99,12 +102,13 @@ class Watch:
         self.clock = clock
         self.repairs = 0
         self._lock = threading.Lock()
-        self._local: frozenset[int] = frozenset()
-        self._reason: str | None = None
+        self._local: frozenset[int] = frozenset()  # what the consumer read at the last tick
+        self._view: GroupView | None = None  # the broker's latest answer
         self._since: float | None = None  # when the current stall was first seen
         self._next_repair = 0.0
         self._refresh: Any = None  # the metadata refresh a pending rejoin waits for
         self._refresh_at = 0.0
+        self._idle_repairs = 0  # repairs in a row that left this consumer reading nothing
         self._warned_unavailable = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="assignment-watch", daemon=True)
@@ -121,22 +125,41 @@ class Watch:
 
     # -- the consume loop's side ----------------------------------------------------------------------
 
-    def tick(self, consumer: Any) -> None:
+    def tick(self, consumer: Any) -> bool:
+        """Judge the latest group view against what `consumer` reads now, and repair a stall that
+        outlived GRACE_S. True: the consume loop should replace its consumer with a new member, because
+        rejoining twice left this one reading nothing while another member reads several partitions (a
+        member kafka-python no longer counts as out of the group never sends the JoinGroup a rejoin
+        asks for)."""
         local = frozenset(tp.partition for tp in consumer.assignment() if tp.topic == self.topic)
         now = self.clock()
         with self._lock:
             self._local = local
-            reason, since = self._reason, self._since
+            view, since = self._view, self._since
+        # Judged against what the consumer reads now, not when the broker was asked: a rebalance that
+        # ended in between is no stall.
+        reason = diagnose(view, self.client_id, local) if view is not None else None
+        if local:
+            self._idle_repairs = 0
         if self._refresh is not None:
             if self._refresh.is_done or now - self._refresh_at >= REFRESH_WAIT_S:
-                kafka_seam.request_rejoin(consumer)
                 self._refresh = None
-            return
+                if reason is not None:
+                    kafka_seam.request_rejoin(consumer)
+            return False
         if reason is None or since is None or now - since < GRACE_S or now < self._next_repair:
-            return
+            return False
         self._next_repair = now + COOLDOWN_S
         with self._lock:
             self._since = None  # judge the repaired group afresh
+        if not local and self._idle_repairs >= 2:
+            self._idle_repairs = 0
+            self.repairs += 1
+            self.note(
+                f"ingest stalled on {self.topic}: {reason}; rejoining did not help, so this consumer "
+                "leaves and joins the group as a new member"
+            )
+            return True
         if not kafka_seam.available():
             if not self._warned_unavailable:
                 self.note(
@@ -145,13 +168,25 @@ class Watch:
                     "nothing is repaired: restart this consumer"
                 )
                 self._warned_unavailable = True
-            return
+            return False
         self.repairs += 1
+        if not local:
+            self._idle_repairs += 1
         self.note(f"ingest stalled on {self.topic}: {reason}; refreshing metadata and rejoining the group")
         self._refresh = kafka_seam.request_metadata_refresh(consumer)
         self._refresh_at = now
+        return False
 
     # -- the watch thread -----------------------------------------------------------------------------
+
+    def observe(self, view: GroupView) -> None:
+        """Record the broker's answer (the watch thread's, or a test's)."""
+        with self._lock:
+            if diagnose(view, self.client_id, self._local) is None:
+                self._since = None
+            elif self._since is None:
+                self._since = self.clock()
+            self._view = view
 
     def _run(self) -> None:
         admin = None
@@ -166,13 +201,7 @@ class Watch:
                     _close_quietly(admin)
                     admin = None
                 continue
-            with self._lock:
-                reason = diagnose(view, self.client_id, self._local)
-                if reason is None:
-                    self._since = None
-                elif self._since is None:
-                    self._since = self.clock()
-                self._reason = reason
+            self.observe(view)
         if admin is not None:
             _close_quietly(admin)
 

@@ -205,8 +205,10 @@ class Consumer:
                     polled = self._kafka.poll(timeout_ms=poll_ms, max_records=self.cfg.batch_size)
                     self._check_kafka()
                     if self._watch is not None:
-                        self._watch.tick(self._kafka)
+                        replace = self._watch.tick(self._kafka)
                         self.metrics.assignment_repairs = self._watch.repairs
+                        if replace and not self._replace_member(stop):
+                            return
                 except KafkaError as exc:
                     self.metrics.kafka_ready = False
                     self._note_error(f"Kafka poll failed: {exc}; retrying")
@@ -238,6 +240,17 @@ class Consumer:
                 self._guarded(self.flush)
         finally:
             self._close()
+
+    def _replace_member(self, stop: threading.Event) -> bool:
+        """Leave the group and join it again as a new member (the assignment watch asks when rejoining
+        could not end a stall). Only asked while this consumer reads nothing, so it holds no records.
+        False: stopped before Kafka could be reached again."""
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
+        self._kafka.close(autocommit=False)
+        self._kafka = self._connect_kafka(stop)
+        return self._kafka is not None
 
     def _take(self, tp: Any, records: list[Any], now: float) -> None:
         """Convert records as they arrive, so conversion overlaps the writer thread's insert. Records

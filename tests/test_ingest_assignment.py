@@ -69,11 +69,74 @@ def test_diagnose(group_view: GroupView, local: set[int], stalled: str | None) -
         assert reason is not None and stalled in reason
 
 
+# -- what the watch does about a stall: the broker's view given, a stand-in consumer ----------------------
+
+
+class _Clock:
+    now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _StandInConsumer:
+    """What Watch.tick touches: assignment(), and through kafka_seam the cluster's request_update() and
+    the coordinator's request_rejoin(). A stand-in, because the state this reproduces (a member that
+    kafka-python believes joined but the group does not list, seen on CI) cannot be made on purpose
+    with a real client."""
+
+    def __init__(self, topic: str, partitions: set[int]) -> None:
+        from types import SimpleNamespace
+
+        self.topic, self.partitions, self.rejoins = topic, partitions, 0
+        done = SimpleNamespace(is_done=True)
+        self._client = SimpleNamespace(cluster=SimpleNamespace(request_update=lambda: done))
+        self._coordinator = SimpleNamespace(request_rejoin=self._rejoin)
+
+    def _rejoin(self) -> None:
+        self.rejoins += 1
+
+    def assignment(self) -> set[Any]:
+        from kafka import TopicPartition
+
+        return {TopicPartition(self.topic, p) for p in self.partitions}
+
+
+def _watched(consumer: _StandInConsumer) -> tuple[Watch, _Clock, list[str]]:
+    clock, notes = _Clock(), []
+    return Watch("unused:9092", consumer.topic, "g", "me", note=notes.append, clock=clock), clock, notes
+
+
+def test_a_member_the_group_left_out_rejoins_and_then_is_replaced_by_a_new_member() -> None:
+    consumer = _StandInConsumer("t", set())
+    watch, clock, notes = _watched(consumer)
+    left_out = view(6, a={0, 1, 2}, b={3, 4, 5})
+    answers = []
+    for _ in range(60):  # 30 s of ticks every 0.5 s (two repairs COOLDOWN_S apart, then the third)
+        answers.append(watch.tick(consumer))
+        watch.observe(left_out)
+        clock.now += 0.5
+    assert consumer.rejoins == 2 and answers.count(True) == 1  # two rejoins, then a new member
+    assert "is not a member of the group" in notes[0] and "new member" in notes[-1]
+
+
+def test_a_stall_the_consumer_has_left_by_the_time_it_is_judged_is_not_repaired() -> None:
+    consumer = _StandInConsumer("t", set())
+    watch, clock, notes = _watched(consumer)
+    watch.tick(consumer)
+    watch.observe(view(6, a={0, 1, 2}, b={3, 4, 5}))  # seen while this consumer was joining
+    consumer.partitions = {4, 5}  # a rebalance gave it work since; the broker has not been asked again
+    for _ in range(20):
+        clock.now += 0.5
+        assert watch.tick(consumer) is False
+    assert consumer.rejoins == 0 and watch.repairs == 0 and not notes
+
+
 # -- the race, deterministically ------------------------------------------------------------------------
 
 
 class HeldMember:
-    """A real KafkaConsumer in a poll loop (as consumers.consumer.Consumer.run drives it), whose metadata
+    """A real KafkaConsumer in a poll loop (as the consumer's Consumer.run drives it), whose metadata
     responses leave the topic out until HOLD_AFTER_S after its first assignment (the seam, see the module
     doc): the refresh the leader asks for while assigning is answered inside that window."""
 
