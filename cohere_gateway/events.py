@@ -22,6 +22,7 @@ import msgspec
 SCHEMA_MAJOR = 1
 SCHEMA_MINOR = 3
 SCHEMA_VERSION = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
+EVENT_ID_MAX_LENGTH = 128  # the gateway's own ids are 36 characters
 
 # Longest error message kept in an event; Cohere's messages are short, upstream HTML error pages are not.
 MAX_ERROR_MESSAGE = 1024
@@ -84,7 +85,9 @@ class Latency(msgspec.Struct, omit_defaults=True):
 
 class Event(msgspec.Struct, kw_only=True, omit_defaults=False, forbid_unknown_fields=False):
     schema_version: str
-    event_id: str
+    # Bounded: the consumer looks ids up in ClickHouse as HTTP parameters, which a server refuses past
+    # 128 KiB, so an event with a larger id would be retried for ever instead of dead-lettered.
+    event_id: Annotated[str, msgspec.Meta(max_length=EVENT_ID_MAX_LENGTH)]
     start_time: AwareDatetime
     end_time: AwareDatetime
 
