@@ -17,7 +17,7 @@ from cohere_gateway.consumers.backends import Backend
 from cohere_gateway.consumers.rows import Row
 from cohere_gateway.consumers.write_sql import sql
 
-_PLAIN = re.compile(r"^[A-Za-z0-9_.:\-]*$")
+_PLAIN = re.compile(r"[A-Za-z0-9_.:\-]*")
 
 
 # A ClickHouse server refuses an HTTP parameter longer than its http_max_field_value_size (128 KiB by
@@ -33,7 +33,7 @@ def lookup_params(ids: Iterable[str]) -> Iterator[dict[str, str]]:
     hexed: list[str] = []
     size = 0
     for event_id in ids:
-        is_plain = bool(_PLAIN.match(event_id))
+        is_plain = _PLAIN.fullmatch(event_id) is not None
         encoded = event_id if is_plain else event_id.encode().hex()
         if size + len(encoded) + 1 > LOOKUP_PARAM_BYTES and (plain or hexed):
             yield {"plain": ",".join(plain), "hex": ",".join(hexed)}
