@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import zlib
 
-from .routing import RouteError
+from cohere_gateway.addons.routing import RouteError
 
 # Content-Encoding values accepted on request bodies, with zlib's wbits for each; "identity" (or none) is
 # passed through untouched. gzip and deflate are what HTTP clients send and what Cohere decodes.

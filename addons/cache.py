@@ -27,8 +27,13 @@ from typing import Any, Protocol
 
 import orjson
 
-from .gateway_config import CLIENT_KEY_TTL_S, MAX_CACHE_TTL_S, MIN_CACHE_TTL_S, CachePolicy
-from .routing import RouteError
+from cohere_gateway.addons.gateway_config import (
+    CLIENT_KEY_TTL_S,
+    MAX_CACHE_TTL_S,
+    MIN_CACHE_TTL_S,
+    CachePolicy,
+)
+from cohere_gateway.addons.routing import RouteError
 
 log = logging.getLogger("cohere_gateway.cache")
 

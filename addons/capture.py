@@ -11,6 +11,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from cohere_gateway.addons.cache import CacheState
+from cohere_gateway.addons.gateway_config import GatewayPolicy
+from cohere_gateway.addons.headers import RequestOptions
+from cohere_gateway.addons.pricing import PricingTable, compute_cost
+from cohere_gateway.addons.ratelimits import Reservation
+from cohere_gateway.addons.relay import Ticket
+from cohere_gateway.addons.retries import RetryPolicy
+from cohere_gateway.addons.routing import Route
+from cohere_gateway.addons.streaming import StreamWatcher
+from cohere_gateway.addons.usage import Extracted
 from cohere_gateway.events import (
     MAX_ERROR_MESSAGE,
     MAX_EVENT_BYTES,
@@ -22,17 +32,6 @@ from cohere_gateway.events import (
     truncate,
     utc_from_timestamp,
 )
-
-from .cache import CacheState
-from .gateway_config import GatewayPolicy
-from .headers import RequestOptions
-from .pricing import PricingTable, compute_cost
-from .ratelimits import Reservation
-from .relay import Ticket
-from .retries import RetryPolicy
-from .routing import Route
-from .streaming import StreamWatcher
-from .usage import Extracted
 
 MAX_MODEL = 256
 MAX_USER_AGENT = 256

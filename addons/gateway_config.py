@@ -38,16 +38,15 @@ from pathlib import Path
 from typing import Any
 
 from cohere_gateway import gateway_file, settings
+from cohere_gateway.addons import ratelimits, retries
+from cohere_gateway.addons.retries import RetryPolicy
+from cohere_gateway.addons.routing import ID_MAX_LENGTH, RouteError
 from cohere_gateway.events import MAX_METADATA_ENTRIES, api_key_fingerprint
 from cohere_gateway.gateway_file import boolean as _bool
 from cohere_gateway.gateway_file import int_in as _int_in
 from cohere_gateway.gateway_file import one_of as _one_of
 from cohere_gateway.gateway_file import positive as _positive
 from cohere_gateway.gateway_file import rule_key as _rule_key
-
-from . import ratelimits, retries
-from .retries import RetryPolicy
-from .routing import ID_MAX_LENGTH, RouteError
 
 log = logging.getLogger("cohere_gateway.config")
 

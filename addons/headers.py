@@ -19,9 +19,8 @@ from itertools import chain
 
 import orjson
 
+from cohere_gateway.addons.routing import RouteError, check_id
 from cohere_gateway.events import MAX_METADATA_ENTRIES, api_key_fingerprint
-
-from .routing import RouteError, check_id
 
 CF_PREFIX = "cf-aig-"
 MAX_METADATA_KEY = 64

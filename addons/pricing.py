@@ -15,9 +15,8 @@ from pathlib import Path
 
 import orjson
 
+from cohere_gateway.addons.headers import CustomCost
 from cohere_gateway.events import Usage
-
-from .headers import CustomCost
 
 DEFAULT_PRICING = Path(__file__).with_name("pricing.json")
 

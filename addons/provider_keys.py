@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from mitmproxy import http
 
-from .gateway_config import GatewayPolicy
-from .routing import RouteError
+from cohere_gateway.addons.gateway_config import GatewayPolicy
+from cohere_gateway.addons.routing import RouteError
 
 CLIENT_CREDENTIALS = ("authorization", "x-api-key")
 

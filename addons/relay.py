@@ -33,9 +33,9 @@ import h11
 import httpx
 import orjson
 
-from .retries import RetryPolicy, next_delay_s, retry_after_s, retryable
-from .routing import Upstream
-from .streaming import is_stream_response
+from cohere_gateway.addons.retries import RetryPolicy, next_delay_s, retry_after_s, retryable
+from cohere_gateway.addons.routing import Upstream
+from cohere_gateway.addons.streaming import is_stream_response
 
 log = logging.getLogger("cohere_gateway.relay")
 

@@ -13,7 +13,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .routing import RouteError
+from cohere_gateway.addons.routing import RouteError
 
 MAX_ATTEMPTS = 5
 MAX_RETRY_DELAY_MS = 5000

@@ -14,7 +14,14 @@ from collections.abc import Callable
 
 import orjson
 
-from .usage import Extracted, _dict, _str, extract_json, usage_from_cohere, usage_from_compat
+from cohere_gateway.addons.usage import (
+    Extracted,
+    _dict,
+    _str,
+    extract_json,
+    usage_from_cohere,
+    usage_from_compat,
+)
 
 MAX_PENDING_LINE = 4 * 1024 * 1024  # a line longer than this is not a well-formed event; stop buffering it
 

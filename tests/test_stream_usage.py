@@ -1,5 +1,5 @@
 """The compat stream a client gets when the gateway asked upstream for usage on its behalf: exactly the
-stream it asked for, however upstream cut it into chunks. Pure (addons.streaming)."""
+stream it asked for, however upstream cut it into chunks. Pure (cohere_gateway.addons.streaming)."""
 
 from __future__ import annotations
 
