@@ -41,14 +41,14 @@ def test_a_stock_mitmdump_runs_the_gateway_from_its_script(
     with log.open("wb") as out:
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
     try:
-        deadline = time.monotonic() + 30
-        while proc.poll() is None and time.monotonic() < deadline:
-            with contextlib.suppress(OSError):
-                if b'"ok"' in urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2).read():
-                    break
+        deadline, healthy = time.monotonic() + 30, False
+        while not healthy and proc.poll() is None and time.monotonic() < deadline:
+            url = f"http://127.0.0.1:{port}/healthz"
+            with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as answer:
+                healthy = b'"ok"' in answer.read()
             time.sleep(0.05)
         text = log.read_text()
-        assert proc.poll() is None and "error in script" not in text, text
+        assert healthy and "error in script" not in text, text
 
         client = cohere.ClientV2(api_key="sk-stock", base_url=f"http://127.0.0.1:{port}/v1/acct/stock/cohere")
         reply = client.chat(model="command-a-03-2025", messages=[{"role": "user", "content": "hi"}])
