@@ -58,18 +58,22 @@ func events(body []byte) [][]byte {
 	return out
 }
 
+func readOrExit(path string) []byte {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	return data
+}
+
 func serve(args []string) {
 	fs := flag.NewFlagSet("serve", flag.ExitOnError)
 	addr := fs.String("addr", "127.0.0.1:0", "listen address")
 	bodyPath := fs.String("body", "", "the SSE stream to replay")
 	delayMs := fs.Float64("chunk-delay-ms", 50, "pause between events")
 	_ = fs.Parse(args)
-	body, err := os.ReadFile(*bodyPath)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	parts := events(body)
+	parts := events(readOrExit(*bodyPath))
 	delay := time.Duration(*delayMs * float64(time.Millisecond))
 	handler := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		_, _ = io.Copy(io.Discard, r.Body)
@@ -117,11 +121,7 @@ func load(args []string) {
 	var hs headers
 	fs.Var(&hs, "header", "'Name: value', repeatable")
 	_ = fs.Parse(args)
-	body, err := os.ReadFile(*bodyPath)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
+	body := readOrExit(*bodyPath)
 	// Each stream on a new connection, as serverless clients make them.
 	client := &http.Client{
 		Timeout:   *timeout,
