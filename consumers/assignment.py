@@ -129,8 +129,8 @@ class Watch:
         """Judge the latest group view against what `consumer` reads now, and repair a stall that
         outlived GRACE_S. True: the consume loop should replace its consumer with a new member, because
         rejoining twice left this one reading nothing while another member reads several partitions (a
-        member kafka-python no longer counts as out of the group never sends the JoinGroup a rejoin
-        asks for)."""
+        member that kafka-python believes joined but the group does not list never sends the JoinGroup
+        a rejoin asks for)."""
         local = frozenset(tp.partition for tp in consumer.assignment() if tp.topic == self.topic)
         now = self.clock()
         with self._lock:
