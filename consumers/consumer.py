@@ -207,8 +207,11 @@ class Consumer:
                     if self._watch is not None:
                         replace = self._watch.tick(self._kafka)
                         self.metrics.assignment_repairs = self._watch.repairs
-                        if replace and not self._replace_member(stop):
-                            return
+                        if replace:
+                            if self._inflight is not None:  # committed by the consumer that read it
+                                self._guarded(self._finish_flush)
+                            if not self._replace_member(stop):
+                                return
                 except KafkaError as exc:
                     self.metrics.kafka_ready = False
                     self._note_error(f"Kafka poll failed: {exc}; retrying")
@@ -248,7 +251,10 @@ class Consumer:
         if self._watch is not None:
             self._watch.stop()
             self._watch = None
-        self._kafka.close(autocommit=False)
+        try:
+            self._kafka.close(autocommit=False)
+        except Exception as exc:  # one stuck outside its group may not close cleanly: replace it anyway
+            log.warning("closing the stalled Kafka consumer: %s", exc)
         self._kafka = self._connect_kafka(stop)
         return self._kafka is not None
 
