@@ -171,6 +171,8 @@ def proxy(worker: bool, **kwargs: object) -> None:
     cfg: s.ProxySettings = s.from_kwargs(s.ProxySettings, kwargs)
     if cfg.workers < 1:
         raise click.BadParameter("must be 1 or more", param_hint="--workers")
+    if cfg.listen_backlog < 1:
+        raise click.BadParameter("must be 1 or more", param_hint="--listen-backlog")
     listen_modes(cfg)  # a bad --upstream fails here, before anything starts
     if cfg.workers > 1 and not worker:
         click.echo(

@@ -77,3 +77,13 @@ def test_the_delivery_config_defaults_are_the_proxy_settings() -> None:
     assert DeliveryConfig.from_options(
         settings.ProxySettings(spool_dir="/s"), Path("/data")
     ).spool_dir == Path("/s")
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--workers", "0"), ("--listen-backlog", "0")])
+def test_a_process_count_or_backlog_below_one_is_refused_by_name(flag: str, value: str) -> None:
+    from click.testing import CliRunner
+
+    from cohere_gateway.cli import main
+
+    done = CliRunner().invoke(main, ["proxy", flag, value])
+    assert done.exit_code == 2 and flag in done.output and "must be 1 or more" in done.output
