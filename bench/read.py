@@ -303,7 +303,8 @@ def bench(events: int, repeat: int, backend: Backend | None = None) -> Outcome:
                 for t in ("events", "events_by_minute", "events_by_hour", "events_by_day")
                 if backend.query("EXISTS TABLE " + t)[0]["result"]
             }
-            label = f"{events:,} events ({backend.description.split(':')[0]})"
+            engine = "chdb" if isinstance(backend, ChdbBackend) else "ClickHouse server"
+            label = f"{events:,} events ({engine})"
             tables, met = measure(backend, events, repeat, label)
         finally:
             if own:
@@ -319,6 +320,29 @@ def bench(events: int, repeat: int, backend: Backend | None = None) -> Outcome:
     return Outcome(tables, notes, met)
 
 
+def bench_on_a_server(events: int, repeat: int) -> Outcome:
+    """The same on a local ClickHouse server (clickhouse-connect over HTTP), a fresh database: what a
+    deployment with `--clickhouse URL` reads through."""
+    from cohere_gateway import localclickhouse
+    from cohere_gateway.consumers.backends import ServerBackend, parse_clickhouse_url
+    from tests.fixtures.clickhouse import LocalServer, server_database
+    from tests.fixtures.kafka import free_port_pair
+
+    with tempfile.TemporaryDirectory(prefix="bench-read-server-") as tmp:
+        port = free_port_pair()
+        local = LocalServer(Path(tmp), port, port + 1)
+        local.start()
+        try:
+            with server_database(local.url()) as url:
+                backend = ServerBackend(parse_clickhouse_url(url))
+                try:
+                    return bench(events, repeat, backend)
+                finally:
+                    backend.close()
+        finally:
+            localclickhouse.stop(Path(tmp))
+
+
 def run(quick: bool) -> Outcome:
     return bench(20_000 if quick else 1_000_000, 1 if quick else 5)
 
@@ -327,11 +351,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.read", description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument(
+        "--backend",
+        choices=("chdb", "server"),
+        default="chdb",
+        help="embedded chdb (default) or a local ClickHouse server started for the run",
+    )
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args(argv)
     machine = report.machine()
     started = time.monotonic()
-    outcome = bench(args.events, args.repeat)
+    runner = bench_on_a_server if args.backend == "server" else bench
+    outcome = runner(args.events, args.repeat)
     for table in outcome.tables:
         print(table.text())
     if not args.no_record:

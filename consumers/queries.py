@@ -217,8 +217,20 @@ def timeseries(backend: Backend, window: Window, by: str = "none", step_s: int =
     return rows
 
 
+def _per_minute_or_rollup(name: str, window: Window, params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A per-minute query, or with a whole hour in the window its rollup (whole hours from the hourly
+    table, the ragged minutes at both ends per minute; `Levels`)."""
+    levels = Levels.of(window)
+    if not levels.whole_hours:
+        return sql(name), window.params() | params
+    return sql(f"{name}_rollup"), window.params() | params | levels.params("none")
+
+
 def errors(backend: Backend, window: Window) -> list[dict[str, Any]]:
-    rows = [_ints(row, "errors", "requests") for row in backend.query(sql("errors"), window.params())]
+    rows = [
+        _ints(row, "errors", "requests")
+        for row in backend.query(*_per_minute_or_rollup("errors", window, {}))
+    ]
     for row in rows:
         row["rate"] = row["errors"] / row.pop("requests") if row["requests"] else 0.0
     return rows
@@ -254,7 +266,7 @@ def cache(backend: Backend, window: Window, by: str = "model") -> list[dict[str,
     unknown are counted apart, never as $0)."""
     if by not in CACHE_GROUP_FIELDS:
         raise QueryError(f"cache savings group by one of {', '.join(CACHE_GROUP_FIELDS)}, not {by!r}")
-    rows = backend.query(sql("cache"), window.params() | {"by": by})
+    rows = backend.query(*_per_minute_or_rollup("cache", window, {"by": by}))
     for row in rows:
         _ints(row, "lookups", "hits", "saved_input_tokens", "saved_output_tokens", "saved_cost_unknown")
         row["hit_rate"] = row["hits"] / row["lookups"] if row["lookups"] else 0.0
