@@ -82,3 +82,22 @@ def test_dashboard_shows_cache_hit_rate_and_savings(clickhouse_backend: Backend,
         assert row == ["command-r", "4", "3", "75.0%", "300", "150", "$0.750000", "0"]
     finally:
         api.stop()
+
+
+def test_one_dashboard_refresh_asks_each_question_once(clickhouse_backend: Backend, browser: Browser) -> None:
+    """The breakdown by model and the model filter's options are the same totals: one request, shared.
+    At 50M events a totals query over 30 days is among the page's costliest (bench/read.py)."""
+    insert_events(clickhouse_backend, cache_events(), "d-once")
+    api = ReadApi(clickhouse_backend, Metrics(), "127.0.0.1", 0)
+    api.start()
+    try:
+        browser.goto(api.url + "/")
+        browser.wait_for("document.body.dataset.loaded === 'true'", what="the dashboard's first load")
+        asked = browser.js(
+            "performance.getEntriesByType('resource').map(e => new URL(e.name))"
+            ".filter(u => u.pathname.startsWith('/api/')).map(u => u.pathname + u.search)"
+        )
+        assert asked.count("/api/totals?since=1h&by=model") == 1, asked
+        assert len(asked) == len(set(asked)), asked
+    finally:
+        api.stop()

@@ -38,10 +38,21 @@ function scope() {
   return p;
 }
 
+// One refresh asks each distinct question once (the breakdown by model and the model filter's options
+// are the same totals): requests of a refresh share their answers.
+let refreshAnswers = null;
+
 async function api(name, extra = {}) {
   const p = scope();
   for (const [k, v] of Object.entries(extra)) if (v !== "" && v != null) p.set(k, v);
-  const resp = await fetch(`/api/${name}?${p}`);
+  const url = `/api/${name}?${p}`;
+  if (!refreshAnswers) return getJson(name, url);
+  if (!refreshAnswers.has(url)) refreshAnswers.set(url, getJson(name, url));
+  return refreshAnswers.get(url);
+}
+
+async function getJson(name, url) {
+  const resp = await fetch(url);
   const body = await resp.json();
   if (!resp.ok) throw new Error(body.error || `${name}: HTTP ${resp.status}`);
   return body;
@@ -323,6 +334,8 @@ async function refreshOptions() {
 
 async function refresh() {
   const status = $("#status");
+  const answers = new Map();
+  refreshAnswers = answers;
   try {
     const step = STEP_FOR_RANGE[$("#range").value] || 60;
     const [summary, series] = await Promise.all([
@@ -336,6 +349,8 @@ async function refresh() {
     document.body.dataset.loaded = "true";
   } catch (err) {
     status.textContent = `error: ${err.message}`;
+  } finally {
+    if (refreshAnswers === answers) refreshAnswers = null;
   }
 }
 
