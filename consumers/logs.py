@@ -21,6 +21,7 @@ from cohere_gateway.consumers.queries import (
     QueryError,
     event,
     format_time,
+    newest,
     parse_duration,
     sql,
 )
@@ -153,7 +154,20 @@ def _page(
     page = params | {"limit": limit, "after_time": "", "after_id": ""}
     if after:
         page |= {"until": after["until"], "after_time": after["t"], "after_id": after["id"]}
-    return backend.query(_sql("logs_list"), page)
+    # Newest first without reading the whole window (queries.newest): probes end where the page starts.
+    since, upper = _stored_time(page["since"]), _stored_time(after["t"] if after else page["until"])
+    if since is None or upper is None:
+        return backend.query(_sql("logs_list"), page)
+    return newest(lambda p: backend.query(_sql("logs_list"), page | p), since, upper, limit)
+
+
+def _stored_time(text: str) -> datetime | None:
+    """A time as the queries format it and ClickHouse returns it ('2026-12-07 09:00:00.123', UTC)."""
+    try:
+        ts = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
 
 
 def list_events(backend: Backend, args: dict[str, str]) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cache
@@ -305,13 +306,23 @@ LATEST_PROBES = (timedelta(minutes=5), timedelta(hours=1), timedelta(days=1))
 
 def latest(backend: Backend, name: str, window: Window, params: dict[str, Any]) -> list[dict[str, Any]]:
     """Query `name` (ordered by start_time DESC, LIMIT {limit}) over ever wider tails of the window."""
+    limit = int(params["limit"])
+    return newest(lambda p: backend.query(sql(name), params | p), window.since, window.until, limit)
+
+
+def newest(
+    query: Callable[[dict[str, str]], list[dict[str, Any]]], since: datetime, upper: datetime, limit: int
+) -> list[dict[str, Any]]:
+    """The newest `limit` rows at or before `upper`: `query` asked with a later `since` first (the last 5
+    minutes, hour, day before `upper`), the whole window ({}) only when those held fewer than `limit`.
+    Exact: every row a probe leaves out is older than every row it holds."""
     for span in LATEST_PROBES:
-        if window.until - span <= window.since:
+        if upper - span <= since:
             break
-        rows = backend.query(sql(name), params | {"since": format_time(window.until - span)})
-        if len(rows) >= int(params["limit"]):
+        rows = query({"since": format_time(upper - span)})
+        if len(rows) >= limit:
             return rows
-    return backend.query(sql(name), params)
+    return query({})
 
 
 def event(backend: Backend, window: Window, event_id: str = "") -> dict[str, Any]:

@@ -96,6 +96,45 @@ def test_cursor_pages_list_every_event_once_while_events_arrive(loaded: Any) -> 
     assert len(fresh["events"]) == 150 + arrived and fresh["next_cursor"] is None
 
 
+def test_pages_read_from_the_newest_hours_first_and_list_exactly_what_a_full_scan_lists(
+    clickhouse_backend: Backend,
+) -> None:
+    """A page reads the last 5 minutes, hour, day before where it starts, and the window only when those
+    hold too few (consumers.queries.newest); pages that begin inside one probe and end in the next, or
+    past all of them, still list every event once, newest first."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    offsets = [*range(10, 200, 9), *range(400, 3400, 97), *range(4000, 200_000, 4001)]  # s before now
+    events = [make_event(i, now - timedelta(seconds=s + i * 7)) for i, s in enumerate(offsets)]
+    insert_events(clickhouse_backend, events, "logs-probes")
+    asked: list[str] = []
+    real_query = clickhouse_backend.query
+
+    def spy(sql: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        if params and "after_id" in params:
+            asked.append(params["since"])
+        return real_query(sql, params)
+
+    clickhouse_backend.query = spy  # type: ignore[method-assign]
+    api = serve(clickhouse_backend)
+    try:
+        client = Client(api)
+        for query in ("since=3d&limit=7", "since=3d&limit=30&model=command-r-plus", "since=3d&limit=1000"):
+            seen: list[str] = []
+            page = client.get(f"/api/logs?{query}")
+            while True:
+                seen += [row["event_id"] for row in page["events"]]
+                if not page["next_cursor"]:
+                    break
+                page = client.get(f"/api/logs?{query}&cursor={page['next_cursor']}")
+            keep = [e for e in events if "model=" not in query or e.model == "command-r-plus"]
+            assert seen == newest_first(keep), query
+    finally:
+        api.stop()
+    # Most pages were answered by a probe: fewer queries over the whole window than pages.
+    whole = [s for s in asked if s == min(asked)]
+    assert len(asked) > len(whole) > 0
+
+
 @pytest.mark.parametrize(
     ("query", "keep"),
     [
