@@ -28,7 +28,7 @@ from typing import Any
 
 from bench import report
 from bench.report import Outcome, Table, budget_table, verdict
-from cohere_gateway.consumers import queries, schema
+from cohere_gateway.consumers import logs, queries, schema
 from cohere_gateway.consumers.backends import Backend, ChdbBackend
 
 BASELINE = Path(__file__).with_name("read_baseline")
@@ -225,6 +225,11 @@ def baseline_run(backend: Backend, name: str, args: dict[str, str]) -> Any:
     p = window.params()
     if name == "feedback":  # new with this issue: no query before it
         return queries.run(backend, name, args)
+    if name == "logs":  # before: one query over the whole window
+        params = logs.filter_params({k: v for k, v in args.items() if k != "limit"})
+        return backend.query(
+            logs._sql("logs_list"), params | {"limit": 100, "after_time": "", "after_id": ""}
+        )
     if name == "summary":
         baseline_run(backend, "totals", args | {"by": "none"})
         baseline_run(backend, "cache", args | {"by": "none"})
@@ -235,6 +240,11 @@ def baseline_run(backend: Backend, name: str, args: dict[str, str]) -> Any:
     extra = {k: v for k, v in args.items() if k not in ("since", "account_id", "gateway_id")}
     defaults = {"by": "model", "limit": 10, "step_s": 60} if name != "recent" else {"limit": 50}
     return backend.query(baseline_sql(name), defaults | p | extra)
+
+
+def api_query(backend: Backend, name: str, args: dict[str, str]) -> Any:
+    """What the read API runs for /api/<name> (the logs API's list for "logs")."""
+    return logs.list_events(backend, args) if name == "logs" else queries.run(backend, name, args)
 
 
 def timed(fn: Callable[[], Any], repeat: int) -> float:
@@ -263,6 +273,8 @@ def cases() -> list[tuple[str, str, dict[str, str]]]:
         ("top_api_keys", "top_api_keys", {"limit": "20"}),
         ("top_metadata key=user", "top_metadata", {"key": "user"}),
         ("recent (latest 100)", "recent", {"limit": "100"}),
+        ("logs API page (100 newest)", "logs", {"limit": "100"}),
+        ("logs API page, model filter", "logs", {"limit": "100", "model": "command-r7b-12-2024"}),
         (
             "recent model+metadata filter",
             "recent",
@@ -295,7 +307,7 @@ def measure(backend: Backend, events: int, repeat: int, label: str) -> tuple[lis
                 args = {"since": since, **scope, **extra}
                 if name == "timeseries":
                     args["step_s"] = str(STEP_FOR_RANGE[since])
-                new = timed(lambda n=name, a=args: queries.run(backend, n, a), repeat)
+                new = timed(lambda n=name, a=args: api_query(backend, n, a), repeat)
                 old = timed(lambda n=name, a=args: baseline_run(backend, n, a), repeat)
                 worst = max(worst, new)
                 cells.append(f"{fmt(new)} / {fmt(old)}")
