@@ -208,9 +208,11 @@ class Relay:
         # While upstream is waited for, a client that leaves (mitmproxy closes this connection) must stop
         # the attempts and the stream, not leave them running to the end.
         gone = asyncio.ensure_future(reader.read(READ_CHUNK))
+        seen = False  # whether what `gone` read was handed to h11
         try:
             done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
             if gone in done:
+                seen = True
                 data = gone.result()
                 if not data:
                     work.cancel()
@@ -220,9 +222,15 @@ class Relay:
                 conn.receive_data(data)  # mitmproxy does not pipeline; kept for h11 all the same
             return await work
         finally:
-            gone.cancel()
             if not work.done():
                 work.cancel()
+            if not gone.done():
+                gone.cancel()
+                # A StreamReader takes one reader at a time: the cancelled read must be over before this
+                # kept-alive connection's next request is read, or that read raises.
+                await asyncio.wait({gone})
+            elif not seen and not gone.cancelled() and gone.exception() is None:
+                conn.receive_data(gone.result())  # came in while the answer went out (b"": EOF)
 
     async def _attempts(
         self,
@@ -301,21 +309,25 @@ class Relay:
         elif (length := resp.headers.get("content-length")) is not None:
             headers.append((b"content-length", length.encode("latin-1")))
         reason = resp.reason_phrase.encode("latin-1", "replace")
-        writer.write(conn.send(h11.Response(status_code=resp.status_code, headers=headers, reason=reason)))
-        await writer.drain()
+        head = conn.send(h11.Response(status_code=resp.status_code, headers=headers, reason=reason))
         if content is not None:
-            if content:
-                writer.write(conn.send(h11.Data(data=content)))
-        else:
-            try:
-                async for chunk in resp.aiter_raw():
-                    writer.write(conn.send(h11.Data(data=chunk)))
-                    await writer.drain()
-            except httpx.HTTPError:
-                # The upstream cut the stream: cut it for mitmproxy too (no final chunk), so the client and
-                # the event see the same as without the relay.
-                writer.transport.abort()
-                return False
+            # One write for a whole answer: each is a system call, and on loopback one that also runs the
+            # receiving side's TCP processing (a third of the relay's CPU when written in three).
+            body = conn.send(h11.Data(data=content)) if content else b""
+            writer.write(b"".join((head, body, conn.send(h11.EndOfMessage()))))
+            await writer.drain()
+            return True
+        writer.write(head)
+        await writer.drain()
+        try:
+            async for chunk in resp.aiter_raw():
+                writer.write(conn.send(h11.Data(data=chunk)))
+                await writer.drain()
+        except httpx.HTTPError:
+            # The upstream cut the stream: cut it for mitmproxy too (no final chunk), so the client and
+            # the event see the same as without the relay.
+            writer.transport.abort()
+            return False
         writer.write(conn.send(h11.EndOfMessage()))
         await writer.drain()
         return True
