@@ -606,15 +606,17 @@ class Gateway:
     def _pooled(self, flow: http.HTTPFlow) -> bool:
         """Whether the pool (the relay's shared connections) serves this request (`upstream_pool`)."""
         mode = self.hot.upstream_pool
-        if mode == "off":
-            return False
         client = flow.client_conn.id
-        first = client not in self._forwarded_on
-        if client in self._counted:  # an open connection (a test context may have none)
-            self._forwarded_on.add(client)
+        if mode == "off" or client not in self._counted:  # (a flow of no announced connection: a test's)
+            return False
+        if mode == "always":
+            return True
         # A client that sends a second request on its connection keeps it: one handshake on mitmproxy's
         # own upstream connection then serves the rest without the loopback hop.
-        return mode == "always" or first
+        if client in self._forwarded_on:
+            return False
+        self._forwarded_on.add(client)
+        return True
 
     async def _admit(
         self, flow: http.HTTPFlow, exchange: Exchange, content: bytes, body: dict | None

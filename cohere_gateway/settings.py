@@ -190,7 +190,7 @@ class ProxySettings:
     )
     upstream: str = setting(DEFAULT_UPSTREAM, "Cohere API base URL requests are forwarded to.")
     upstream_pool: str = setting(
-        "off",
+        "new-connections",
         "Upstream calls made over the gateway's pool of warm keep-alive connections to the upstream "
         "(shared by all clients) instead of one upstream connection per client connection: "
         "new-connections: the first request of each client connection, so a client that opens a "
