@@ -278,8 +278,9 @@ class Gateway:
             "rawtcp": False,
             "websocket": False,
             "http3": False,
-            # the relay's pool and mitmproxy's own upstream connections trust the same CAs
-            "ssl_verify_upstream_trusted_ca": opts.upstream_ca or None,
+            # the relay's pool and mitmproxy's own upstream connections trust the same CAs (unset, a
+            # stock mitmdump's own ssl_verify_upstream_trusted_ca is left as its user set it)
+            **({"ssl_verify_upstream_trusted_ca": opts.upstream_ca} if opts.upstream_ca else {}),
         }
 
     def _configure_policy(self, opts, reload_file: bool) -> None:

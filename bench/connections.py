@@ -167,9 +167,9 @@ def run(quick: bool) -> Outcome:
             fr = stack.enter_context(front(binary, emulator.url, sizes.rtt_ms, tmp))
             tgts = {"direct": targets.Target("direct", fr.url, "", None)}
             for mode in POOL_MODES:
-                name = f"gateway, pool {mode}" + (" (default)" if mode == default else "")
                 ca = str(fr.ca_file)
-                gw = targets.gateway(name, fr.url, "", "unused", upstream_pool=mode, upstream_ca=ca)
+                gw = targets.gateway(f"gateway, pool {mode}", fr.url, "", "unused", upstream_pool=mode,
+                                     upstream_ca=ca)  # fmt: skip
                 tgts[mode] = stack.enter_context(gw)
             for _ in range(sizes.rounds):  # rounds interleave the targets: drift hits them alike
                 for client in CLIENTS:
@@ -198,6 +198,7 @@ def run(quick: bool) -> Outcome:
                 f"{r.counted.get('mitmproxy', 0)} / {r.counted.get('pool', 0)}" if gateway else "—",
                 f"{1e6 * r.cpu_s / r.requests:.0f}" if gateway and r.requests else "—",
             )
+    table.notes.append(f"--upstream-pool's default: {default}")
     table.notes.append(
         "p50 is the median of the rounds' p50s, p99 the largest of their p99s; handshakes are the front's "
         "completed TLS handshakes over the timed requests (the direct client's own, for 'direct')"
