@@ -44,7 +44,9 @@ POOL_MODES = ("off", "new-connections", "always")
 CLIENTS = ("new connection per request", "kept-alive connections")
 # The goal for a request on a new client connection: no handshake. Judged on the default policy.
 HANDSHAKES_PER_1000_LIMIT = 10.0
-NEW_VS_KEPT_SLACK_RTT = 0.25  # a new client connection's p50 within this share of an RTT of a kept one's
+# A new client connection's p50 within half an RTT of a kept one's: an upstream handshake would add 2 RTT
+# (TCP and TLS), what is left is the gateway's own work on a new client connection.
+NEW_VS_KEPT_SLACK_RTT = 0.5
 
 
 @dataclass(frozen=True)
@@ -229,7 +231,7 @@ def _budgets(runs: dict[tuple[str, str], Run], sizes: Sizes, default: str) -> tu
          f"{rate:.1f}", "—", f"≤ {HANDSHAKES_PER_1000_LIMIT:g}", rate <= HANDSHAKES_PER_1000_LIMIT),
         ("p50 of a request on a new client connection, default",
          f"{fresh.p50:.1f} ms", f"kept-alive client, pool off: {off_kept.p50:.1f} ms",
-         f"≤ baseline + {slack:g} ms (RTT/4)", fresh.p50 <= off_kept.p50 + slack),
+         f"≤ baseline + {slack:g} ms (RTT/2)", fresh.p50 <= off_kept.p50 + slack),
         ("failures, default", str(fresh.failures + kept.failures), "—", "0",
          fresh.failures + kept.failures == 0),
     ]  # fmt: skip
