@@ -93,7 +93,8 @@ async def _serve(cfg: s.ProxySettings, metrics_dir: Path | None = None) -> None:
     logging.getLogger().setLevel(cfg.log_level.upper())
     # Per-connection chatter ("client connect", "server disconnect") costs CPU on every request and
     # says nothing the events do not; it stays available with --log-level debug.
-    quiet = ["asyncio", "hpack", "quic"] + (["mitmproxy.proxy"] if cfg.log_level != "debug" else [])
+    # So are httpx's lines for each upstream call of the relay (addons/relay.py).
+    quiet = ["asyncio", "hpack", "quic"] + (["mitmproxy.proxy", "httpx"] if cfg.log_level != "debug" else [])
     for name in quiet:
         logging.getLogger(name).setLevel(logging.WARNING)
     proxy_master = lean_master(

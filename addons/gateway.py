@@ -26,6 +26,7 @@ from typing import Any
 import orjson
 from mitmproxy import ctx, http
 from mitmproxy.proxy.mode_specs import RegularMode, ReverseMode
+from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
 from cohere_gateway import settings
 from cohere_gateway.addons import cache as rcache
@@ -161,6 +162,7 @@ class HotOptions:
     max_custom_cost: float
     default_account_id: str
     default_gateway_id: str
+    upstream_pool: str
 
     @classmethod
     def of(cls, opts: Any) -> HotOptions:
@@ -178,10 +180,13 @@ class Gateway:
         self.started = time.time()
         self.in_flight = 0  # exchanges started and not finished: shutdown waits for them
         self._counted: set[str] = set()  # ids of the client connections open now (max_connections)
+        # ids of the open client connections that have sent a request upstream (upstream_pool)
+        self._forwarded_on: set[str] = set()
         self.config = gwconfig.ConfigWatcher(None, gwconfig.GatewayPolicy(), self.metrics.config)
         self.cache = rcache.ResponseCache(None, self.metrics.cache)
         self._watching: asyncio.Task[None] | None = None
-        self.relay = Relay()  # makes the upstream call for requests with a timeout or retries
+        # makes the upstream call for requests with a timeout or retries, and those the pool serves
+        self.relay = Relay(on_connect=self._pool_connected)
         self.limiter = ratelimits.RateLimiter()
         self._settling: set[asyncio.Task[None]] = set()
         self.hot = HotOptions.of(settings.ProxySettings())  # until the first configure()
@@ -226,6 +231,22 @@ class Gateway:
                 from mitmproxy import exceptions
 
                 raise exceptions.OptionsError(str(exc)) from None
+        if "upstream_pool" in updated and opts.upstream_pool not in settings.UPSTREAM_POOL_MODES:
+            from mitmproxy import exceptions
+
+            raise exceptions.OptionsError(
+                f"upstream_pool must be one of {', '.join(settings.UPSTREAM_POOL_MODES)}, "
+                f"not {opts.upstream_pool!r}"
+            )
+        if "upstream_ca" in updated:
+            try:
+                self.relay.configure(opts.upstream_ca)
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                from mitmproxy import exceptions
+
+                raise exceptions.OptionsError(
+                    f"upstream_ca: cannot load {opts.upstream_ca!r}: {exc}"
+                ) from None
         if "max_custom_cost" in updated and not (
             math.isfinite(opts.max_custom_cost) and opts.max_custom_cost >= 0
         ):
@@ -257,6 +278,9 @@ class Gateway:
             "rawtcp": False,
             "websocket": False,
             "http3": False,
+            # the relay's pool and mitmproxy's own upstream connections trust the same CAs (unset, a
+            # stock mitmdump's own ssl_verify_upstream_trusted_ca is left as its user set it)
+            **({"ssl_verify_upstream_trusted_ca": opts.upstream_ca} if opts.upstream_ca else {}),
         }
 
     def _configure_policy(self, opts, reload_file: bool) -> None:
@@ -331,6 +355,15 @@ class Gateway:
 
     def client_disconnected(self, client: Any) -> None:
         self._counted.discard(client.id)
+        self._forwarded_on.discard(client.id)
+
+    def server_connected(self, data: ServerConnectionHookData) -> None:
+        # mitmproxy's own connections to the relay are loopback hops, not upstream handshakes.
+        if data.server.address != ("127.0.0.1", self.relay.port):
+            self.metrics.upstream_connections["mitmproxy"] += 1
+
+    def _pool_connected(self) -> None:
+        self.metrics.upstream_connections["pool"] += 1
 
     @property
     def connections(self) -> int:
@@ -564,12 +597,27 @@ class Gateway:
     def _forward(self, flow: http.HTTPFlow, exchange: Exchange) -> Awaitable[None] | None:
         self.metrics.requests[exchange.route.mode] += 1
         exchange.forwarded_at = time.time()
-        if not exchange.retry.active:
+        if not (self._pooled(flow) or exchange.retry.active):
             return None
         if not self.relay.port:
             return self._via_relay_started(flow, exchange)
         self._via_relay(flow, exchange)
         return None
+
+    def _pooled(self, flow: http.HTTPFlow) -> bool:
+        """Whether the pool (the relay's shared connections) serves this request (`upstream_pool`)."""
+        mode = self.hot.upstream_pool
+        client = flow.client_conn.id
+        if mode == "off" or client not in self._counted:  # (a flow of no announced connection: a test's)
+            return False
+        if mode == "always":
+            return True
+        # A client that sends a second request on its connection keeps it: one handshake on mitmproxy's
+        # own upstream connection then serves the rest without the loopback hop.
+        if client in self._forwarded_on:
+            return False
+        self._forwarded_on.add(client)
+        return True
 
     async def _admit(
         self, flow: http.HTTPFlow, exchange: Exchange, content: bytes, body: dict | None

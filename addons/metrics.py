@@ -31,6 +31,8 @@ ROUTE_MODES = ("gateway", "compat", "transparent")
 # The response cache's counters (addons/cache.py), always rendered so a dashboard sees zeros.
 CACHE_COUNTERS = ("hit", "miss", "expired", "bypass", "coalesced", "stored", "store_errors")
 CONFIG_RESULTS = ("reloaded", "refused")
+# Who opened an upstream connection: mitmproxy (one per client connection) or the relay's pool (shared).
+UPSTREAM_PATHS = ("mitmproxy", "pool")
 
 # A `_created` sample per series doubles the text and no dashboard reads it.
 prometheus_client.disable_created_metrics()
@@ -121,6 +123,16 @@ class Metrics:
                 "result",
             ),
             CONFIG_RESULTS,
+        )
+        self.upstream_connections = LabelledCounts(
+            counter(
+                "cohere_gateway_upstream_connections",
+                "New connections opened to the upstream (each a TCP handshake, and a TLS one for https), "
+                "by path: mitmproxy's own (one per client connection) or the shared pool "
+                "(upstream_pool; the relay of requests with a timeout or retries).",
+                "path",
+            ),
+            UPSTREAM_PATHS,
         )
         self._publisher: dict[str, prometheus_client.Counter | Gauge] = {}
         self._published: dict[str, int] = {}

@@ -1,11 +1,20 @@
-"""The upstream call made by the gateway itself, for requests with a timeout or retries.
+"""The upstream call made by the gateway itself, for requests with a timeout or retries, and for those
+the upstream pool serves (`upstream_pool`).
 
 mitmproxy has no per-request read timeout and no way to send a request twice, and a response an addon
-sets is sent whole (it cannot stream). So a request whose policy needs either is sent by mitmproxy to
-this relay, a plain HTTP/1.1 server on a loopback port of the same process and event loop, which makes
-the attempts with httpx and answers mitmproxy like an upstream would: a stream is passed on chunk by
-chunk as it arrives, so everything mitmproxy and the gateway's hooks do with a response (streaming tap,
-usage, cache, events) stays as it is. Requests without a timeout or retries never come here.
+sets is sent whole (it cannot stream). mitmproxy also ties each upstream connection to one client
+connection, so a client that opens a connection per request makes it open a new TCP+TLS connection to the
+upstream per request. So such a request is sent by mitmproxy to this relay, a plain HTTP/1.1 server on a
+loopback port of the same process and event loop, which makes the attempts with one httpx client shared
+by every client connection (its pool keeps warm keep-alive connections to the upstream) and answers
+mitmproxy like an upstream would: a stream is passed on chunk by chunk as it arrives, so everything
+mitmproxy and the gateway's hooks do with a response (streaming tap, usage, cache, events) stays as it
+is. Other requests never come here.
+
+The pool is bounded: at most POOL_MAX_IDLE idle connections are kept, each for POOL_IDLE_EXPIRY_S; the
+connections in use at once are bounded by the client connections the gateway accepts
+(`max_connections`). It never takes a proxy from the environment (HTTP(S)_PROXY), and checks the
+upstream's certificate against certifi's bundle or the `upstream_ca` file, never SSL_CERT_FILE.
 
 Per attempt: the request timeout runs until the response's headers (Cloudflare: "the first part of the
 response"); a 429/5xx, a connection failure, a timeout, or a non-stream body cut short is retried after
@@ -26,9 +35,13 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+import certifi
 import h11
 import httpx
 import orjson
@@ -47,6 +60,10 @@ _HOP = frozenset(
 )
 MAX_HEAD_BYTES = 1 << 20  # mitmproxy already bounded the client's head (max_header_bytes)
 READ_CHUNK = 65536
+POOL_MAX_IDLE = 256  # idle upstream connections kept for reuse; one going idle beyond it is closed
+# Below the 60 s after which common HTTP load balancers (AWS ALB's default) drop an idle connection: the
+# pool lets go first, rather than send a request on a connection the far end is closing.
+POOL_IDLE_EXPIRY_S = 50.0
 
 
 @dataclass(slots=True)
@@ -66,13 +83,34 @@ class Ticket:
     used: bool = False
 
 
+def upstream_tls(ca_file: str = "") -> ssl.SSLContext:
+    """How the upstream's certificate is checked: against `ca_file`, else certifi's bundle (never the
+    environment's SSL_CERT_FILE). Raises OSError / ssl.SSLError for a file that is not a PEM bundle."""
+    return ssl.create_default_context(cafile=ca_file or certifi.where())
+
+
 class Relay:
-    def __init__(self) -> None:
+    def __init__(self, on_connect: Callable[[], None] | None = None) -> None:
+        """`on_connect` is called for every new connection the pool opens to the upstream."""
         self._tickets: dict[str, Ticket] = {}
         self._server: asyncio.Server | None = None
         self._client: httpx.AsyncClient | None = None
         self._starting: asyncio.Task[None] | None = None
+        self._verify = upstream_tls()
+        self._on_connect = on_connect
+        self._extensions: dict[str, Any] = {"trace": self._trace} if on_connect is not None else {}
+        self._closing: set[asyncio.Task[None]] = set()
         self.port = 0
+
+    def configure(self, ca_file: str) -> None:
+        """Check the upstream's certificate against `ca_file` (empty: certifi's bundle) from now on."""
+        self._verify = upstream_tls(ca_file)
+        if self._client is not None:
+            # Its idle connections were verified against the old CAs: none may be used again.
+            old, self._client = self._client, self._new_client()
+            task = asyncio.get_running_loop().create_task(old.aclose())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     # --- lifecycle -----------------------------------------------------------------------------------
 
@@ -81,16 +119,29 @@ class Relay:
             self._starting = asyncio.get_running_loop().create_task(self._start())
         await asyncio.shield(self._starting)
 
-    async def _start(self) -> None:
+    def _new_client(self) -> httpx.AsyncClient:
         # No timeouts of httpx's own: the policy's timeout covers connect + headers, and after the headers
         # a stream runs as long as it runs. trust_env off: HTTP(S)_PROXY of the gateway's environment
-        # must not reroute its upstream.
-        self._client = httpx.AsyncClient(
+        # must not reroute its upstream, nor SSL_CERT_FILE change whom it trusts.
+        return httpx.AsyncClient(
             timeout=httpx.Timeout(None),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+            limits=httpx.Limits(
+                max_connections=None,
+                max_keepalive_connections=POOL_MAX_IDLE,
+                keepalive_expiry=POOL_IDLE_EXPIRY_S,
+            ),
             follow_redirects=False,
             trust_env=False,
+            verify=self._verify,
         )
+
+    async def _trace(self, event: str, info: dict[str, Any]) -> None:
+        # httpx's documented `trace` request extension: the one public place a new connection shows.
+        if event == "connection.connect_tcp.complete" and self._on_connect is not None:
+            self._on_connect()
+
+    async def _start(self) -> None:
+        self._client = self._new_client()
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, limit=MAX_HEAD_BYTES)
         self.port = self._server.sockets[0].getsockname()[1]
 
@@ -157,9 +208,11 @@ class Relay:
         # While upstream is waited for, a client that leaves (mitmproxy closes this connection) must stop
         # the attempts and the stream, not leave them running to the end.
         gone = asyncio.ensure_future(reader.read(READ_CHUNK))
+        seen = False  # whether what `gone` read was handed to h11
         try:
             done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
             if gone in done:
+                seen = True
                 data = gone.result()
                 if not data:
                     work.cancel()
@@ -169,9 +222,15 @@ class Relay:
                 conn.receive_data(data)  # mitmproxy does not pipeline; kept for h11 all the same
             return await work
         finally:
-            gone.cancel()
             if not work.done():
                 work.cancel()
+            if not gone.done():
+                gone.cancel()
+                # A StreamReader takes one reader at a time: the cancelled read must be over before this
+                # kept-alive connection's next request is read, or that read raises.
+                await asyncio.wait({gone})
+            elif not seen and not gone.cancelled() and gone.exception() is None:
+                conn.receive_data(gone.result())  # came in while the answer went out (b"": EOF)
 
     async def _attempts(
         self,
@@ -193,9 +252,10 @@ class Relay:
             resp: httpx.Response | None = None
             try:
                 async with asyncio.timeout(timeout_s):
-                    resp = await self._client.send(
-                        httpx.Request(method, url, headers=headers, content=body or None), stream=True
+                    request = httpx.Request(
+                        method, url, headers=headers, content=body or None, extensions=self._extensions
                     )
+                    resp = await self._client.send(request, stream=True)
             except TimeoutError:
                 ticket.attempts.append(Attempt(0, "timeout"))
             except httpx.HTTPError as exc:
@@ -249,21 +309,25 @@ class Relay:
         elif (length := resp.headers.get("content-length")) is not None:
             headers.append((b"content-length", length.encode("latin-1")))
         reason = resp.reason_phrase.encode("latin-1", "replace")
-        writer.write(conn.send(h11.Response(status_code=resp.status_code, headers=headers, reason=reason)))
-        await writer.drain()
+        head = conn.send(h11.Response(status_code=resp.status_code, headers=headers, reason=reason))
         if content is not None:
-            if content:
-                writer.write(conn.send(h11.Data(data=content)))
-        else:
-            try:
-                async for chunk in resp.aiter_raw():
-                    writer.write(conn.send(h11.Data(data=chunk)))
-                    await writer.drain()
-            except httpx.HTTPError:
-                # The upstream cut the stream: cut it for mitmproxy too (no final chunk), so the client and
-                # the event see the same as without the relay.
-                writer.transport.abort()
-                return False
+            # One write for a whole answer: each is a system call, and on loopback one that also runs the
+            # receiving side's TCP processing (a third of the relay's CPU when written in three).
+            body = conn.send(h11.Data(data=content)) if content else b""
+            writer.write(b"".join((head, body, conn.send(h11.EndOfMessage()))))
+            await writer.drain()
+            return True
+        writer.write(head)
+        await writer.drain()
+        try:
+            async for chunk in resp.aiter_raw():
+                writer.write(conn.send(h11.Data(data=chunk)))
+                await writer.drain()
+        except httpx.HTTPError:
+            # The upstream cut the stream: cut it for mitmproxy too (no final chunk), so the client and
+            # the event see the same as without the relay.
+            writer.transport.abort()
+            return False
         writer.write(conn.send(h11.EndOfMessage()))
         await writer.drain()
         return True

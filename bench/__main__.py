@@ -2,9 +2,11 @@
 
 Scenarios: overhead, streaming, publish, soak, lean (item 3 of the benchmark issue), read, cache (issue
 16: the response cache), limits (issue 17: the CPU rate limits cost per request), streams (issue 19:
-thousands of long streams on new connections), plus sink and spool when bench/sink.py and bench/spool.py
-exist; `all` runs every one in turn. `--quick` shrinks every size
-so the whole suite finishes in a minute or two (the CI smoke run); the numbers are then not budgets.
+thousands of long streams on new connections), connections (issue 19: upstream handshakes of new client
+connections against an HTTPS upstream with a round-trip time, the upstream pool off and on), plus sink
+and spool when bench/sink.py and bench/spool.py exist; `all` runs every one in turn. `--quick` shrinks
+every size so the whole suite finishes in a minute or two (the CI smoke run); the numbers are then not
+budgets.
 Exit status: 0 when every stated budget was met (or --quick), 1 when one was missed, 2 on a usage error.
 """
 
@@ -34,6 +36,7 @@ OWN = {
     "cache": "bench.cache",
     "limits": "bench.limits",
     "streams": "bench.streams",
+    "connections": "bench.connections",
 }
 # Modules written by other engineers (bench/sink.py, bench/spool.py), run when present.
 EXTERNAL = ("sink", "spool")

@@ -34,6 +34,7 @@ DEFAULT_GATEWAY_PORT = 8080
 DEFAULT_READ_API_PORT = 8091  # the consumer's read API, which serves the dashboard
 BOOTSTRAP_HELP = "Kafka bootstrap servers, HOST:PORT[,HOST:PORT]."
 FsyncMode = Literal["always", "interval", "never"]  # --spool-fsync
+UPSTREAM_POOL_MODES = ("new-connections", "always", "off")  # --upstream-pool
 PARTITIONS_HELP = (
     "Partitions of the event topic, created with this many if missing (a consumer group shares at most "
     "this many consumers). An existing topic is left as it is: fewer partitions are logged, not changed."
@@ -188,6 +189,22 @@ class ProxySettings:
         0, "Port of the forward proxy for apps using HTTPS_PROXY (api.cohere.ai/.com only); 0: off."
     )
     upstream: str = setting(DEFAULT_UPSTREAM, "Cohere API base URL requests are forwarded to.")
+    upstream_pool: str = setting(
+        "new-connections",
+        "Upstream calls made over the gateway's pool of warm keep-alive connections to the upstream "
+        "(shared by all clients) instead of one upstream connection per client connection: "
+        "new-connections: the first request of each client connection, so a client that opens a "
+        "connection per request (serverless) never waits for a TCP+TLS handshake to the upstream; a "
+        "client that sends a second request on its connection gets an upstream connection of its own "
+        "for the rest (no extra loopback hop). always: every request. off: only requests with a "
+        "timeout or retries.",
+        choices=UPSTREAM_POOL_MODES,
+    )
+    upstream_ca: str = setting(
+        "",
+        "PEM file of the CA certificates the upstream's TLS certificate is checked against (an upstream "
+        "behind a private CA). Empty: certifi's bundle of public CAs.",
+    )
     kafka_bootstrap: str = setting(
         DEFAULT_KAFKA_BOOTSTRAP, BOOTSTRAP_HELP + " Empty: events are not published."
     )

@@ -36,6 +36,7 @@ EXPECTED_ROWS = {
     "cache": ("direct", "gateway HIT", "gateway MISS (cache on)", "gateway, cache off", "gateway MISS"),
     "limits": ("no rules", "3 rules, memory", "3 rules, Redis"),
     "streams": ("direct", "gateway ×1"),
+    "connections": ("direct", "gateway, pool off", "gateway, pool new-connections", "gateway, pool always"),
 }
 
 

@@ -9,6 +9,8 @@
 //	    reads every event and prints one JSON object: failures (with -events E, a stream with fewer
 //	    events is one), first-event and inter-event gap percentiles in ms, the events read and the most
 //	    streams open at one time.
+//	streamload front ... / streamload reqs ...
+//	    the connections bench's HTTPS upstream with a round-trip time and its client: front.go, reqs.go.
 package main
 
 import (
@@ -29,7 +31,7 @@ import (
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: streamload serve|load [flags] (-h for each)")
+		fmt.Fprintln(os.Stderr, "usage: streamload serve|load|front|reqs [flags] (-h for each)")
 		os.Exit(2)
 	}
 	switch os.Args[1] {
@@ -37,8 +39,12 @@ func main() {
 		serve(os.Args[2:])
 	case "load":
 		load(os.Args[2:])
+	case "front":
+		front(os.Args[2:])
+	case "reqs":
+		reqs(os.Args[2:])
 	default:
-		fmt.Fprintf(os.Stderr, "unknown mode %q: serve or load\n", os.Args[1])
+		fmt.Fprintf(os.Stderr, "unknown mode %q: serve, load, front or reqs\n", os.Args[1])
 		os.Exit(2)
 	}
 }
