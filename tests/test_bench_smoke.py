@@ -82,13 +82,34 @@ def test_scenario_quick_run_records_its_tables(
     assert rows, f"{scenario} recorded no table rows"
     for expected in EXPECTED_ROWS.get(scenario, ()):  # sink/spool (other owners) are checked for rows only
         assert expected in labels, f"{scenario}: no row {expected!r} in\n{text}"
-    header = next((ln for ln in text.splitlines() if ln.startswith("| ") and "errors" in ln), None)
-    if header is not None:
-        col = [c.strip() for c in header.strip("|").split("|")].index("errors")
-        errors = [r[col] for r in rows if len(r) > col and r[col].isdigit()]
-        assert errors and all(e == "0" for e in errors), f"{scenario} saw failed requests:\n{text}"
+    failed = failure_counts(text)
+    assert all(n == "0" for n in failed), f"{scenario} saw failed requests:\n{text}"
     assert f"appended to {results}" in capsys.readouterr().out
     assert not default.exists()
+
+
+FAILURE_COLUMNS = ("errors", "failures")
+
+
+def failure_counts(text: str) -> list[str]:
+    """Every cell of an `errors` or `failures` column, in every table of the section."""
+    counts: list[str] = []
+    col = None
+    for line in text.splitlines():
+        if not line.startswith("|"):
+            col = None
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if col is None:
+            col = next((cells.index(name) for name in FAILURE_COLUMNS if name in cells), -1)
+        elif col >= 0 and len(cells) > col and cells[col].isdigit():
+            counts.append(cells[col])
+    return counts
+
+
+def test_failure_counts_are_read_from_every_table() -> None:
+    text = "| a | errors |\n|---|---|\n| x | 0 |\n\n| b | failures |\n|---|---|\n| y | 3 |\n"
+    assert failure_counts(text) == ["0", "3"]
 
 
 def test_no_record_prints_without_writing(shared_kafka: str, tmp_path: Path) -> None:
