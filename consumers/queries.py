@@ -71,6 +71,10 @@ class Window:
         until = now or datetime.now(UTC)
         return cls(since=until - parse_duration(duration), until=until, **scope)
 
+    @property
+    def scoped(self) -> bool:
+        return bool(self.account_id or self.gateway_id)
+
     def params(self) -> dict[str, Any]:
         return {
             "since": format_time(self.since),
@@ -125,15 +129,20 @@ class Levels:
     def whole_hours(self) -> bool:
         return self.h0 < self.h1
 
-    def params(self, by: str) -> dict[str, str]:
-        """The boundaries, and the hour table: per gateway alone (gateways_by_hour: 720 rows per gateway
-        in 30 days) when the grouping needs no model, endpoint or outcome; it has no day level, so its
-        hours cover [h0, h1)."""
-        narrow = by in NARROW_GROUPS
+    def params(self, by: str, scoped: bool = True) -> dict[str, str]:
+        """The boundaries, and the hour and day tables: the smallest that holds the grouping and the
+        scope. Without an account or gateway in the scope, the rollups without those columns
+        (models_by_hour/day, migration 0015: 51 rows per hour or day) unless the grouping is by account
+        or gateway; per gateway alone (gateways_by_hour/day) for the groupings that need no model,
+        endpoint or outcome; otherwise events_by_hour/day."""
         values = {name: _seconds(getattr(self, name)) for name in ("since", "until", "h0", "h1", "d0", "d1")}
-        if narrow:
-            values["d0"] = values["d1"] = values["h1"]
-        return values | {"hours": "gateways_by_hour" if narrow else "events_by_hour"}
+        if not scoped and by not in ("account_id", "gateway_id"):
+            level = "models"
+        elif by in NARROW_GROUPS:
+            level = "gateways"
+        else:
+            level = "events"
+        return values | {"hours": f"{level}_by_hour", "days": f"{level}_by_day"}
 
 
 NARROW_GROUPS = ("none", "account_id", "gateway_id")
@@ -192,7 +201,7 @@ def totals(backend: Backend, window: Window, by: str = "model") -> list[dict[str
     levels = Levels.of(window)
     params = window.params() | {"by": _check_by(by)}
     if levels.whole_hours:
-        rows = backend.query(sql("totals_rollup"), params | levels.params(by))
+        rows = backend.query(sql("totals_rollup"), params | levels.params(by, window.scoped))
     else:
         rows = backend.query(sql("totals"), params)
     for row in rows:
@@ -209,7 +218,7 @@ def timeseries(backend: Backend, window: Window, by: str = "none", step_s: int =
     levels = Levels.of(window)
     params = window.params() | {"by": _check_by(by), "step_s": step_s}
     if step_s % 3600 == 0 and levels.whole_hours:
-        rows = backend.query(sql("timeseries_rollup"), params | levels.params(by))
+        rows = backend.query(sql("timeseries_rollup"), params | levels.params(by, window.scoped))
     else:
         rows = backend.query(sql("timeseries"), params)
     for row in rows:

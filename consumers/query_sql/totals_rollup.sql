@@ -1,8 +1,9 @@
--- totals.sql over a window holding at least one whole hour: whole days from events_by_day, the whole
--- hours around them from events_by_hour, the ragged minutes at both ends from events_by_minute, so every
--- count is as exact as per minute. Boundaries come from consumers.queries.Levels: minutes in
--- [since, h0) and [h1, until), hours in [h0, d0) and [d1, h1), days in [d0, d1). Latency and TTFT
--- quantiles merge the hour and day t-digests, i.e. the whole hours of the window.
+-- totals.sql over a window holding at least one whole hour: whole days from a day table, the whole hours
+-- around them from an hour table (consumers.queries.Levels.params picks the smallest that answers), the
+-- ragged minutes at both ends from events_by_minute, so every count is as exact as per minute.
+-- Boundaries come from consumers.queries.Levels: minutes in [since, h0) and [h1, until), hours in
+-- [h0, d0) and [d1, h1), days in [d0, d1). Latency and TTFT quantiles merge the hour and day t-digests,
+-- i.e. the whole hours of the window.
 SELECT
     key,
     sum(n_requests) AS requests,
@@ -73,7 +74,7 @@ FROM
         sum(implied_model_requests),
         quantilesTDigestMergeState(0.5, 0.95, 0.99)(latency_ms),
         quantilesTDigestMergeState(0.5, 0.95, 0.99)(ttft_ms)
-    FROM events_by_day
+    FROM {days:Identifier}
     WHERE hour >= {d0:DateTime('UTC')} AND hour < {d1:DateTime('UTC')}
       AND ({account_id:String} = '' OR account_id = {account_id:String})
       AND ({gateway_id:String} = '' OR gateway_id = {gateway_id:String})
