@@ -95,6 +95,13 @@ def test_rollups_count_exactly_what_the_minute_and_raw_queries_count(clickhouse_
     check_every_query(clickhouse_backend)
 
 
+UNSCOPED = (
+    "all_models_by_hour",
+    "all_models_by_day",
+    "all_gateways_by_hour",
+    "all_gateways_by_day",
+    "all_by_hour",
+)
 ROLLUPS = (
     "events_by_hour",
     "events_by_day",
@@ -103,11 +110,9 @@ ROLLUPS = (
     "metadata_by_hour",
     "errors_by_hour",
     "cache_by_hour",
-    "models_by_hour",
-    "models_by_day",
-    "gateways_by_day",
+    *UNSCOPED,
 )
-UNSCOPED_VIEWS = ("models_by_hour_mv", "models_by_day_mv", "gateways_by_day_mv")
+UNSCOPED_VIEWS = tuple(f"{t}_mv" for t in UNSCOPED)
 
 
 def test_the_migrations_fill_the_rollups_from_what_was_stored(clickhouse_backend: Backend) -> None:
