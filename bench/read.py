@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
+import re
 import statistics
 import sys
 import tempfile
@@ -33,7 +35,20 @@ from cohere_gateway.consumers.backends import Backend, ChdbBackend
 
 BASELINE = Path(__file__).with_name("read_baseline")
 RANGES = ("1h", "24h", "7d", "30d")
-STEP_FOR_RANGE = {"1h": 60, "24h": 900, "7d": 3600, "30d": 21600}  # as app.js sends them
+
+
+def _page_steps() -> dict[str, int]:
+    """The chart step per range as the page sends it (app.js STEP_FOR_RANGE), read from the page."""
+    app = (Path(queries.__file__).parent / "dashboard" / "app.js").read_text()
+    found = re.search(r"const STEP_FOR_RANGE = \{([^}]*)\}", app)
+    if found is None:
+        raise RuntimeError(
+            "consumers/dashboard/app.js no longer defines STEP_FOR_RANGE: update bench/read.py"
+        )
+    return {k: int(v) for k, v in re.findall(r'"(\w+)": (\d+)', found.group(1))}
+
+
+STEP_FOR_RANGE = _page_steps()
 DAYS = 30
 BLOCK = 1_000_000
 GOAL_MS = 200.0
@@ -157,6 +172,7 @@ def generate(backend: Backend, events: int, end: datetime) -> float:
     sql = GENERATE.replace("h(", "cityHash64(number, ").replace("{models}", models)
     started = time.monotonic()
     for first in range(0, events, BLOCK):
+        print(f"generating: {first:,} of {events:,} events", file=sys.stderr)
         backend.command(
             sql,
             {
@@ -170,8 +186,8 @@ def generate(backend: Backend, events: int, end: datetime) -> float:
 
 
 def fill(backend: Backend, events: int, keep: bool) -> float:
-    """Generate the events unless a kept data directory holds them already (then 0.0): 50M take most of
-    an hour on two cores, and the queries can be timed again on the same data after a change (the
+    """Generate the events unless a kept data directory holds them already (then 0.0): 50M take about
+    half an hour on two cores, and the queries can be timed again on the same data after a change (the
     migrations, run first, bring its schema up to date the way a deployment's would be)."""
     started = time.monotonic()
     have = int(backend.query("SELECT count() AS n FROM events")[0]["n"])
@@ -183,19 +199,25 @@ def fill(backend: Backend, events: int, keep: bool) -> float:
         if not int(kept[0]["ahead"]):
             raise SystemExit(f"the kept events end at {last}: the last hour is empty now; generate again")
         print(f"reusing {have:,} events (they end at {last})", file=sys.stderr)
+        merge_rollups(backend)  # a run stopped while merging left some unmerged
         return 0.0
     if have:
         raise SystemExit(f"the data directory holds {have:,} events, not {events:,}: use another directory")
     # Kept data ends KEEP_AHEAD in the future so that reruns within that time find every window full.
     generate(backend, events, datetime.now(UTC) + (KEEP_AHEAD if keep else timedelta(0)))
     backend.command(FEEDBACK)
-    # A deployment's inserts are small and recent, and background merges fold each rollup's rows to one
-    # per key; the bench's blocks each span all 30 days, so every block would stay a copy of every key
-    # until merged. Merge them, as the steady state of a running deployment.
+    merge_rollups(backend)
+    return time.monotonic() - started
+
+
+def merge_rollups(backend: Backend) -> None:
+    """A deployment's inserts are small and recent, and background merges fold each rollup's rows to one
+    per key; the bench's blocks each span all 30 days, so every block would stay a copy of every key
+    until merged. Merge them, as the steady state of a running deployment."""
     rollups = "SELECT name FROM system.tables WHERE database = currentDatabase() AND engine = {engine:String}"
     for row in backend.query(rollups, {"engine": "AggregatingMergeTree"}):
-        backend.command(f"OPTIMIZE TABLE {row['name']} FINAL")
-    return time.monotonic() - started
+        print(f"merging {row['name']}...", file=sys.stderr)
+        backend.command(f"OPTIMIZE TABLE {row['name']} FINAL SETTINGS optimize_skip_merged_partitions = 1")
 
 
 def baseline_sql(name: str) -> str:
@@ -258,7 +280,12 @@ def timed(fn: Callable[[], Any], repeat: int) -> float:
     return statistics.median(samples)
 
 
+NAN = float("nan")
+
+
 def fmt(ms: float) -> str:
+    if math.isnan(ms):
+        return "—"
     return f"{ms:.0f} ms" if ms < 10_000 else f"{ms / 1000:.1f} s"
 
 
@@ -288,7 +315,9 @@ def cases() -> list[tuple[str, str, dict[str, str]]]:
     ]
 
 
-def measure(backend: Backend, events: int, repeat: int, label: str) -> tuple[list[Table], bool]:
+def measure(
+    backend: Backend, events: int, repeat: int, label: str, baseline: bool = True
+) -> tuple[list[Table], bool]:
     an_id = backend.query("SELECT event_id FROM events ORDER BY kafka_offset LIMIT 1 OFFSET 777")[0][
         "event_id"
     ]
@@ -308,7 +337,7 @@ def measure(backend: Backend, events: int, repeat: int, label: str) -> tuple[lis
                 if name == "timeseries":
                     args["step_s"] = str(STEP_FOR_RANGE[since])
                 new = timed(lambda n=name, a=args: api_query(backend, n, a), repeat)
-                old = timed(lambda n=name, a=args: baseline_run(backend, n, a), repeat)
+                old = timed(lambda n=name, a=args: baseline_run(backend, n, a), repeat) if baseline else NAN
                 worst = max(worst, new)
                 cells.append(f"{fmt(new)} / {fmt(old)}")
             table.add(title, *cells)
@@ -316,7 +345,9 @@ def measure(backend: Backend, events: int, repeat: int, label: str) -> tuple[lis
         for since in RANGES:
             reqs = page_requests(since, scope)
             new = timed(lambda r=reqs: [queries.run(backend, n, a) for n, a in r], repeat)
-            old = timed(lambda r=reqs: [baseline_run(backend, n, a) for n, a in r], repeat)
+            old = (
+                timed(lambda r=reqs: [baseline_run(backend, n, a) for n, a in r], repeat) if baseline else NAN
+            )
             worst_page = max(worst_page, new)
             page_cells.append(f"{fmt(new)} / {fmt(old)}")
         table.add("**whole page** (its 8 queries in turn)", *page_cells)
@@ -334,7 +365,11 @@ def measure(backend: Backend, events: int, repeat: int, label: str) -> tuple[lis
     missing = "01890000-0000-7000-8000-000000000000"
     for title, eid in (("event by id", an_id), ("event by id, missing", missing)):
         new = timed(lambda e=eid: _event(backend, e, queries.run), repeat)
-        old = timed(lambda e=eid: backend.query(baseline_sql("event"), {"event_id": e}), repeat)
+        old = (
+            timed(lambda e=eid: backend.query(baseline_sql("event"), {"event_id": e}), repeat)
+            if baseline
+            else NAN
+        )
         worst = max(worst, new)
         single.add(title, f"{fmt(new)} / {fmt(old)}")
     tables.append(single)
@@ -410,7 +445,13 @@ def _event(backend: Backend, event_id: str, run: Callable[..., Any]) -> Any:
         return None
 
 
-def bench(events: int, repeat: int, backend: Backend | None = None, data_dir: Path | None = None) -> Outcome:
+def bench(
+    events: int,
+    repeat: int,
+    backend: Backend | None = None,
+    data_dir: Path | None = None,
+    baseline: bool = True,
+) -> Outcome:
     with tempfile.TemporaryDirectory(prefix="bench-read-") as tmp:
         own = backend is None
         backend = backend or ChdbBackend(data_dir or Path(tmp) / "clickhouse")
@@ -424,7 +465,7 @@ def bench(events: int, repeat: int, backend: Backend | None = None, data_dir: Pa
             }
             engine = "chdb" if isinstance(backend, ChdbBackend) else "ClickHouse server"
             label = f"{events:,} events ({engine})"
-            tables, met = measure(backend, events, repeat, label)
+            tables, met = measure(backend, events, repeat, label, baseline)
         finally:
             if own:
                 backend.close()
@@ -440,7 +481,9 @@ def bench(events: int, repeat: int, backend: Backend | None = None, data_dir: Pa
     return Outcome(tables, notes, met)
 
 
-def bench_on_a_server(events: int, repeat: int, data_dir: Path | None = None) -> Outcome:
+def bench_on_a_server(
+    events: int, repeat: int, data_dir: Path | None = None, baseline: bool = True
+) -> Outcome:
     """The same on a local ClickHouse server (clickhouse-connect over HTTP): what a deployment with
     `--clickhouse URL` reads through. A fresh database, or with `data_dir` the data an embedded run kept
     there (the server is the same engine: its data directory is that one)."""
@@ -460,7 +503,7 @@ def bench_on_a_server(events: int, repeat: int, data_dir: Path | None = None) ->
                 url = local.url() if data_dir else stack.enter_context(server_database(local.url()))
                 backend = ServerBackend(parse_clickhouse_url(url))
                 stack.callback(backend.close)
-                return bench(events, repeat, backend)
+                return bench(events, repeat, backend, baseline=baseline)
         finally:
             localclickhouse.stop(Path(tmp))
 
@@ -489,14 +532,19 @@ def main(argv: list[str] | None = None) -> int:
         "time find every window full (a 30-day window then holds 30 days less those hours); with "
         "--backend server the server serves this directory",
     )
+    parser.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="time only this tree's queries, not the SQL of before issue 18 beside them (a quicker look)",
+    )
     parser.add_argument("--no-record", action="store_true", help="print only, do not append to RESULTS.md")
     args = parser.parse_args(argv)
     machine = report.machine()
     started = time.monotonic()
     if args.backend == "server":
-        outcome = bench_on_a_server(args.events, args.repeat, args.data_dir)
+        outcome = bench_on_a_server(args.events, args.repeat, args.data_dir, not args.no_baseline)
     else:
-        outcome = bench(args.events, args.repeat, data_dir=args.data_dir)
+        outcome = bench(args.events, args.repeat, data_dir=args.data_dir, baseline=not args.no_baseline)
     for table in outcome.tables:
         print(table.text())
     if not args.no_record:

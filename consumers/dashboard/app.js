@@ -9,7 +9,8 @@ let feedbackBy = "model";
 let detailId = "";
 let refreshTimer = null;
 
-const STEP_FOR_RANGE = { "15m": 60, "1h": 60, "6h": 300, "24h": 900, "7d": 3600, "30d": 21600 };
+// Whole hours from 24 hours up: those charts read the hourly rollups (docs/storage.md, "Reading fast").
+const STEP_FOR_RANGE = { "15m": 60, "1h": 60, "6h": 300, "24h": 3600, "7d": 3600, "30d": 21600 };
 const fmtInt = new Intl.NumberFormat("en-US");
 const fmtUsd = (v) => (v == null ? "–" : "$" + Number(v).toFixed(v >= 1 ? 2 : 6));
 const fmtMs = (v) => (v == null ? "–" : Number(v).toFixed(v >= 100 ? 0 : 1));
