@@ -11,9 +11,9 @@ mitmproxy like an upstream would: a stream is passed on chunk by chunk as it arr
 mitmproxy and the gateway's hooks do with a response (streaming tap, usage, cache, events) stays as it
 is. Other requests never come here.
 
-The pool is bounded: at most POOL_MAX_IDLE idle connections are kept, each for POOL_IDLE_EXPIRY_S; the
-connections in use at once are bounded by the client connections the gateway accepts
-(`max_connections`). It never takes a proxy from the environment (HTTP(S)_PROXY), and checks the
+The pool is bounded: at most POOL_MAX_IDLE idle connections are kept, each for POOL_IDLE_EXPIRY_S; it
+speaks HTTP/1.1 (a request per connection at a time) and each request comes on a relay connection, so
+the connections in use at once are bounded by the relay's (`RelayLimits.max_open`, its httpx limit too). It never takes a proxy from the environment (HTTP(S)_PROXY), and checks the
 upstream's certificate against certifi's bundle or the `upstream_ca` file, never SSL_CERT_FILE.
 
 Per attempt: the request timeout runs until the response's headers (Cloudflare: "the first part of the
