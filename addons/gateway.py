@@ -56,7 +56,14 @@ from cohere_gateway.addons.metrics import CONTENT_TYPE, Metrics
 from cohere_gateway.addons.outcomes import classify_proxy_error, classify_status
 from cohere_gateway.addons.pricing import DEFAULT_PRICING, compute_cost, load_pricing
 from cohere_gateway.addons.publish import NullPublisher, Publisher
-from cohere_gateway.addons.relay import RELAY_HEADER, Relay, Ticket
+from cohere_gateway.addons.relay import (
+    RELAY_ANSWER_HEADER,
+    RELAY_HEADER,
+    Relay,
+    RelayLimits,
+    RelayStartError,
+    Ticket,
+)
 from cohere_gateway.addons.routing import (
     LocalRoute,
     Route,
@@ -187,6 +194,7 @@ class Gateway:
         self._watching: asyncio.Task[None] | None = None
         # makes the upstream call for requests with a timeout or retries, and those the pool serves
         self.relay = Relay(on_connect=self._pool_connected)
+        self._upstream_ca_set: str | None = None  # what configure gave mitmproxy's trusted-CA option
         self.limiter = ratelimits.RateLimiter()
         self._settling: set[asyncio.Task[None]] = set()
         self.hot = HotOptions.of(settings.ProxySettings())  # until the first configure()
@@ -247,6 +255,8 @@ class Gateway:
                 raise exceptions.OptionsError(
                     f"upstream_ca: cannot load {opts.upstream_ca!r}: {exc}"
                 ) from None
+        # the relay's loopback listener has the bounds of the gateway's own
+        self.relay.limits = RelayLimits.of(opts)
         if "max_custom_cost" in updated and not (
             math.isfinite(opts.max_custom_cost) and opts.max_custom_cost >= 0
         ):
@@ -258,6 +268,13 @@ class Gateway:
         # mitmproxy's own options that the gateway's safety depends on, set from the gateway's. Each is
         # set only when it differs: setting an option triggers another configure().
         wanted = self._mitmproxy_options(opts)
+        if "upstream_ca" in updated:
+            given, self._upstream_ca_set = self._upstream_ca_set, opts.upstream_ca or None
+            # cleared: mitmproxy's own connections stop trusting the file the gateway gave them, as the
+            # pool does (a value its user set on a stock mitmdump is left alone)
+            current = getattr(opts, "ssl_verify_upstream_trusted_ca", None)
+            if not opts.upstream_ca and given and current == given:
+                wanted["ssl_verify_upstream_trusted_ca"] = None
         # (An option of an addon not loaded, e.g. in a test context, is left alone.)
         changed = {k: v for k, v in wanted.items() if k in opts and getattr(opts, k) != v}
         if changed:
@@ -281,6 +298,10 @@ class Gateway:
             # the relay's pool and mitmproxy's own upstream connections trust the same CAs (unset, a
             # stock mitmdump's own ssl_verify_upstream_trusted_ca is left as its user set it)
             **({"ssl_verify_upstream_trusted_ca": opts.upstream_ca} if opts.upstream_ca else {}),
+            # The pool always checks the upstream's certificate: mitmproxy's own connections must too, or
+            # which path a request takes would decide whether its API key may go to an impostor (an
+            # upstream behind a private CA takes --upstream-ca, not --ssl-insecure).
+            "ssl_insecure": False,
         }
 
     def _configure_policy(self, opts, reload_file: bool) -> None:
@@ -597,11 +618,16 @@ class Gateway:
     def _forward(self, flow: http.HTTPFlow, exchange: Exchange) -> Awaitable[None] | None:
         self.metrics.requests[exchange.route.mode] += 1
         exchange.forwarded_at = time.time()
-        if not (self._pooled(flow) or exchange.retry.active):
+        pooled = self._pooled(flow)
+        if not (pooled or exchange.retry.active):
             return None
+        # A request the pool serves only as its client connection's first: the connection's later
+        # requests go upstream on mitmproxy's own connection, so its loopback connection to the relay
+        # ends with this answer rather than stay open unused for the client connection's life.
+        close = pooled and not exchange.retry.active and self.hot.upstream_pool == "new-connections"
         if not self.relay.port:
-            return self._via_relay_started(flow, exchange)
-        self._via_relay(flow, exchange)
+            return self._via_relay_started(flow, exchange, close)
+        self._via_relay(flow, exchange, close)
         return None
 
     def _pooled(self, flow: http.HTTPFlow) -> bool:
@@ -700,13 +726,19 @@ class Gateway:
         except Exception as exc:  # the reservation stands: counted as estimated, never lost
             log.error("settling a token reservation failed (%s)", type(exc).__name__)
 
-    async def _via_relay_started(self, flow: http.HTTPFlow, exchange: Exchange) -> None:
-        await self.relay.start()
-        self._via_relay(flow, exchange)
+    async def _via_relay_started(self, flow: http.HTTPFlow, exchange: Exchange, close: bool) -> None:
+        try:
+            await self.relay.start()
+        except RelayStartError:
+            # Not forwarded: the hook answers 500 (fail closed). Sent on as it stands, mitmproxy would
+            # take it upstream itself, without the timeout and retries it asked for.
+            exchange.forwarded_at = None
+            raise
+        self._via_relay(flow, exchange, close)
 
-    def _via_relay(self, flow: http.HTTPFlow, exchange: Exchange) -> None:
+    def _via_relay(self, flow: http.HTTPFlow, exchange: Exchange, close: bool) -> None:
         """mitmproxy sends this request to the relay (addons/relay.py), which makes the attempts."""
-        exchange.ticket = Ticket(self.upstream, exchange.retry, exchange.stream)
+        exchange.ticket = Ticket(self.upstream, exchange.retry, exchange.stream, close=close)
         exchange.relay_token = self.relay.register(exchange.ticket)
         req = flow.request
         req.scheme, req.host, req.port = "http", "127.0.0.1", self.relay.port
@@ -716,12 +748,14 @@ class Gateway:
     async def _cache_lookup(self, flow: http.HTTPFlow, exchange: Exchange, body: bytes) -> None:
         try:
             await self._serve_cached(flow, exchange, body)
-        except Exception:  # a bug in the cache must cost its saving, never the request
-            log.exception("cache lookup failed (event %s); forwarding", exchange.event_id)
+        except Exception as exc:  # a bug in the cache must cost its saving, never the request
             if exchange.cache is not None and exchange.cache.leader:
                 self.cache.finish(exchange.cache.key or "", None)
             exchange.cache = None
             flow.response = None
+            if isinstance(exc, RelayStartError) or exchange.forwarded_at is not None:
+                raise  # forwarding failed, not the cache: answered 500 by the hook, never sent on as is
+            log.exception("cache lookup failed (event %s); forwarding", exchange.event_id)
             if exchange.forwarded_at is None:
                 pending = self._forward(flow, exchange)
                 if pending is not None:
@@ -768,6 +802,12 @@ class Gateway:
         resp = flow.response
         if exchange is None or resp is None or exchange.forwarded_at is None:
             return
+        if exchange.ticket is not None:
+            # The loopback hop's own: the relay's `Connection: close` ends mitmproxy's connection to the
+            # relay (the relay closes it), never the client's.
+            resp.headers.pop("connection", None)
+            if resp.headers.pop(RELAY_ANSWER_HEADER, None) is not None and exchange.ticket.failure is None:
+                exchange.ticket.refused = True  # the relay's own refusal, not the upstream's answer
         resp.headers[LOG_ID_HEADER] = exchange.event_id
         resp.headers[ATTEMPTS_HEADER] = str(
             len(exchange.ticket.attempts) if exchange.ticket is not None else 1
@@ -875,7 +915,7 @@ class Gateway:
             error_type,
             now,
             extracted,
-            response_start=resp.timestamp_start,
+            response_start=_response_start(exchange, resp),
             response_bytes=size,
             response_body=payload,
         )
@@ -900,7 +940,7 @@ class Gateway:
             error_type,
             now,
             exchange.watcher.extracted,
-            response_start=resp.timestamp_start,
+            response_start=_response_start(exchange, resp),
             response_bytes=exchange.watcher.bytes_seen,
             response_body=payload,
         )
@@ -1006,6 +1046,10 @@ class Gateway:
             ending.outcome, ending.error_type, ending.status = retries.failure_outcome(
                 exchange.ticket.failure
             )
+        elif exchange.ticket is not None and exchange.ticket.refused and ending.outcome != "client_aborted":
+            # The relay refused the gateway's own request (at its connection limit, ...): the gateway's
+            # failure, never the upstream's.
+            ending.outcome, ending.error_type = "gateway_error", "relay_refused"
         outcome = ending.outcome
         self.metrics.exchanges[outcome] += 1
         if not exchange.recorded:  # refused before authentication: counted in rejected, nothing stored
@@ -1128,6 +1172,14 @@ class Gateway:
                 "publisher": self.publisher.counters(),
             },
         )
+
+
+def _response_start(exchange: Exchange, resp: http.Response) -> float | None:
+    """When the upstream's response headers arrived: on the relay path the relay's record of it, because
+    the relay passes a non-stream answer on only once it is whole."""
+    if exchange.ticket is not None and exchange.ticket.response_start is not None:
+        return exchange.ticket.response_start
+    return resp.timestamp_start
 
 
 def _message_of(resp: http.Response) -> str | None:

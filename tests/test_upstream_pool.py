@@ -12,9 +12,11 @@ import contextlib
 import os
 import re
 import socket
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -39,11 +41,12 @@ def front(emulator_url: str) -> Iterator[TlsFront]:
 
 
 @contextlib.contextmanager
-def gateway(front: TlsFront, kafka_bootstrap: str, topic: str, mode: str, **options: object) -> Iterator[
-    GatewayProcess
-]:  # fmt: skip
+def gateway(front: TlsFront, kafka_bootstrap: str, topic: str, mode: str, env: dict[str, str] | None = None,
+            **options: object) -> Iterator[GatewayProcess]:  # fmt: skip
     options.setdefault("upstream_ca", str(front.ca_file))
-    gw = start_gateway(front.url, kafka_bootstrap, topic, transparent=False, upstream_pool=mode, **options)
+    gw = start_gateway(
+        front.url, kafka_bootstrap, topic, transparent=False, upstream_pool=mode, env=env, **options
+    )
     try:
         yield gw
     finally:
@@ -224,15 +227,30 @@ def test_the_relay_answers_only_the_gateway_with_a_ticket(
 def test_an_upstream_certificate_the_gateway_does_not_trust_is_refused_on_either_path(
     front: TlsFront, kafka_bootstrap: str, gateway_topic: str, mode: str
 ) -> None:
-    # Without --upstream-ca the front's private CA is not trusted (certifi's bundle only, whatever
-    # SSL_CERT_FILE says): mitmproxy's own connections and the pool's alike.
+    # Without --upstream-ca the front's private CA is not trusted (certifi's bundle only): not even when
+    # the environment's SSL_CERT_FILE / SSL_CERT_DIR name it, and the upstream is reached directly, not
+    # through the environment's proxy (a dead port: a client taking it never reaches the front).
+    env = {"SSL_CERT_FILE": str(front.ca_file), "SSL_CERT_DIR": str(front.ca_file.parent)}
+    env |= dict.fromkeys(
+        ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"), f"http://127.0.0.1:{dead_port()}"
+    )
     with (
-        gateway(front, kafka_bootstrap, gateway_topic, mode, upstream_ca="") as gw,
+        gateway(front, kafka_bootstrap, gateway_topic, mode, upstream_ca="", env=env) as gw,
         fresh_connections() as client,
     ):
+        before = front.hellos
         resp = chat(client, gw, "untrusted-" + mode)
+        reached = front.hellos - before
     assert resp.status_code == 502
     assert "could not reach the upstream" in resp.json()["message"]
+    assert reached >= 1  # it went to the front itself, whose certificate was refused
+
+
+def dead_port() -> int:
+    """A loopback port nothing listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def test_an_unreadable_upstream_ca_stops_the_start_naming_it(
@@ -258,3 +276,147 @@ def test_the_setting_is_in_help_and_docs() -> None:
     guide = (ROOT / "docs" / "gateway.md").read_text()
     assert "## Upstream connections" in guide and "`--upstream-pool`" in guide
     assert "cohere_gateway_upstream_connections_total" in guide
+
+
+def relay_connections(port: int) -> int:
+    """Connections to the relay established now (its own ends: local port `port`)."""
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        cols = line.split()
+        if cols[3] == "01" and int(cols[1].rsplit(":", 1)[1], 16) == port:
+            count += 1
+    return count
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(0.02)
+
+
+def test_a_kept_alive_client_connection_leaves_no_loopback_connection_open_under_new_connections(
+    front: TlsFront, kafka_bootstrap: str, gateway_topic: str
+) -> None:
+    """Its first request comes from the pool; the relay's answer ends mitmproxy's connection to it (the
+    rest go on mitmproxy's own upstream connection), so the client connection holds no loopback pair for
+    its life. The client's own connection stays open: the relay's `Connection: close` is not passed on."""
+    with (
+        gateway(front, kafka_bootstrap, gateway_topic, "new-connections") as gw,
+        httpx.Client(timeout=30) as client,
+    ):
+        for i in range(3):
+            resp = chat(client, gw, f"leave-{i}")
+            assert resp.status_code == 200
+            assert "connection" not in resp.headers
+        port = _relay_port(gw)
+        wait_for(lambda: relay_connections(port) == 0, "mitmproxy closes its connection to the relay")
+        assert chat(client, gw, "leave-last").status_code == 200
+        counted = upstream_connections(gw)
+    assert counted == {"mitmproxy": 1, "pool": 1}  # one client connection all along
+
+
+def test_a_ticketless_request_is_refused_before_its_body_is_read(
+    front: TlsFront, kafka_bootstrap: str, gateway_topic: str
+) -> None:
+    with gateway(front, kafka_bootstrap, gateway_topic, "always") as gw, fresh_connections() as client:
+        assert chat(client, gw, "warm").status_code == 200
+        port = _relay_port(gw)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            # a head announcing a large body, and none of the body: the answer must not wait for it
+            sock.sendall(b"POST /v2/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n")
+            answer = _read_to_end(sock)
+    assert answer.startswith(b"HTTP/1.1 403 ")
+    assert b"x-cohere-gateway-relay-answer: 1" in answer.lower()
+
+
+def _read_to_end(sock: socket.socket) -> bytes:
+    answer = b""
+    while chunk := sock.recv(65536):
+        answer += chunk
+    return answer
+
+
+def test_the_relay_bounds_its_open_connections_and_a_head_and_its_refusal_is_the_gateways(
+    front: TlsFront, kafka_bootstrap: str, gateway_topic: str, gateway_events: EventReader
+) -> None:
+    """--max-connections 1: the relay takes 2 connections; a third is answered 503 at once, and when it
+    is the gateway's own request the event is the gateway's error, not the upstream's. A connection that
+    shows no request head within --header-timeout-s is closed."""
+    cid = "relay-full-" + uuid.uuid4().hex
+    with (
+        gateway(front, kafka_bootstrap, gateway_topic, "always", max_connections=1, header_timeout_s=5) as gw,
+        fresh_connections() as client,
+    ):
+        assert chat(client, gw, "warm").status_code == 200
+        port = _relay_port(gw)
+        wait_for(lambda: relay_connections(port) == 0, "the warm request's relay connection closes")
+        held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+        try:
+            wait_for(lambda: relay_connections(port) == 2, "the relay accepts both")
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as third:
+                third.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                refused = _read_to_end(third)
+            resp = chat(client, gw, cid)
+            # silent connections are closed after the head timeout, and the relay serves again
+            started = time.monotonic()
+            assert [_read_to_end(sock) for sock in held] == [b"", b""]
+            assert time.monotonic() - started < 15
+        finally:
+            for sock in held:
+                sock.close()
+        assert chat(client, gw, "after").status_code == 200
+    assert refused.startswith(b"HTTP/1.1 503 ")
+    assert resp.status_code == 503, resp.text
+    assert "x-cohere-gateway-relay-answer" not in resp.headers
+    event = gateway_events.wait_until(lambda e: e.client_event_id == cid)[0]
+    assert (event.outcome, event.error_type, event.status_code) == ("gateway_error", "relay_refused", 503)
+
+
+def test_a_non_stream_answers_upstream_ttfb_is_its_headers_not_its_last_byte_through_the_pool(
+    kafka_bootstrap: str, gateway_topic: str, gateway_events: EventReader
+) -> None:
+    """The relay passes a non-stream answer on only once whole; the event's upstream_ttfb_ms is still the
+    time to the upstream's response headers."""
+    body_delay_s = 0.6
+    cid = "pool-ttfb-" + uuid.uuid4().hex
+    with slow_body_upstream(body_delay_s) as url:
+        gw = start_gateway(url, kafka_bootstrap, gateway_topic, transparent=False, upstream_pool="always")
+        try:
+            with fresh_connections() as client:
+                assert chat(client, gw, cid).status_code == 200
+        finally:
+            gw.stop()
+    latency = gateway_events.wait_until(lambda e: e.client_event_id == cid)[0].latency
+    assert latency.total_ms >= body_delay_s * 1000
+    assert latency.upstream_ttfb_ms is not None and latency.upstream_ttfb_ms < body_delay_s * 1000 / 2
+
+
+@contextlib.contextmanager
+def slow_body_upstream(delay_s: float) -> Iterator[str]:
+    """An upstream that sends a chat answer's headers at once and its body `delay_s` later."""
+    answer = b'{"id": "x", "finish_reason": "COMPLETE", "message": {"role": "assistant", "content": []}}'
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length", "0")))
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(answer)))
+            self.end_headers()
+            self.wfile.flush()
+            time.sleep(delay_s)  # the upstream being slow, not the test waiting
+            self.wfile.write(answer)
+
+        def log_message(self, *args: object) -> None: ...
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
