@@ -11,6 +11,7 @@ import itertools
 import json
 import logging
 import os
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
@@ -64,6 +65,15 @@ def check_exposure(http_host: str, token: str) -> None:
             f"the read API would listen on {http_host} without authentication: set --api-token "
             "(COHERE_GATEWAY_API_TOKEN), or bind --http-host 127.0.0.1 behind an authenticating reverse proxy"
         )
+
+
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A reader that went away before its answer (a dashboard refreshing again, a closed tab) is not
+        # an error of the API; anything else is printed as the standard library does.
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
 
 
 class ReadApi:
@@ -149,7 +159,7 @@ class ReadApi:
 
         self.backend = backend
         self.metrics = metrics
-        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.server = _Server((host, port), Handler)
         self.server.daemon_threads = True
         self._thread = threading.Thread(target=self.server.serve_forever, name="read-api", daemon=True)
 

@@ -317,3 +317,21 @@ def test_dashboard_gives_feedback_on_an_event_and_shows_it_per_model(
         assert row == [[model, "0", "1", "0.0%", "0", "–"]]
     finally:
         api.stop()
+
+
+def test_a_reader_gone_before_its_answer_is_not_printed_as_an_error(
+    clickhouse_backend: Backend, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The dashboard cancels requests when it refreshes again; the API must not print a traceback per
+    cancelled request (it did: BrokenPipeError from socketserver), but still prints real errors."""
+    api = serve(clickhouse_backend)
+    try:
+        for error in (BrokenPipeError(32, "Broken pipe"), ValueError("a real bug")):
+            try:
+                raise error
+            except Exception:
+                api.server.handle_error(None, ("127.0.0.1", 1))
+    finally:
+        api.stop()
+    printed = capsys.readouterr().err
+    assert "BrokenPipeError" not in printed and "a real bug" in printed
