@@ -99,7 +99,7 @@ def test_cursor_pages_list_every_event_once_while_events_arrive(loaded: Any) -> 
 def test_pages_read_from_the_newest_hours_first_and_list_exactly_what_a_full_scan_lists(
     clickhouse_backend: Backend,
 ) -> None:
-    """A page reads the last 5 minutes, hour, day before where it starts, and the window only when those
+    """A page reads the last 5 minutes, hour, day, week before where it starts, and the window only when those
     hold too few (consumers.queries.newest); pages that begin inside one probe and end in the next, or
     past all of them, still list every event once, newest first."""
     now = datetime.now(UTC).replace(microsecond=0)
