@@ -45,33 +45,7 @@ ORDER BY (hour, model, endpoint, outcome)
 TTL hour + toIntervalDay(400)
 SETTINGS index_granularity = 1024, non_replicated_deduplication_window = 10000;
 
-CREATE TABLE IF NOT EXISTS all_models_by_day
-(
-    hour DateTime('UTC'),
-    account_id LowCardinality(String) ALIAS '',
-    gateway_id LowCardinality(String) ALIAS '',
-    model LowCardinality(String),
-    endpoint LowCardinality(String),
-    outcome LowCardinality(String),
-    requests SimpleAggregateFunction(sum, UInt64),
-    errors SimpleAggregateFunction(sum, UInt64),
-    streams SimpleAggregateFunction(sum, UInt64),
-    input_tokens SimpleAggregateFunction(sum, UInt64),
-    output_tokens SimpleAggregateFunction(sum, UInt64),
-    cached_tokens SimpleAggregateFunction(sum, UInt64),
-    search_units SimpleAggregateFunction(sum, UInt64),
-    classifications SimpleAggregateFunction(sum, UInt64),
-    embeddings SimpleAggregateFunction(sum, UInt64),
-    images SimpleAggregateFunction(sum, UInt64),
-    image_tokens SimpleAggregateFunction(sum, UInt64),
-    cost_usd SimpleAggregateFunction(sum, Float64),
-    unpriced_requests SimpleAggregateFunction(sum, UInt64),
-    unpriced_input_tokens SimpleAggregateFunction(sum, UInt64),
-    unpriced_output_tokens SimpleAggregateFunction(sum, UInt64),
-    implied_model_requests SimpleAggregateFunction(sum, UInt64),
-    latency_ms AggregateFunction(quantilesTDigest(0.5, 0.95, 0.99), Float64),
-    ttft_ms AggregateFunction(quantilesTDigest(0.5, 0.95, 0.99), Float64)
-)
+CREATE TABLE IF NOT EXISTS all_models_by_day AS all_models_by_hour
 ENGINE = AggregatingMergeTree
 PARTITION BY toYYYYMM(hour)
 ORDER BY (hour, model, endpoint, outcome)
@@ -111,33 +85,7 @@ ORDER BY (hour, account_id, gateway_id)
 TTL hour + toIntervalDay(400)
 SETTINGS index_granularity = 1024, non_replicated_deduplication_window = 10000;
 
-CREATE TABLE IF NOT EXISTS all_gateways_by_day
-(
-    hour DateTime('UTC'),
-    account_id LowCardinality(String),
-    gateway_id LowCardinality(String),
-    model LowCardinality(String) ALIAS '',
-    endpoint LowCardinality(String) ALIAS '',
-    outcome LowCardinality(String) ALIAS '',
-    requests SimpleAggregateFunction(sum, UInt64),
-    errors SimpleAggregateFunction(sum, UInt64),
-    streams SimpleAggregateFunction(sum, UInt64),
-    input_tokens SimpleAggregateFunction(sum, UInt64),
-    output_tokens SimpleAggregateFunction(sum, UInt64),
-    cached_tokens SimpleAggregateFunction(sum, UInt64),
-    search_units SimpleAggregateFunction(sum, UInt64),
-    classifications SimpleAggregateFunction(sum, UInt64),
-    embeddings SimpleAggregateFunction(sum, UInt64),
-    images SimpleAggregateFunction(sum, UInt64),
-    image_tokens SimpleAggregateFunction(sum, UInt64),
-    cost_usd SimpleAggregateFunction(sum, Float64),
-    unpriced_requests SimpleAggregateFunction(sum, UInt64),
-    unpriced_input_tokens SimpleAggregateFunction(sum, UInt64),
-    unpriced_output_tokens SimpleAggregateFunction(sum, UInt64),
-    implied_model_requests SimpleAggregateFunction(sum, UInt64),
-    latency_ms AggregateFunction(quantilesTDigest(0.5, 0.95, 0.99), Float64),
-    ttft_ms AggregateFunction(quantilesTDigest(0.5, 0.95, 0.99), Float64)
-)
+CREATE TABLE IF NOT EXISTS all_gateways_by_day AS all_gateways_by_hour
 ENGINE = AggregatingMergeTree
 PARTITION BY toYYYYMM(hour)
 ORDER BY (hour, account_id, gateway_id)
