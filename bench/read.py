@@ -54,6 +54,7 @@ BLOCK = 1_000_000
 GOAL_MS = 200.0
 PAGE_GOAL_MS = 1000.0
 KEEP_AHEAD = timedelta(hours=6)
+COUNTED = ("events", "events_by_minute", "events_by_hour", "events_by_day", "all_models_by_hour")
 
 MODELS = (
     ("command-a-03-2025", "chat"),
@@ -460,7 +461,7 @@ def bench(
             took = fill(backend, events, data_dir is not None)
             counts = {
                 t: backend.query(f"SELECT count() AS n FROM {t}")[0]["n"]
-                for t in ("events", "events_by_minute", "events_by_hour", "events_by_day")
+                for t in COUNTED
                 if backend.query("EXISTS TABLE " + t)[0]["result"]
             }
             engine = "chdb" if isinstance(backend, ChdbBackend) else "ClickHouse server"
