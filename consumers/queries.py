@@ -313,9 +313,13 @@ def recent(
 
 # The latest rows of a window without reading all of it: the sort key is (account, gateway, start_time,
 # ...), so a narrow time range reads few granules per (account, gateway). Ask the last 5 minutes first,
-# then wider, and the whole window only when the narrower ones held fewer than `limit` rows. A filter
-# matching one event in ten thousand still finds 100 within 7 days at 50M events a month (bench/read.py).
-LATEST_PROBES = (timedelta(minutes=5), timedelta(hours=1), timedelta(days=1), timedelta(days=7))
+# then a span sized from what the last one found (what it held, scaled to `limit` with a margin; at
+# least GROWTH times wider), and the whole window only when the spans held fewer than `limit` rows. An
+# unfiltered page stops at the first span; a filter matching one event in thousands takes two or three
+# (bench/read.py), where fixed steps of 5 minutes, an hour, a day and a week took up to five.
+FIRST_PROBE = timedelta(minutes=5)
+GROWTH = 4
+MARGIN = 1.5
 
 
 def latest(backend: Backend, name: str, window: Window, params: dict[str, Any]) -> list[dict[str, Any]]:
@@ -324,19 +328,25 @@ def latest(backend: Backend, name: str, window: Window, params: dict[str, Any]) 
     return newest(lambda p: backend.query(sql(name), params | p), window.since, window.until, limit)
 
 
+def next_span(span: timedelta, found: int, limit: int) -> timedelta:
+    """The span to ask next after `span` held `found` (< limit) rows: wide enough, at the rate seen, to
+    hold `limit` with a margin; nothing found says little about the rate, so much wider."""
+    factor = MARGIN * limit / found if found else 100.0
+    return span * max(GROWTH, factor)
+
+
 def newest(
     query: Callable[[dict[str, str]], list[dict[str, Any]]], since: datetime, upper: datetime, limit: int
 ) -> list[dict[str, Any]]:
     """The newest `limit` rows at or before `upper`: `query` asked with a later `since` first (the last 5
-    minutes, hour, day, week before `upper`: LATEST_PROBES), the whole window ({}) only when those held
-    fewer than `limit`.
-    Exact: every row a probe leaves out is older than every row it holds."""
-    for span in LATEST_PROBES:
-        if upper - span <= since:
-            break
+    minutes before `upper`, then wider: `next_span`), the whole window ({}) only when those held fewer
+    than `limit`. Exact: every row a probe leaves out is older than every row it holds."""
+    span = FIRST_PROBE
+    while upper - span > since:
         rows = query({"since": format_time(upper - span)})
         if len(rows) >= limit:
             return rows
+        span = min(next_span(span, len(rows), limit), upper - since)  # the whole window at the most
     return query({})
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from cohere_gateway.consumers import logs
+from cohere_gateway.consumers import logs, queries
 from cohere_gateway.consumers.backends import Backend
 from cohere_gateway.consumers.http_api import ReadApi
 from cohere_gateway.consumers.metrics import Metrics
@@ -99,8 +99,8 @@ def test_cursor_pages_list_every_event_once_while_events_arrive(loaded: Any) -> 
 def test_pages_read_from_the_newest_hours_first_and_list_exactly_what_a_full_scan_lists(
     clickhouse_backend: Backend,
 ) -> None:
-    """A page reads the last 5 minutes, hour, day, week before where it starts, and the window only when those
-    hold too few (consumers.queries.newest); pages that begin inside one probe and end in the next, or
+    """A page reads the last 5 minutes before where it starts, then wider spans, and the window only when
+    those hold too few (consumers.queries.newest); pages that begin inside one probe and end in the next, or
     past all of them, still list every event once, newest first."""
     now = datetime.now(UTC).replace(microsecond=0)
     offsets = [*range(10, 200, 9), *range(400, 3400, 97), *range(4000, 200_000, 4001)]  # s before now
@@ -335,3 +335,26 @@ def test_a_reader_gone_before_its_answer_is_not_printed_as_an_error(
         api.stop()
     printed = capsys.readouterr().err
     assert "BrokenPipeError" not in printed and "a real bug" in printed
+
+
+def test_newest_sizes_each_span_from_what_the_last_one_held() -> None:
+    """Pure: a filter matching one row every 10 minutes over 30 days. The 5-minute probe finds nothing or
+    one; the next span is sized to hold 100 with a margin, so the third query at the latest answers, and
+    the answer is exactly the newest 100 (fixed 5 min / 1 h / 1 day steps took four)."""
+    upper = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
+    since = upper - timedelta(days=30)
+    times = [upper - timedelta(minutes=10 * i + 3) for i in range(30 * 144)]
+    asked: list[str] = []
+
+    def query(p: dict[str, str]) -> list[dict[str, Any]]:
+        asked.append(p.get("since", "window"))
+        lo = datetime.fromisoformat(p["since"]).replace(tzinfo=UTC) if "since" in p else since
+        return [{"t": t} for t in times if t >= lo][:100]
+
+    rows = queries.newest(query, since, upper, 100)
+    assert [r["t"] for r in rows] == times[:100]
+    assert len(asked) <= 3 and "window" not in asked
+    # A span never reaches past the window: a rare filter ends with the whole window, asked once.
+    asked.clear()
+    assert queries.newest(lambda p: query(p)[:1], since, upper, 100) == [{"t": times[0]}]
+    assert asked.count("window") == 1
