@@ -13,8 +13,9 @@ is. Other requests never come here.
 
 The pool is bounded: at most POOL_MAX_IDLE idle connections are kept, each for POOL_IDLE_EXPIRY_S; it
 speaks HTTP/1.1 (a request per connection at a time) and each request comes on a relay connection, so
-the connections in use at once are bounded by the relay's (`RelayLimits.max_open`, its httpx limit too). It never takes a proxy from the environment (HTTP(S)_PROXY), and checks the
-upstream's certificate against certifi's bundle or the `upstream_ca` file, never SSL_CERT_FILE.
+the connections in use at once are bounded by the relay's (`RelayLimits.max_open`, its httpx limit
+too). It never takes a proxy from the environment (HTTP(S)_PROXY), and checks the upstream's
+certificate against certifi's bundle or the `upstream_ca` file, never SSL_CERT_FILE.
 
 Per attempt: the request timeout runs until the response's headers (Cloudflare: "the first part of the
 response"); a 429/5xx, a connection failure, a timeout, or a non-stream body cut short is retried after
