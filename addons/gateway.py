@@ -756,10 +756,9 @@ class Gateway:
             if isinstance(exc, RelayStartError) or exchange.forwarded_at is not None:
                 raise  # forwarding failed, not the cache: answered 500 by the hook, never sent on as is
             log.exception("cache lookup failed (event %s); forwarding", exchange.event_id)
-            if exchange.forwarded_at is None:
-                pending = self._forward(flow, exchange)
-                if pending is not None:
-                    await pending
+            pending = self._forward(flow, exchange)
+            if pending is not None:
+                await pending
 
     async def _serve_cached(self, flow: http.HTTPFlow, exchange: Exchange, body: bytes) -> None:
         cache_state = exchange.cache
