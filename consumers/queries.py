@@ -233,7 +233,8 @@ def timeseries(backend: Backend, window: Window, by: str = "none", step_s: int =
 
 def _per_minute_or_rollup(name: str, window: Window, params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """A per-minute query, or with a whole hour in the window its rollup (whole hours from the hourly
-    table, the ragged minutes at both ends per minute; `Levels`)."""
+    table, the ragged minutes at both ends per minute; `Levels`). Unlike `_top`, whose ragged ends come
+    from `events` at the window's millisecond bounds, `since`/`until` become whole minutes here."""
     levels = Levels.of(window)
     if not levels.whole_hours:
         return sql(name), window.params() | params
