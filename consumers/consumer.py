@@ -2,9 +2,12 @@
 
 Delivery is at-least-once with no duplicates visible to queries:
 - offsets are committed only after the batch is in ClickHouse (and its dead letters are acknowledged);
-- each batch is one partition's offset range, inserted with a deduplication token derived from that range,
-  and the range is recorded before the insert (the intent log), so a restart re-cuts the same range and
-  the re-insert is a no-op for the raw table and its materialized views.
+- each batch is one partition's offset range, recorded before the insert (the intent log), so a restart
+  re-cuts the same ranges;
+- a flush inserts every partition's batch in one insert whose deduplication token names its ranges, so a
+  retry of the same flush is a no-op for the raw table and its materialized views, and the ids already
+  stored are left out of every insert (consumers/dedup.py), so a re-cut range inserted in another
+  combination is not counted twice either.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
@@ -43,6 +47,7 @@ COMMIT_TIMEOUT_MS = 10_000
 # ClickHouse's max_partitions_per_insert_block (default 100); `events` is partitioned by day.
 MAX_PARTITIONS_PER_INSERT = 100
 SESSION_TIMEOUT_MS = 10_000
+REVOKE_WAIT_S = SESSION_TIMEOUT_MS / 2000
 
 
 class Backoff:
@@ -375,37 +380,34 @@ class Consumer:
                 self.planner.mark_recorded(rng)
 
         rejected = []
-        inserts = []
+        storable: list[Converted] = []
         for batch in batches:
-            rows = []
             for polled in batch.records:
                 if isinstance(polled.row, Rejected):
                     rejected.append((polled.record, polled.row.reason))
                 else:
-                    rows.append(polled)
-            if rows:
-                inserts.append((batch.range.dedup_token, rows))
-        self._inflight = Inflight(batches, rejected, self._writer.submit(self._write, inserts))
+                    storable.append(polled)
+        token = dedup.flush_token([b.range.dedup_token for b in batches])
+        self._inflight = Inflight(batches, rejected, self._writer.submit(self._write, token, storable))
 
-    def _write(self, inserts: list[tuple[str, list[Converted]]]) -> list[tuple[Any, str]]:
+    def _write(self, token: str, polled: list[Converted]) -> list[tuple[Any, str]]:
         """On the writer thread, after the previous flush was written: one lookup for the whole flush
         tells which events are stored already, and those rows (and repeats within the flush) are left out,
-        so no materialized view counts an event twice (consumers/dedup.py). Returns the records ClickHouse
-        refused as data (dead letters, sent before the commit)."""
-        ids = [polled.row.event_id for _, rows in inserts for polled in rows]  # type: ignore[union-attr]
-        seen = dedup.stored_ids(self.backend, ids)
-        refused: list[tuple[Any, str]] = []
-        for range_token, polled in inserts:
-            rows: list[Row] = [p.row for p in polled]  # type: ignore[misc]
-            kept, dropped = dedup.keep_first(rows, seen)
-            self.metrics.duplicates.inc(dropped)
-            if kept:
-                records = {p.row.event_id: p.record for p in polled}  # type: ignore[union-attr]
-                refused += self._insert(range_token, kept, len(rows), records)
-        return refused
+        so no materialized view counts an event twice (consumers/dedup.py). Every partition's rows go in
+        one insert: each insert writes a part per materialized view whatever its size (about 80 ms on
+        the embedded engine), so one per partition made a flush's cost grow with the partitions it
+        touched. Returns the records ClickHouse refused as data (dead letters, sent before the commit)."""
+        rows: list[Row] = [p.row for p in polled]  # type: ignore[misc]
+        seen = dedup.stored_ids(self.backend, [row.event_id for row in rows])
+        kept, dropped = dedup.keep_first(rows, seen)
+        self.metrics.duplicates.inc(dropped)
+        if not kept:
+            return []
+        records = {p.row.event_id: p.record for p in polled}  # type: ignore[union-attr]
+        return self._insert(token, kept, len(rows), records)
 
     def _insert(
-        self, range_token: str, rows: list[Row], total: int, records: dict[str, Any]
+        self, token: str, rows: list[Row], total: int, records: dict[str, Any]
     ) -> list[tuple[Any, str]]:
         """Insert `rows`; when ClickHouse refuses the data itself, insert each half on its own, down to
         the single rows it refuses, which become dead letters: a bad row (or a replay spanning more
@@ -419,14 +421,14 @@ class Consumer:
             for first in range(0, len(days), MAX_PARTITIONS_PER_INSERT):
                 chunk_days = set(days[first : first + MAX_PARTITIONS_PER_INSERT])
                 chunk = [row for row in rows if row.start_time.astimezone(UTC).date() in chunk_days]
-                refused += self._insert(range_token, chunk, total, records)
+                refused += self._insert(token, chunk, total, records)
             return refused
         started = time.perf_counter()
         try:
             self.backend.insert_json_rows(
                 "events",
                 b"".join(row.line for row in rows),
-                dedup.token_for(range_token, rows, total),
+                dedup.token_for(token, rows, total),
                 EVENT_COLUMNS,
             )
         except BackendRejected as exc:
@@ -436,8 +438,8 @@ class Consumer:
             self.metrics.insert_splits.inc()
             half = len(rows) // 2
             # Each half is named by its ids (token_for with total > len), so a retry re-inserts the same.
-            return self._insert(range_token, rows[:half], total, records) + self._insert(
-                range_token, rows[half:], total, records
+            return self._insert(token, rows[:half], total, records) + self._insert(
+                token, rows[half:], total, records
             )
         self.metrics.record_insert(len(rows), time.perf_counter() - started)
         return []
@@ -514,6 +516,7 @@ class Consumer:
         (or any blocking consumer call) raises "Cannot block on net.run() from the IO thread", and an
         insert without its commit would put the batch in this consumer's store and, in embedded mode,
         the next owner's too."""
+        self._await_inflight_write(revoked)
         now = self.clock()
         for tp in revoked:
             first = self._first_buffered_offset(tp)
@@ -522,6 +525,25 @@ class Consumer:
             self.planner.drop(tp, now)
             self._held.pop(tp, None)
         self.metrics.partitions = []
+
+    def _await_inflight_write(self, revoked: list[Any]) -> None:
+        """Hold the rebalance until a flush being written for a revoked partition is in storage: the
+        next owner cuts the same range again, and only a write that has landed is found by its duplicate
+        lookup (the flush's token names its other partitions too, so the next owner's insert of this one
+        range carries another). Waiting here delays this member's rejoin, hence the next owner's first
+        fetch. Bounded below the session timeout: longer, and the group would evict this member anyway."""
+        inflight = self._inflight
+        if inflight is None or not {(b.range.topic, b.range.partition) for b in inflight.batches} & {
+            (tp.topic, tp.partition) for tp in revoked
+        }:
+            return
+        _, pending = futures_wait([inflight.written], timeout=REVOKE_WAIT_S)
+        if pending:
+            log.warning(
+                "a flush for revoked partitions was still being written after %.0f s; the next owner "
+                "may insert its events again before this write lands",
+                REVOKE_WAIT_S,
+            )
 
     def on_assigned(self, assigned: list[Any]) -> None:
         # Positions of partitions we keep survive a rebalance; rewind those whose records we dropped.

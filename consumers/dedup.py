@@ -65,12 +65,22 @@ def keep_first(rows: Iterable[Row], seen: set[str]) -> tuple[list[Row], int]:
     return kept, dropped
 
 
-def token_for(range_token: str, kept: Sequence[Row], total: int) -> str:
-    """The insert's deduplication token. The range's own token while the insert holds the whole range.
+def flush_token(range_tokens: Sequence[str]) -> str:
+    """The token of a flush's one insert, named by the offset ranges it holds: a retry of the same
+    flush (the same ranges, cut again from the intent log) carries the same token whatever order the
+    partitions come in. A flush of one range keeps that range's own token."""
+    if len(range_tokens) == 1:
+        return range_tokens[0]
+    joined = "\n".join(sorted(range_tokens)).encode()
+    return f"flush:{len(range_tokens)}:{hashlib.blake2b(joined, digest_size=16).hexdigest()}"
+
+
+def token_for(flush: str, kept: Sequence[Row], total: int) -> str:
+    """The insert's deduplication token. The flush's own token while the insert holds all its rows.
     When duplicates were left out, the rows depend on what was stored when this attempt looked, so the
     token names them: an attempt after a partial write (some parts of a multi-day insert stored) then
     inserts the rest under a new token, instead of being dropped as a repeat of the first attempt."""
     if len(kept) == total:
-        return range_token
+        return flush
     digest = hashlib.blake2b(b"\n".join(r.event_id.encode() for r in kept), digest_size=8).hexdigest()
-    return f"{range_token}:{digest}"
+    return f"{flush}:{digest}"

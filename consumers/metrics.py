@@ -41,7 +41,9 @@ class Metrics:
             return Counter(f"cohere_gateway_consumer_{name}", help_text, registry=self.registry)
 
         self.events_inserted = counter("events_inserted", "Events inserted into the raw table.")
-        self.batches_inserted = counter("batches", "Batches inserted (one per partition range).")
+        self.batches_inserted = counter(
+            "batches", "Inserts into the raw table (one per flush, holding every partition's range)."
+        )
         self.dead_letters = counter("dead_letters", "Messages sent to the dead-letter topic.")
         self.duplicates = counter(
             "duplicates", "Events not inserted because their event_id was stored already (counted once)."
