@@ -126,8 +126,8 @@ class ConsumerSettings:
     )
     batch_size: int = setting(
         5000,
-        "Rows per insert: a partition's events are inserted once this many are buffered (each partition "
-        "is its own insert, so up to partitions x this many are held in memory).",
+        "Rows per insert: buffered events are inserted once this many are held (every partition's in "
+        "one insert), or --batch-wait-ms after the first arrived.",
     )
     batch_wait_ms: int = setting(
         1000, "Insert buffered events at the latest this long after the first arrived."

@@ -17,8 +17,12 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import orjson
 
 # Settings every batch insert carries. The token makes a re-insert of the same batch a no-op, in the
-# table and in the materialized views fed by it (docs/storage.md).
-DEDUP_SETTINGS = {"deduplicate_blocks_in_dependent_materialized_views": 1}
+# table and in the materialized views fed by it (docs/storage.md). The views are written in parallel:
+# an insert feeds 16 of them, and one after another they took about 30 % longer (bench/sink.py, steady).
+DEDUP_SETTINGS = {
+    "deduplicate_blocks_in_dependent_materialized_views": 1,
+    "parallel_view_processing": 1,
+}
 
 FAULT_FILE_ENV = "COHERE_GATEWAY_TEST_CLICKHOUSE_DOWN_FILE"
 

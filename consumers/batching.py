@@ -1,9 +1,10 @@
-"""Which buffered messages go into the next insert, per partition. Pure: no Kafka, no ClickHouse.
+"""Which buffered messages go into the next insert, and when. Pure: no Kafka, no ClickHouse.
 
-A batch is one partition's contiguous offset range. Its deduplication token is derived from that range,
-so a re-insert of the same range after a crash is a no-op. For that the range must be cut the same way
-again: before inserting, the consumer records the range (the intent log, table `consumer_batches`);
-whoever consumes the partition next loads those intents and cuts exactly the recorded ranges.
+A batch is one partition's contiguous offset range; a flush inserts every partition's batch at once, under
+a deduplication token derived from those ranges (consumers/dedup.py), so a retry of the same flush is a
+no-op. For that the ranges must be cut the same way again: before inserting, the consumer records them
+(the intent log, table `consumer_batches`); whoever consumes a partition next loads its intents and cuts
+exactly the recorded ranges.
 """
 
 from __future__ import annotations
@@ -59,12 +60,14 @@ class Planner:
         self._recorded: set[tuple[str, int, int]] = set()  # intents known to be in the intent log
         self._oldest: float | None = None  # monotonic time the oldest buffered record arrived
 
-    def add(self, tp: TopicPartition, records: list[Any], now: float) -> None:
+    def add(self, tp: TopicPartition, records: list[Any], arrived: float) -> None:
+        """Buffer `records`, polled at `arrived` (records held while a flush was in flight keep the time
+        they were polled, so they do not wait a second batch wait)."""
         if not records:
             return
         self._buffers[tp].extend(records)
-        if self._oldest is None:
-            self._oldest = now
+        if self._oldest is None or arrived < self._oldest:
+            self._oldest = arrived
 
     def buffered(self, tp: TopicPartition | None = None) -> int:
         if tp is not None:
@@ -75,11 +78,16 @@ class Planner:
         return [tp for tp, buf in self._buffers.items() if buf]
 
     def due(self, now: float, batch_size: int, wait_s: float) -> bool:
-        """A partition has a full batch (each partition is its own insert, so `batch_size` is the rows
-        of one insert), or the oldest buffered record has waited `wait_s`."""
+        """`batch_size` records are buffered (a flush is one insert of every partition's batch), or the
+        oldest buffered record has waited `wait_s`."""
+        return self.wait_left(now, wait_s) == 0.0 or self.buffered() >= batch_size
+
+    def wait_left(self, now: float, wait_s: float) -> float | None:
+        """Seconds until the oldest buffered record has waited `wait_s` (0 when it has), None when
+        nothing is buffered: how long a poll may block before a flush is due."""
         if self._oldest is None:
-            return False
-        return now - self._oldest >= wait_s or any(len(b) >= batch_size for b in self._buffers.values())
+            return None
+        return max(0.0, self._oldest + wait_s - now)
 
     def knows_intents(self, tp: TopicPartition) -> bool:
         return tp in self._intents

@@ -13,6 +13,7 @@ Delivery is at-least-once with no duplicates visible to queries:
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import threading
@@ -111,6 +112,7 @@ class Consumer:
         self._inserts = 0
         self._inflight: Inflight | None = None
         self._held: dict[Any, list[Any]] = {}  # polled while a flush is in flight
+        self._held_since = 0.0  # when the first of them was polled
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="clickhouse-writer")
         crash = os.environ.get(CRASH_AFTER_INSERTS_ENV)
         self._crash_after = int(crash) if crash else None
@@ -199,7 +201,6 @@ class Consumer:
         if self._kafka is None:
             return
         wait_s = self.cfg.batch_wait_ms / 1000
-        poll_ms = max(10, min(200, self.cfg.batch_wait_ms))
         last_lag = 0.0
         log.info(
             "consuming %s as group %s into %s", self.cfg.topic, self.cfg.group_id, self.backend.description
@@ -207,7 +208,9 @@ class Consumer:
         try:
             while not stop.is_set():
                 try:
-                    polled = self._kafka.poll(timeout_ms=poll_ms, max_records=self.cfg.batch_size)
+                    polled = self._kafka.poll(
+                        timeout_ms=self._poll_ms(wait_s), max_records=self.cfg.batch_size
+                    )
                     self._check_kafka()
                     if self._watch is not None:
                         replace = self._watch.tick(self._kafka)
@@ -226,8 +229,7 @@ class Consumer:
                 for tp, records in polled.items():
                     self._take(tp, records, now)
                 if self._inflight is not None and (
-                    self._inflight.written.done()
-                    or any(len(held) >= self.cfg.batch_size for held in self._held.values())
+                    self._inflight.written.done() or sum(map(len, self._held.values())) >= self.cfg.batch_size
                 ):
                     self._guarded(self._finish_flush)
                 self.metrics.buffered = self.planner.buffered() + sum(map(len, self._held.values()))
@@ -281,13 +283,26 @@ class Consumer:
         if self._inflight is None:
             self.planner.add(tp, converted, now)
         else:
+            if not self._held:
+                self._held_since = now
             self._held.setdefault(tp, []).extend(converted)
 
     def _release_held(self) -> None:
-        now = self.clock()
         for tp, records in self._held.items():
-            self.planner.add(tp, records, now)
+            self.planner.add(tp, records, self._held_since)
         self._held.clear()
+
+    def _poll_ms(self, wait_s: float) -> int:
+        """Block in poll at most until the next flush is due, or, while one is being written, for
+        10 ms at a time (its end is seen only between polls), so a flush is neither late by a poll that
+        found nothing nor left waiting behind one that has landed. Before: up to 200 ms late each,
+        against a 0.4 s produce-to-visible goal."""
+        if self._inflight is not None:
+            return 10
+        left = self.planner.wait_left(self.clock(), wait_s)
+        if left is None:
+            return max(10, min(200, self.cfg.batch_wait_ms))
+        return max(1, min(200, math.ceil(left * 1000)))
 
     def _guarded(self, step: Callable[[], None]) -> bool:
         """Run one flush step; on failure pause and retry later, having committed nothing unwritten."""

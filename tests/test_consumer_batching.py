@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pytest
+
 from cohere_gateway.consumers.batching import Planner, Range, TopicPartition
 from cohere_gateway.consumers.rows import Rejected
 from cohere_gateway.events import encode
@@ -23,7 +25,7 @@ class Rec:
 
 def test_without_intents_a_batch_is_everything_buffered() -> None:
     p = Planner()
-    p.add(TP, [Rec(o) for o in range(5, 9)], now=0.0)
+    p.add(TP, [Rec(o) for o in range(5, 9)], arrived=0.0)
     batch = p.cut(TP)
     assert batch is not None and not batch.replay
     assert (batch.range.first_offset, batch.range.last_offset) == (5, 8)
@@ -33,9 +35,9 @@ def test_without_intents_a_batch_is_everything_buffered() -> None:
 def test_a_recorded_intent_is_cut_again_exactly_even_with_more_buffered() -> None:
     p = Planner()
     p.load_intents(TP, [Range("t", 0, 5, 7, 1000)])
-    p.add(TP, [Rec(5), Rec(6)], now=0.0)
+    p.add(TP, [Rec(5), Rec(6)], arrived=0.0)
     assert p.cut(TP) is None  # offset 7 not here yet: wait rather than cut a different range
-    p.add(TP, [Rec(7), Rec(8), Rec(9)], now=0.1)
+    p.add(TP, [Rec(7), Rec(8), Rec(9)], arrived=0.1)
     batch = p.cut(TP)
     assert batch is not None and batch.replay and [r.offset for r in batch.records] == [5, 6, 7]
     p.done(batch, now=0.2)
@@ -46,7 +48,7 @@ def test_a_recorded_intent_is_cut_again_exactly_even_with_more_buffered() -> Non
 def test_an_intent_from_a_recreated_topic_is_ignored() -> None:
     p = Planner()
     p.load_intents(TP, [Range("t", 0, 0, 50, 999)])  # same offsets, other first timestamp
-    p.add(TP, [Rec(0), Rec(1)], now=0.0)
+    p.add(TP, [Rec(0), Rec(1)], arrived=0.0)
     batch = p.cut(TP)
     assert batch is not None and not batch.replay and batch.range.last_offset == 1
 
@@ -54,21 +56,35 @@ def test_an_intent_from_a_recreated_topic_is_ignored() -> None:
 def test_due_by_count_or_age() -> None:
     p = Planner()
     assert not p.due(now=100.0, batch_size=3, wait_s=1.0)
-    p.add(TP, [Rec(0)], now=10.0)
+    p.add(TP, [Rec(0)], arrived=10.0)
     assert not p.due(now=10.5, batch_size=3, wait_s=1.0)
     assert p.due(now=11.0, batch_size=3, wait_s=1.0)
-    p.add(TP, [Rec(1), Rec(2)], now=10.6)
+    p.add(TP, [Rec(1), Rec(2)], arrived=10.6)
     assert p.due(now=10.6, batch_size=3, wait_s=1.0)
 
 
-def test_batch_size_counts_one_partition_because_each_partition_is_one_insert() -> None:
+def test_batch_size_counts_every_partition_because_a_flush_is_one_insert() -> None:
     p = Planner()
     other = TopicPartition("t", 1)
-    p.add(TP, [Rec(0), Rec(1)], now=10.0)
-    p.add(other, [Rec(0, partition=1), Rec(1, partition=1)], now=10.0)
-    assert not p.due(now=10.1, batch_size=3, wait_s=1.0)  # four buffered, no insert would have three
-    p.add(other, [Rec(2, partition=1)], now=10.1)
+    p.add(TP, [Rec(0)], arrived=10.0)
+    p.add(other, [Rec(0, partition=1)], arrived=10.0)
+    assert not p.due(now=10.1, batch_size=3, wait_s=1.0)
+    p.add(other, [Rec(1, partition=1)], arrived=10.1)  # three buffered, in two partitions
     assert p.due(now=10.1, batch_size=3, wait_s=1.0)
+
+
+def test_records_held_during_a_flush_keep_the_time_they_were_polled() -> None:
+    """Before, records polled while a flush was in flight started their batch wait when that flush
+    ended, so they waited up to a whole insert longer than the wait."""
+    p = Planner()
+    p.add(TP, [Rec(0)], arrived=10.0)
+    batch = p.cut(TP)
+    assert batch is not None
+    p.done(batch, now=10.5)  # the flush in flight lands; the records polled meanwhile join now
+    p.add(TP, [Rec(1)], arrived=10.2)
+    assert p.wait_left(now=10.5, wait_s=1.0) == pytest.approx(0.7)
+    assert p.due(now=11.2, batch_size=100, wait_s=1.0)
+    assert p.wait_left(now=12.0, wait_s=1.0) == 0.0
 
 
 def test_convert_accepts_events_and_explains_rejections() -> None:
