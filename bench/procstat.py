@@ -80,3 +80,11 @@ class CpuMeter:
     def stop(self) -> dict[str, float]:
         self.used = {name: tree_cpu_seconds(pid) - self._start[name] for name, pid in self.pids.items()}
         return self.used
+
+
+def host_cpu_busy() -> tuple[float, float]:
+    """(busy, total) jiffies of all the host's cores so far: two readings give its busy share between."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    total = sum(fields[:8])  # guest time is already in user/nice
+    return float(total - idle), float(total)

@@ -8,11 +8,18 @@ opens the streams spread over a ramp and times every event. Per target and size:
 and inter-event gap p50/p99 (added over direct), the gateway's CPU over the run (share of one core per
 worker), its RSS growth per open stream (peak over idle, the delivery process included), and event-loop
 lag (a /healthz probe through the same listener every 100 ms, p99).
+
+`python -m bench.streams` runs other sizes (`--streams`, `--workers`) and, with `--pin`, keeps the gateway
+on one core and everything else (load, upstream, Kafka, this process) on the other: on a host that runs
+all of them, it tells the gateway's own gap from the one a saturated host adds. Host CPU (all cores, over
+the plateau) is reported so the two can be told apart.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -25,10 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import targets
-from bench.procstat import tree_cpu_seconds, tree_rss_bytes
+from bench.procstat import host_cpu_busy, tree_cpu_seconds, tree_rss_bytes
 from bench.report import Outcome, Table, budget_table, verdict
 from bench.stats import percentile
 from bench.workload import HEADERS, long_stream_body
+from tests.fixtures.gateway import _command as gateway_command
 from tests.fixtures.gateway import free_port
 
 TOOL = Path(__file__).with_name("streamload")
@@ -96,6 +104,7 @@ class Run:
     rss_per_stream_kb: float | None = None
     lag_p99_ms: float | None = None
     probe_failures: int = 0
+    host_cpu: float | None = None  # busy share of all the host's cores over the same plateau
 
 
 PROBE_TIMEOUT_S = 10.0
@@ -128,6 +137,7 @@ def load(binary: Path, target: targets.Target, request: Path, streams: int, size
     # The plateau: every stream opened (the ramp and a second), none ended yet.
     plateau = (ramp_s + 1.0, ramp_s + 1.0 + max(1.0, events * sizes.chunk_delay_ms / 1000 - 3.0))
     cpu_marks: dict[int, tuple[float, float]] = {}
+    host_marks: dict[int, tuple[float, float]] = {}
     stop, lags, failed = threading.Event(), [], []
     probe = threading.Thread(target=_probe, args=(target.url, stop, lags, failed), daemon=True)
     if pid:
@@ -142,6 +152,7 @@ def load(binary: Path, target: targets.Target, request: Path, streams: int, size
                 for i, mark in enumerate(plateau):
                     if elapsed >= mark and i not in cpu_marks:
                         cpu_marks[i] = (time.monotonic(), tree_cpu_seconds(pid))
+                        host_marks[i] = host_cpu_busy()
             time.sleep(0.1)
         stop.set()
         out.seek(0)
@@ -154,6 +165,8 @@ def load(binary: Path, target: targets.Target, request: Path, streams: int, size
         if len(cpu_marks) == 2:
             (t0, c0), (t1, c1) = cpu_marks[0], cpu_marks[1]
             run.cpu_core = (c1 - c0) / (t1 - t0)
+            (b0, a0), (b1, a1) = host_marks[0], host_marks[1]
+            run.host_cpu = (b1 - b0) / max(1e-9, a1 - a0)
         run.rss_per_stream_kb = (peak_rss - idle_rss) / 1024 / max(1, int(result["peak_open"]))
         run.lag_p99_ms = percentile(lags, 99) * 1000 if lags else None
     return run
@@ -163,32 +176,48 @@ def _fmt(value: float | None, digits: int = 1) -> str:
     return "—" if value is None else f"{value:,.{digits}f}"
 
 
-def run(quick: bool) -> Outcome:
-    sizes = QUICK if quick else FULL
+# --pin: the gateway on one core, everything else on the others (the host has at least two).
+GATEWAY_CORE = 1
+
+
+def run(
+    quick: bool, sizes: Sizes | None = None, pin: bool = False, options: dict[str, str] | None = None
+) -> Outcome:
+    sizes = sizes or (QUICK if quick else FULL)
     runs: list[Run] = []
-    with tempfile.TemporaryDirectory(prefix="bench-streams-") as tmp:
-        binary = build(Path(tmp))
-        stream, request = Path(tmp) / "stream.sse", Path(tmp) / "request.json"
-        recorded = record_stream(sizes.tokens)
-        events = recorded.strip().count(b"\n\n") + 1
-        stream.write_bytes(recorded)
-        request.write_bytes(long_stream_body(sizes.tokens))
-        with targets.kafka() as kafka, upstream(binary, stream, sizes.chunk_delay_ms) as direct:
-            topic = kafka.topic("bench-streams")
-            for n in sizes.streams:
-                runs.append(load(binary, direct, request, n, sizes, events))
-                for w in sizes.workers:
-                    # A fresh gateway per size, so its RSS growth is this size's alone; its connection
-                    # cap (--max-connections, default 1,024 a worker) raised to hold every stream.
-                    with targets.gateway(
-                        f"gateway ×{w}",
-                        direct.url,
-                        kafka.bootstrap,
-                        topic,
-                        workers=w,
-                        max_connections=n + 100,
-                    ) as gw:
-                        runs.append(load(binary, gw, request, n, sizes, events))
+    # Everything this process starts inherits its cores: the gateway alone is moved to GATEWAY_CORE.
+    own = os.sched_getaffinity(0)
+    if pin:
+        os.sched_setaffinity(0, own - {GATEWAY_CORE})
+    command = ["taskset", "-c", str(GATEWAY_CORE), *gateway_command()] if pin else None
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-streams-") as tmp:
+            binary = build(Path(tmp))
+            stream, request = Path(tmp) / "stream.sse", Path(tmp) / "request.json"
+            recorded = record_stream(sizes.tokens)
+            events = recorded.strip().count(b"\n\n") + 1
+            stream.write_bytes(recorded)
+            request.write_bytes(long_stream_body(sizes.tokens))
+            with targets.kafka() as kafka, upstream(binary, stream, sizes.chunk_delay_ms) as direct:
+                topic = kafka.topic("bench-streams")
+                for n in sizes.streams:
+                    runs.append(load(binary, direct, request, n, sizes, events))
+                    for w in sizes.workers:
+                        # A fresh gateway per size, so its RSS growth is this size's alone; its connection
+                        # cap (--max-connections, default 1,024 a worker) raised to hold every stream.
+                        with targets.gateway(
+                            f"gateway ×{w}",
+                            direct.url,
+                            kafka.bootstrap,
+                            topic,
+                            command=command,
+                            workers=w,
+                            max_connections=n + 100,
+                            **(options or {}),
+                        ) as gw:
+                            runs.append(load(binary, gw, request, n, sizes, events))
+    finally:
+        os.sched_setaffinity(0, own)
     table = Table(
         f"Streams: v2 chat SSE, {sizes.tokens}-token replies, {sizes.chunk_delay_ms:g} ms between events, "
         f"each on a new connection, {sizes.arrivals_per_s} new a second",
@@ -202,6 +231,7 @@ def run(quick: bool) -> Outcome:
             "gateway CPU, all open (cores)",
             "RSS per open stream KB",
             "/healthz p99 ms (loop lag)",
+            "host CPU, all open",
         ],
     )
     for r in runs:
@@ -216,6 +246,7 @@ def run(quick: bool) -> Outcome:
             _fmt(r.cpu_core, 2),
             _fmt(r.rss_per_stream_kb),
             _fmt(r.lag_p99_ms) + (f" ({r.probe_failures} failed)" if r.probe_failures else ""),
+            "—" if r.host_cpu is None else f"{r.host_cpu:.0%}",
         )
     budgets = budget_table()
     met = True
@@ -244,5 +275,39 @@ def run(quick: bool) -> Outcome:
         "from the emulator",
         "gateway CPU = CPU seconds of its process tree (workers, delivery processes) over the load's wall"
         " time",
+        *([f"pinned: the gateway on core {GATEWAY_CORE}; load, upstream, Kafka elsewhere"] if pin else []),
+        *([f"gateway options: {options}"] if options else []),
     ]
     return Outcome([table, budgets], notes, None if quick else met)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Other sizes than the recorded run's, printed only: for finding where a limit lies."""
+    parser = argparse.ArgumentParser(prog="python -m bench.streams", description=main.__doc__)
+    parser.add_argument("--streams", default="1000", help="comma-separated stream counts (default 1000)")
+    parser.add_argument("--workers", default="1", help="comma-separated --workers values (default 1)")
+    parser.add_argument("--tokens", type=int, default=FULL.tokens, help="events per stream, about")
+    parser.add_argument("--chunk-delay-ms", type=float, default=FULL.chunk_delay_ms)
+    parser.add_argument("--arrivals-per-s", type=int, default=FULL.arrivals_per_s)
+    parser.add_argument("--pin", action="store_true", help=f"the gateway alone on core {GATEWAY_CORE}")
+    parser.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
+                        help="a gateway option (e.g. upstream_pool=off), repeatable")  # fmt: skip
+    args = parser.parse_args(argv)
+    sizes = Sizes(
+        streams=tuple(int(n) for n in args.streams.split(",")),
+        tokens=args.tokens,
+        chunk_delay_ms=args.chunk_delay_ms,
+        arrivals_per_s=args.arrivals_per_s,
+        workers=tuple(int(w) for w in args.workers.split(",")),
+    )
+    options = dict(o.split("=", 1) for o in args.set)
+    outcome = run(False, sizes, args.pin, options)
+    for table in outcome.tables:
+        print(table.text())
+    for note in outcome.notes:
+        print(f"- {note}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
