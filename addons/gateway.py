@@ -170,6 +170,7 @@ class HotOptions:
     default_account_id: str
     default_gateway_id: str
     upstream_pool: str
+    pool_streams: bool
 
     @classmethod
     def of(cls, opts: Any) -> HotOptions:
@@ -618,7 +619,7 @@ class Gateway:
     def _forward(self, flow: http.HTTPFlow, exchange: Exchange) -> Awaitable[None] | None:
         self.metrics.requests[exchange.route.mode] += 1
         exchange.forwarded_at = time.time()
-        pooled = self._pooled(flow)
+        pooled = self._pooled(flow, exchange.stream)
         if not (pooled or exchange.retry.active):
             return None
         # A request the pool serves only as its client connection's first: the connection's later
@@ -630,11 +631,16 @@ class Gateway:
         self._via_relay(flow, exchange, close)
         return None
 
-    def _pooled(self, flow: http.HTTPFlow) -> bool:
-        """Whether the pool (the relay's shared connections) serves this request (`upstream_pool`)."""
+    def _pooled(self, flow: http.HTTPFlow, stream: bool) -> bool:
+        """Whether the pool (the relay's shared connections) serves this request (`upstream_pool`,
+        `pool_streams`)."""
         mode = self.hot.upstream_pool
         client = flow.client_conn.id
         if mode == "off" or client not in self._counted:  # (a flow of no announced connection: a test's)
+            return False
+        if stream and not self.hot.pool_streams:
+            # mitmproxy's own upstream connection then serves this client connection's later requests too
+            self._forwarded_on.add(client)
             return False
         if mode == "always":
             return True

@@ -200,6 +200,13 @@ class ProxySettings:
         "timeout or retries.",
         choices=UPSTREAM_POOL_MODES,
     )
+    pool_streams: bool = setting(
+        True,
+        "Whether upstream_pool also takes streamed requests. A pooled stream skips the upstream handshake "
+        "but passes every event through the relay's loopback hop for its whole life, which about doubles "
+        "the gateway's memory and CPU per open stream (bench streams); off, a stream goes upstream on "
+        "mitmproxy's own connection (a stream with a timeout or retries still takes the relay).",
+    )
     upstream_ca: str = setting(
         "",
         "PEM file of the CA certificates the upstream's TLS certificate is checked against (an upstream "

@@ -181,6 +181,31 @@ def test_a_stream_streams_through_the_pool(
     assert event.usage.output_tokens == 12
 
 
+def test_without_pool_streams_a_stream_goes_on_mitmproxys_own_connection_and_others_keep_the_pool(
+    front: TlsFront, kafka_bootstrap: str, gateway_topic: str, gateway_events: EventReader
+) -> None:
+    cid = "own-stream-" + uuid.uuid4().hex
+    body = {**CHAT, "stream": True, "messages": [{"role": "user", "content": "emulator:reply-tokens=12"}]}
+    headers = {"Authorization": f"Bearer {KEY}", "cf-aig-event-id": cid}
+    with (
+        gateway(front, kafka_bootstrap, gateway_topic, "new-connections", pool_streams=False) as gw,
+        fresh_connections() as client,
+    ):
+        with client.stream("POST", gw.base() + "/cohere/v2/chat", json=body, headers=headers) as resp:
+            assert resp.status_code == 200, resp.read()
+            events = [line for line in resp.iter_lines() if line.startswith("data:")]
+        after_stream = upstream_connections(gw)
+        for i in range(3):
+            assert chat(client, gw, f"own-stream-plain-{i}").status_code == 200
+        after_plain = upstream_connections(gw)
+    assert len(events) > 10
+    assert after_stream == {"mitmproxy": 1, "pool": 0}  # the stream: its own upstream connection
+    assert after_plain == {"mitmproxy": 1, "pool": 1}  # requests without a stream: the pool, as before
+    event = gateway_events.wait_until(lambda e: e.client_event_id == cid)[0]
+    assert (event.outcome, event.stream, event.attempts) == ("ok", True, 1)
+    assert event.usage.output_tokens == 12 and event.cost_usd is not None
+
+
 def _relay_port(gw: GatewayProcess) -> int:
     """The loopback port the gateway's relay listens on: its process's other listening socket."""
     pid = gw.proc.pid
