@@ -299,7 +299,10 @@ class Relay:
                 if len(body) > limits.max_body_bytes:
                     await _refuse(reader, writer, 413, "request body is larger than the relay's limit", conn)
                     break
-                if not await self._exchange(conn, reader, writer, event, bytes(body), ticket):
+                # The exchange keeps its own copy (for its attempts): the buffer must not live on beside it
+                # for as long as a stream runs.
+                content, body = bytes(body), bytearray()
+                if not await self._exchange(conn, reader, writer, event, content, ticket):
                     break
                 if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                     break

@@ -157,6 +157,46 @@ def test_a_ca_change_lets_a_stream_in_flight_finish_then_closes_the_old_pool() -
         run(test)
 
 
+def test_an_open_stream_holds_one_copy_of_its_request_body_in_the_relay() -> None:
+    """The relay read the body into a buffer and handed the exchange a copy; the buffer stayed alive beside
+    it for the whole stream (a long chat history twice over per open stream)."""
+    import tracemalloc
+
+    size = 2_000_000
+    text = "emulator:reply-tokens=20 " + "x" * size
+    body = {**CHAT, "stream": True, "messages": [{"role": "user", "content": text}]}
+    with start_emulator("--chunk-delay-ms", "100") as upstream:
+
+        async def test() -> None:
+            relay = await started(upstream)
+            token = relay.register(ticket_for(upstream, stream=True))
+            tracemalloc.start()
+            try:
+                async with (
+                    httpx.AsyncClient(timeout=30) as client,
+                    client.stream(
+                        "POST",
+                        f"http://127.0.0.1:{relay.port}/v2/chat",
+                        json=body,
+                        headers={**AUTH, RELAY_HEADER: token},
+                    ) as resp,
+                ):
+                    lines = resp.aiter_lines()
+                    assert "message-start" in await anext(lines)  # the stream is open
+                    # what the relay's own lines allocated and still hold
+                    held = tracemalloc.take_snapshot().filter_traces(
+                        [tracemalloc.Filter(True, relay_module.__file__)]
+                    )
+                    assert sum(stat.size for stat in held.statistics("filename")) < 1.5 * size
+                    async for _ in lines:
+                        pass
+            finally:
+                tracemalloc.stop()
+                await relay.close()
+
+        run(test)
+
+
 # --- the gateway's side, in-process with mitmproxy's test flows -------------------------------------------
 
 
