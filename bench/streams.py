@@ -181,7 +181,7 @@ GATEWAY_CORE = 1
 
 
 def run(
-    quick: bool, sizes: Sizes | None = None, pin: bool = False, options: dict[str, str] | None = None
+    quick: bool, sizes: Sizes | None = None, pin: bool = False, options: dict[str, str | bool] | None = None
 ) -> Outcome:
     sizes = sizes or (QUICK if quick else FULL)
     runs: list[Run] = []
@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arrivals-per-s", type=int, default=FULL.arrivals_per_s)
     parser.add_argument("--pin", action="store_true", help=f"the gateway alone on core {GATEWAY_CORE}")
     parser.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
-                        help="a gateway option (e.g. upstream_pool=off), repeatable")  # fmt: skip
+                        help="a gateway option (upstream_pool=off, pool_streams=false)")  # fmt: skip
     args = parser.parse_args(argv)
     sizes = Sizes(
         streams=tuple(int(n) for n in args.streams.split(",")),
@@ -300,7 +300,11 @@ def main(argv: list[str] | None = None) -> int:
         arrivals_per_s=args.arrivals_per_s,
         workers=tuple(int(w) for w in args.workers.split(",")),
     )
-    options = dict(o.split("=", 1) for o in args.set)
+    options: dict[str, str | bool] = {}
+    for option in args.set:
+        name, value = option.split("=", 1)
+        # a boolean option is a flag of its own (--no-pool-streams), not a value
+        options[name] = {"true": True, "false": False}.get(value.lower(), value)
     outcome = run(False, sizes, args.pin, options)
     for table in outcome.tables:
         print(table.text())
