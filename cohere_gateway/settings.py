@@ -201,11 +201,13 @@ class ProxySettings:
         choices=UPSTREAM_POOL_MODES,
     )
     pool_streams: bool = setting(
-        True,
-        "Whether upstream_pool also takes streamed requests. A pooled stream skips the upstream handshake "
-        "but passes every event through the relay's loopback hop for its whole life, which about doubles "
-        "the gateway's memory and CPU per open stream (bench streams); off, a stream goes upstream on "
-        "mitmproxy's own connection (a stream with a timeout or retries still takes the relay).",
+        False,
+        "Whether upstream_pool also takes streamed requests. Off (the default), a stream goes upstream on "
+        "mitmproxy's own connection, paying one upstream handshake if its client connection is new (a "
+        "stream with a timeout or retries still takes the relay). On, a stream skips that handshake but "
+        "passes every event through the relay's loopback hop for its whole life: about twice the "
+        "gateway's memory and CPU per open stream, and chunk gaps +71 ms at p99 over direct at 1,000 "
+        "streams against +6 ms off (bench streams).",
     )
     upstream_ca: str = setting(
         "",

@@ -151,7 +151,7 @@ def test_a_kept_alive_connection_keeps_its_relay_connection_between_retried_requ
     assert "internal error in the upstream relay" not in log
 
 
-def test_a_stream_streams_through_the_pool(
+def test_with_pool_streams_a_stream_streams_through_the_pool(
     kafka_bootstrap: str, gateway_topic: str, gateway_events: EventReader
 ) -> None:
     delay_ms = 100
@@ -160,7 +160,7 @@ def test_a_stream_streams_through_the_pool(
     with (
         start_emulator("--chunk-delay-ms", str(delay_ms)) as upstream,
         tls_front(upstream) as slow_front,
-        gateway(slow_front, kafka_bootstrap, gateway_topic, "new-connections") as gw,
+        gateway(slow_front, kafka_bootstrap, gateway_topic, "new-connections", pool_streams=True) as gw,
     ):
         arrivals: list[float] = []
         headers = {"Authorization": f"Bearer {KEY}", "cf-aig-event-id": cid}
@@ -181,14 +181,14 @@ def test_a_stream_streams_through_the_pool(
     assert event.usage.output_tokens == 12
 
 
-def test_without_pool_streams_a_stream_goes_on_mitmproxys_own_connection_and_others_keep_the_pool(
+def test_by_default_a_stream_goes_on_mitmproxys_own_connection_and_others_keep_the_pool(
     front: TlsFront, kafka_bootstrap: str, gateway_topic: str, gateway_events: EventReader
 ) -> None:
     cid = "own-stream-" + uuid.uuid4().hex
     body = {**CHAT, "stream": True, "messages": [{"role": "user", "content": "emulator:reply-tokens=12"}]}
     headers = {"Authorization": f"Bearer {KEY}", "cf-aig-event-id": cid}
     with (
-        gateway(front, kafka_bootstrap, gateway_topic, "new-connections", pool_streams=False) as gw,
+        gateway(front, kafka_bootstrap, gateway_topic, "new-connections") as gw,
         fresh_connections() as client,
     ):
         with client.stream("POST", gw.base() + "/cohere/v2/chat", json=body, headers=headers) as resp:
