@@ -101,3 +101,75 @@ def test_a_mitmproxy_that_no_longer_awaits_hook_results_is_refused(monkeypatch: 
     monkeypatch.setattr(addonmanager.AddonManager, "invoke_addon", invoke_addon)
     with pytest.raises(mitmproxy_seam.SeamMoved, match="invoke_addon"):
         mitmproxy_seam.check()
+
+
+def test_a_moved_hook_dispatch_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mitmproxy import addonmanager
+
+    monkeypatch.delattr(addonmanager.AddonManager, "_iter_hooks")
+    with pytest.raises(mitmproxy_seam.SeamMoved, match="trigger_event"):
+        mitmproxy_seam.check()
+
+
+def test_the_hook_table_runs_what_the_chain_would() -> None:
+    """Order, awaited results, an addon's error logged without stopping the next, `AddonHalt`, `update`,
+    and an addon added after the first event: all as mitmproxy's own dispatch does them."""
+    from mitmproxy import exceptions, hooks, master, options
+    from mitmproxy.proxy.layers.http import HttpRequestHook, HttpResponseHook
+    from mitmproxy.test import tflow
+
+    seen: list[str] = []
+
+    class Plain:
+        def request(self, flow: object) -> None:
+            seen.append("plain")
+
+    class Waits:
+        async def _later(self) -> None:
+            await asyncio.sleep(0)
+            seen.append("waited")
+
+        def request(self, flow: object) -> object:
+            return self._later()
+
+    class Fails:
+        def request(self, flow: object) -> None:
+            seen.append("fails")
+            raise ValueError("a bug")
+
+        def response(self, flow: object) -> None:
+            seen.append("halts")
+            raise exceptions.AddonHalt
+
+    class Updates:
+        name = "updates"
+
+        def request(self, flow: object) -> None:
+            seen.append("last")
+
+        def response(self, flow: object) -> None:
+            seen.append("never: halted before")
+
+        def update(self, flows: list[object]) -> None:
+            seen.append(f"update {len(flows)}")
+
+    async def run() -> None:
+        m = master.Master(options.Options())
+        m.addons.add(Plain(), Waits(), Fails())
+        mitmproxy_seam.install_hook_table(m.addons)
+        flow = tflow.tflow(resp=True)
+        await m.addons.handle_lifecycle(HttpRequestHook(flow))
+        assert seen == ["plain", "waited", "fails"]  # no update: no addon has that hook yet
+        seen.clear()
+        m.addons.add(Updates())
+        await m.addons.handle_lifecycle(HttpRequestHook(flow))
+        assert seen == ["plain", "waited", "fails", "last", "update 1"]
+        seen.clear()
+        await m.addons.handle_lifecycle(HttpResponseHook(flow))
+        assert seen == ["halts", "update 1"]
+        seen.clear()
+        m.addons.remove(m.addons.get("updates"))
+        await m.addons.trigger_event(hooks.UpdateHook([flow]))
+        assert seen == []
+
+    asyncio.run(run())
