@@ -525,9 +525,15 @@ class Gateway:
         for name in [k for k in req.headers if k.lower().startswith("cf-aig-")]:
             del req.headers[name]
         up = self.upstream
-        req.scheme = up.scheme
-        req.host = up.host
-        req.port = up.port
+        # Written to the request's data rather than through its host and port setters: each setter
+        # rewrites the Host header and the authority, which host_header below sets once for all. The
+        # setters' one other effect, on an absolute-form target's authority, is kept.
+        data = req.data
+        data.scheme = up.scheme.encode()
+        data.host = up.host
+        data.port = up.port
+        if data.authority:
+            req.authority = up.host_header
         req.path = up.prefix + route.path + route.query
         req.host_header = up.host_header
 
