@@ -210,6 +210,7 @@ class Gateway:
         # mitmproxy has no hook for the error pages it writes itself: every error this process sends is
         # JSON only through this seam.
         mitmproxy_seam.install_error_pages(json_error_page, json_error_body)
+        mitmproxy_seam.install_fast_typecheck()
         mitmproxy_seam.install_head_limit(
             lambda: self.hot.max_header_bytes, json_error_page, lambda: self.hot.header_timeout_s
         )

@@ -18,7 +18,13 @@ mitmproxy has no public hook for any of them:
   enters a context manager and a coroutine per addon, whether it has the hook or not: about 100 µs of
   the gateway's ~1,000 µs CPU per request on the bench host, for a chain where two addons have any flow
   hook. `install_hook_table` looks each hook's functions up once per chain instead
-  (`AddonManager._iter_hooks`, `safecall`).
+  (`AddonManager._iter_hooks`, `safecall`);
+- every Request and Response it builds type-checks each of its fields (`MessageData.__post_init__`
+  calling `utils.typecheck.check_option_type`), and that check formats a TypeError message on every call
+  and raises and catches two TypeErrors for each optional field that is None (a response head has three):
+  ~6 exceptions a request whose tracebacks form reference cycles, left to the garbage collector.
+  `install_fast_typecheck` accepts a value whose exact type is one the annotation names before calling
+  the original, which decides everything else, so what is accepted and refused is unchanged.
 
 All are checked against the running mitmproxy before use: a release that moves them makes the gateway
 refuse to start with a message naming the tested version, instead of silently sending HTML errors or
@@ -81,6 +87,16 @@ def check() -> None:
     ):
         raise SeamMoved(
             f"mitmproxy {version}: AddonManager.trigger_event/handle_lifecycle/_iter_hooks or safecall moved"
+        )
+    from mitmproxy import http
+    from mitmproxy.utils import typecheck
+
+    original = getattr(typecheck.check_option_type, "cohere_gateway_original", typecheck.check_option_type)
+    if list(inspect.signature(original).parameters) != ["name", "value", "typeinfo"] or (
+        "typecheck.check_option_type(field.name, val, field.type)" not in inspect.getsource(http.MessageData)
+    ):
+        raise SeamMoved(
+            f"mitmproxy {version}: MessageData no longer checks fields with typecheck.check_option_type"
         )
     if "asyncio.start_server(" not in inspect.getsource(mode_servers):
         raise SeamMoved(f"mitmproxy {version}: mode_servers no longer binds with asyncio.start_server")
@@ -224,3 +240,44 @@ def install_hook_table(manager: Any) -> None:
 
     manager.trigger_event = trigger_event
     manager.handle_lifecycle = handle_lifecycle
+
+
+def _exact_types(typeinfo: Any) -> frozenset[type]:
+    """The classes a value may be an instance of, exactly, to pass `check_option_type(..., typeinfo)`
+    for certain: `typeinfo` itself if it is a plain class, the plain classes of a union (None's type
+    included). Empty for anything else (generics, Any, IO), which the original decides."""
+    import types
+    import typing
+
+    if typing.get_origin(typeinfo) in (typing.Union, types.UnionType):
+        members = typing.get_args(typeinfo)
+    else:
+        members = (typeinfo,)
+    return frozenset(t for t in members if isinstance(t, type) and typing.get_origin(t) is None)
+
+
+def install_fast_typecheck() -> None:
+    """Make mitmproxy's field type check accept a value whose exact type the annotation names without
+    building an exception; everything else goes to the original, so the outcome (accepted, or the same
+    TypeError) is the same. Installed once per process."""
+    check()
+    from mitmproxy.utils import typecheck
+
+    original = typecheck.check_option_type
+    if getattr(original, "cohere_gateway_original", None) is not None:
+        return
+    accepted: dict[Any, frozenset[type]] = {}
+
+    def check_option_type(name: str, value: Any, typeinfo: Any) -> None:
+        try:
+            exact = accepted[typeinfo]
+        except KeyError:
+            exact = accepted[typeinfo] = _exact_types(typeinfo)
+        except TypeError:  # an unhashable annotation: not cached
+            exact = frozenset()
+        if type(value) in exact:
+            return
+        original(name, value, typeinfo)
+
+    check_option_type.cohere_gateway_original = original  # type: ignore[attr-defined]
+    typecheck.check_option_type = check_option_type

@@ -173,3 +173,65 @@ def test_the_hook_table_runs_what_the_chain_would() -> None:
         assert seen == []
 
     asyncio.run(run())
+
+
+def test_a_moved_field_type_check_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mitmproxy.utils import typecheck
+
+    monkeypatch.setattr(typecheck, "check_option_type", lambda name, value: None)
+    with pytest.raises(mitmproxy_seam.SeamMoved, match="check_option_type"):
+        mitmproxy_seam.check()
+
+
+def _outcome(check: object, value: object, typeinfo: object) -> str | None:
+    try:
+        check("f", value, typeinfo)  # type: ignore[operator]
+    except TypeError as exc:
+        return str(exc)
+    return None
+
+
+def test_the_fast_field_type_check_accepts_and_refuses_what_mitmproxys_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import typing
+    from collections.abc import Sequence
+
+    from mitmproxy import http
+    from mitmproxy.utils import typecheck
+
+    installed = typecheck.check_option_type
+    original = getattr(installed, "cohere_gateway_original", installed)
+    monkeypatch.setattr(typecheck, "check_option_type", original)  # restored after the test
+    mitmproxy_seam.install_fast_typecheck()
+    fast = typecheck.check_option_type
+    assert fast is not original
+    # typing.Optional and typing.Union as well as `|`: mitmproxy's annotations use both.
+    types: list[object] = [bytes, bytes | None, float | None, int, float, bool, str | None, typing.Any,
+                           typing.Optional[int], tuple[int, str], Sequence[str], http.Headers | None,  # noqa: UP045
+                           list[str], typing.Union[int, str]]  # noqa: UP007  # fmt: skip
+    values: list[object] = [None, b"x", 1, 1.5, True, "s", (1, "a"), ["a"], [1], http.Headers(), object()]
+    for t in types:
+        for v in values:
+            assert _outcome(fast, v, t) == _outcome(original, v, t), (v, t)
+
+
+def test_a_response_head_with_none_fields_reaches_no_exception_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mitmproxy import http
+    from mitmproxy.utils import typecheck
+
+    installed = typecheck.check_option_type
+    original = getattr(installed, "cohere_gateway_original", installed)
+    delegated: list[tuple[str, object]] = []
+
+    def counting(name: str, value: object, typeinfo: object) -> None:
+        delegated.append((name, value))
+        original(name, value, typeinfo)
+
+    monkeypatch.setattr(typecheck, "check_option_type", counting)
+    mitmproxy_seam.install_fast_typecheck()
+    resp = http.Response(b"HTTP/1.1", 200, b"OK", http.Headers(), None, None, 1.0, None)
+    assert resp.content is None
+    # content, trailers and timestamp_end are None: the original would raise and catch two TypeErrors
+    # for each; none of them reaches it.
+    assert [name for name, value in delegated if value is None] == []
