@@ -58,10 +58,14 @@ def lean_master(modes: list[str], confdir: Path, log_level: str, *extra: Any) ->
     from mitmproxy import hooks, master, options
     from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, tlsconfig
 
+    from cohere_gateway.addons import mitmproxy_seam
+
     opts = options.Options()
     proxy_master = master.Master(opts, with_termlog=True)
     chain = [core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig()]
     proxy_master.addons.add(*chain, errorcheck.ErrorCheck(), *extra)
+    # This chain's addons keep their hooks for the process's life: dispatch them from a table.
+    mitmproxy_seam.install_hook_table(proxy_master.addons)
     opts.update(
         mode=modes,
         confdir=str(confdir),

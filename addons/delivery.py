@@ -163,6 +163,9 @@ class DeadLetters:
         return True
 
 
+PRODUCER_BATCH_BYTES = 512 * 1024
+
+
 def make_producer(bootstrap: str, delivery_timeout_ms: int) -> Any:
     """A producer that waits for all in-sync replicas and lets the broker drop retried duplicates."""
     from kafka import KafkaProducer
@@ -184,6 +187,14 @@ def make_producer(bootstrap: str, delivery_timeout_ms: int) -> Any:
         reconnect_backoff_max_ms=1000,
         # The broker's default message.max.bytes; events are built at most half of it (events.py).
         max_request_size=KAFKA_MAX_MESSAGE_BYTES,
+        # kafka-python's default batch (16 KiB, about ten events) closed batches long before the linger
+        # did, so each produce request carried a few events; this holds 50 ms of events at thousands a
+        # second and is half the broker's per-batch limit (an event larger than what is left of a batch
+        # starts the next one, so no batch grows past the larger of this and one event).
+        batch_size=PRODUCER_BATCH_BYTES,
+        # The producer's own metrics sensors run on every record; nothing reads them (the publisher
+        # counts delivery itself).
+        metrics_enabled=False,
     )
 
 

@@ -211,6 +211,7 @@ class Gateway:
         # mitmproxy has no hook for the error pages it writes itself: every error this process sends is
         # JSON only through this seam.
         mitmproxy_seam.install_error_pages(json_error_page, json_error_body)
+        mitmproxy_seam.install_fast_typecheck()
         mitmproxy_seam.install_head_limit(
             lambda: self.hot.max_header_bytes, json_error_page, lambda: self.hot.header_timeout_s
         )
@@ -526,9 +527,15 @@ class Gateway:
         for name in [k for k in req.headers if k.lower().startswith("cf-aig-")]:
             del req.headers[name]
         up = self.upstream
-        req.scheme = up.scheme
-        req.host = up.host
-        req.port = up.port
+        # Written to the request's data rather than through its host and port setters: each setter
+        # rewrites the Host header and the authority, which host_header below sets once for all. The
+        # setters' one other effect, on an absolute-form target's authority, is kept.
+        data = req.data
+        data.scheme = up.scheme.encode()
+        data.host = up.host
+        data.port = up.port
+        if data.authority:
+            req.authority = up.host_header
         req.path = up.prefix + route.path + route.query
         req.host_header = up.host_header
 

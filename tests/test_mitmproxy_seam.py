@@ -101,3 +101,137 @@ def test_a_mitmproxy_that_no_longer_awaits_hook_results_is_refused(monkeypatch: 
     monkeypatch.setattr(addonmanager.AddonManager, "invoke_addon", invoke_addon)
     with pytest.raises(mitmproxy_seam.SeamMoved, match="invoke_addon"):
         mitmproxy_seam.check()
+
+
+def test_a_moved_hook_dispatch_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mitmproxy import addonmanager
+
+    monkeypatch.delattr(addonmanager.AddonManager, "_iter_hooks")
+    with pytest.raises(mitmproxy_seam.SeamMoved, match="trigger_event"):
+        mitmproxy_seam.check()
+
+
+def test_the_hook_table_runs_what_the_chain_would() -> None:
+    """Order, awaited results, an addon's error logged without stopping the next, `AddonHalt`, `update`,
+    and an addon added after the first event: all as mitmproxy's own dispatch does them."""
+    from mitmproxy import exceptions, hooks, master, options
+    from mitmproxy.proxy.layers.http import HttpRequestHook, HttpResponseHook
+    from mitmproxy.test import tflow
+
+    seen: list[str] = []
+
+    class Plain:
+        def request(self, flow: object) -> None:
+            seen.append("plain")
+
+    class Waits:
+        async def _later(self) -> None:
+            await asyncio.sleep(0)
+            seen.append("waited")
+
+        def request(self, flow: object) -> object:
+            return self._later()
+
+    class Fails:
+        def request(self, flow: object) -> None:
+            seen.append("fails")
+            raise ValueError("a bug")
+
+        def response(self, flow: object) -> None:
+            seen.append("halts")
+            raise exceptions.AddonHalt
+
+    class Updates:
+        name = "updates"
+
+        def request(self, flow: object) -> None:
+            seen.append("last")
+
+        def response(self, flow: object) -> None:
+            seen.append("never: halted before")
+
+        def update(self, flows: list[object]) -> None:
+            seen.append(f"update {len(flows)}")
+
+    async def run() -> None:
+        m = master.Master(options.Options())
+        m.addons.add(Plain(), Waits(), Fails())
+        mitmproxy_seam.install_hook_table(m.addons)
+        flow = tflow.tflow(resp=True)
+        await m.addons.handle_lifecycle(HttpRequestHook(flow))
+        assert seen == ["plain", "waited", "fails"]  # no update: no addon has that hook yet
+        seen.clear()
+        m.addons.add(Updates())
+        await m.addons.handle_lifecycle(HttpRequestHook(flow))
+        assert seen == ["plain", "waited", "fails", "last", "update 1"]
+        seen.clear()
+        await m.addons.handle_lifecycle(HttpResponseHook(flow))
+        assert seen == ["halts", "update 1"]
+        seen.clear()
+        m.addons.remove(m.addons.get("updates"))
+        await m.addons.trigger_event(hooks.UpdateHook([flow]))
+        assert seen == []
+
+    asyncio.run(run())
+
+
+def test_a_moved_field_type_check_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mitmproxy.utils import typecheck
+
+    monkeypatch.setattr(typecheck, "check_option_type", lambda name, value: None)
+    with pytest.raises(mitmproxy_seam.SeamMoved, match="check_option_type"):
+        mitmproxy_seam.check()
+
+
+def _outcome(check: object, value: object, typeinfo: object) -> str | None:
+    try:
+        check("f", value, typeinfo)  # type: ignore[operator]
+    except TypeError as exc:
+        return str(exc)
+    return None
+
+
+def test_the_fast_field_type_check_accepts_and_refuses_what_mitmproxys_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import typing
+    from collections.abc import Sequence
+
+    from mitmproxy import http
+    from mitmproxy.utils import typecheck
+
+    installed = typecheck.check_option_type
+    original = getattr(installed, "cohere_gateway_original", installed)
+    monkeypatch.setattr(typecheck, "check_option_type", original)  # restored after the test
+    mitmproxy_seam.install_fast_typecheck()
+    fast = typecheck.check_option_type
+    assert fast is not original
+    # typing.Optional and typing.Union as well as `|`: mitmproxy's annotations use both.
+    types: list[object] = [bytes, bytes | None, float | None, int, float, bool, str | None, typing.Any,
+                           typing.Optional[int], tuple[int, str], Sequence[str], http.Headers | None,  # noqa: UP045
+                           list[str], typing.Union[int, str]]  # noqa: UP007  # fmt: skip
+    values: list[object] = [None, b"x", 1, 1.5, True, "s", (1, "a"), ["a"], [1], http.Headers(), object()]
+    for t in types:
+        for v in values:
+            assert _outcome(fast, v, t) == _outcome(original, v, t), (v, t)
+
+
+def test_a_response_head_with_none_fields_reaches_no_exception_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mitmproxy import http
+    from mitmproxy.utils import typecheck
+
+    installed = typecheck.check_option_type
+    original = getattr(installed, "cohere_gateway_original", installed)
+    delegated: list[tuple[str, object]] = []
+
+    def counting(name: str, value: object, typeinfo: object) -> None:
+        delegated.append((name, value))
+        original(name, value, typeinfo)
+
+    monkeypatch.setattr(typecheck, "check_option_type", counting)
+    mitmproxy_seam.install_fast_typecheck()
+    resp = http.Response(b"HTTP/1.1", 200, b"OK", http.Headers(), None, None, 1.0, None)
+    assert resp.content is None
+    # content, trailers and timestamp_end are None: the original would raise and catch two TypeErrors
+    # for each; none of them reaches it.
+    assert [name for name, value in delegated if value is None] == []
