@@ -6,8 +6,9 @@ ssl_insecure reach mitmproxy's own upstream connections)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,21 @@ async def started(upstream: str, **limits: Any) -> Relay:
     relay.limits = RelayLimits(**{**vars_of(relay.limits), **limits})
     await relay.start()
     return relay
+
+
+@contextlib.asynccontextmanager
+async def streamed(relay: Relay, token: str, body: dict[str, Any]) -> AsyncIterator[httpx.Response]:
+    """A streamed chat through the relay with the gateway's ticket `token`."""
+    async with (
+        httpx.AsyncClient(timeout=30) as client,
+        client.stream(
+            "POST",
+            f"http://127.0.0.1:{relay.port}/v2/chat",
+            json=body,
+            headers={**AUTH, RELAY_HEADER: token},
+        ) as resp,
+    ):
+        yield resp
 
 
 def vars_of(limits: RelayLimits) -> dict[str, Any]:
@@ -134,15 +150,7 @@ def test_a_ca_change_lets_a_stream_in_flight_finish_then_closes_the_old_pool() -
             old = relay._client
             lines: list[str] = []
             try:
-                async with (
-                    httpx.AsyncClient(timeout=30) as client,
-                    client.stream(
-                        "POST",
-                        f"http://127.0.0.1:{relay.port}/v2/chat",
-                        json=body,
-                        headers={**AUTH, RELAY_HEADER: token},
-                    ) as resp,
-                ):
+                async with streamed(relay, token, body) as resp:
                     async for line in resp.aiter_lines():
                         if not lines:
                             relay.configure("")  # mid-stream: new attempts get a new pool
@@ -172,15 +180,7 @@ def test_an_open_stream_holds_one_copy_of_its_request_body_in_the_relay() -> Non
             token = relay.register(ticket_for(upstream, stream=True))
             tracemalloc.start()
             try:
-                async with (
-                    httpx.AsyncClient(timeout=30) as client,
-                    client.stream(
-                        "POST",
-                        f"http://127.0.0.1:{relay.port}/v2/chat",
-                        json=body,
-                        headers={**AUTH, RELAY_HEADER: token},
-                    ) as resp,
-                ):
+                async with streamed(relay, token, body) as resp:
                     lines = resp.aiter_lines()
                     assert "message-start" in await anext(lines)  # the stream is open
                     # what the relay's own lines allocated and still hold
