@@ -36,8 +36,7 @@ from bench.procstat import host_cpu_busy, tree_cpu_seconds, tree_rss_bytes
 from bench.report import Outcome, Table, budget_table, verdict
 from bench.stats import percentile
 from bench.workload import HEADERS, long_stream_body
-from tests.fixtures.gateway import _command as gateway_command
-from tests.fixtures.gateway import free_port
+from tests.fixtures.gateway import free_port, gateway_command
 
 TOOL = Path(__file__).with_name("streamload")
 GAP_SLACK_MS = 5.0
