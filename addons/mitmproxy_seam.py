@@ -191,9 +191,9 @@ def install_hook_table(manager: Any) -> None:
     """Dispatch `manager`'s hooks (a mitmproxy AddonManager) from a table of each hook's functions, built
     on first use and again whenever the chain changes (an addon added or removed), instead of searching
     the whole chain on every event. What runs is what `trigger_event` would run, in the same order, each
-    function under the same `safecall` (an exception is logged and the next addon still runs;
-    `AddonHalt` stops the event), an awaitable result awaited. An `update` event no addon handles is not
-    raised at all.
+    addon's functions under the same `safecall` (an exception is logged, skips the rest of that addon's
+    functions and the next addon still runs; `AddonHalt` stops the event), an awaitable result awaited.
+    An `update` event no addon handles is not raised at all.
 
     The table holds an addon's hook functions as they were when it was added: only for chains whose
     addons do not grow or drop hook methods, or child addons, later (`cohere-gateway proxy`'s lean
@@ -201,10 +201,12 @@ def install_hook_table(manager: Any) -> None:
     check()
     from mitmproxy import addonmanager, exceptions, flow, hooks
 
-    table: dict[str, list[Callable[..., Any]]] = {}
+    # Per hook: each addon's functions (its own and its children's), one safecall around each addon's
+    # group as in `trigger_event`: an error skips the rest of that addon's group, not the next addon's.
+    table: dict[str, list[list[Callable[..., Any]]]] = {}
     built_for: list[Any] = [None, -1]  # the chain list the table was built for, and its length
 
-    def functions(event: Any) -> list[Callable[..., Any]]:
+    def functions(event: Any) -> list[list[Callable[..., Any]]]:
         chain = manager.chain
         if built_for[0] is not chain or built_for[1] != len(chain):
             table.clear()
@@ -212,21 +214,22 @@ def install_hook_table(manager: Any) -> None:
         found = table.get(event.name)
         if found is None:
             found = table[event.name] = [
-                func for addon in chain for _, func in manager._iter_hooks(addon, event)
+                group for addon in chain if (group := [func for _, func in manager._iter_hooks(addon, event)])
             ]
         return found
 
     async def trigger_event(event: Any) -> None:
-        funcs = functions(event)
-        if not funcs:
+        groups = functions(event)
+        if not groups:
             return
         args = event.args()
-        for func in funcs:
+        for group in groups:
             try:
                 with addonmanager.safecall():
-                    result = func(*args)
-                    if result is not None and inspect.isawaitable(result):
-                        await result
+                    for func in group:
+                        result = func(*args)
+                        if result is not None and inspect.isawaitable(result):
+                            await result
             except exceptions.AddonHalt:
                 return
 

@@ -235,3 +235,43 @@ def test_a_response_head_with_none_fields_reaches_no_exception_path(monkeypatch:
     # content, trailers and timestamp_end are None: the original would raise and catch two TypeErrors
     # for each; none of them reaches it.
     assert [name for name, value in delegated if value is None] == []
+
+
+def test_the_hook_table_skips_the_rest_of_a_failing_addons_children_as_mitmproxy_does() -> None:
+    """One error handler per addon, children included: a parent's failing hook skips its children's,
+    never the next addon's. Compared with mitmproxy's own dispatch on the same chain."""
+    from mitmproxy import master, options
+    from mitmproxy.proxy.layers.http import HttpRequestHook
+    from mitmproxy.test import tflow
+
+    async def dispatch(table: bool) -> list[str]:
+        seen: list[str] = []
+
+        class Child:
+            def request(self, flow: object) -> None:
+                seen.append("child")
+
+        class Parent:
+            def __init__(self) -> None:
+                self.addons = [Child()]
+
+            def request(self, flow: object) -> None:
+                seen.append("parent")
+                raise ValueError("a bug")
+
+        class Next:
+            def request(self, flow: object) -> None:
+                seen.append("next")
+
+        m = master.Master(options.Options())
+        m.addons.add(Parent(), Next())
+        if table:
+            mitmproxy_seam.install_hook_table(m.addons)
+        await m.addons.handle_lifecycle(HttpRequestHook(tflow.tflow()))
+        return seen
+
+    async def both() -> tuple[list[str], list[str]]:  # one loop: a master's log handler outlives it
+        return await dispatch(table=True), await dispatch(table=False)
+
+    with_table, without = asyncio.run(both())
+    assert with_table == without == ["parent", "next"]
