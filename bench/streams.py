@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arrivals-per-s", type=int, default=FULL.arrivals_per_s)
     parser.add_argument("--pin", action="store_true", help=f"the gateway alone on core {GATEWAY_CORE}")
     parser.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
-                        help="a gateway option (upstream_pool=off, pool_streams=false)")  # fmt: skip
+                        help="a gateway option (upstream_pool=off, pool_streams=true)")  # fmt: skip
     args = parser.parse_args(argv)
     sizes = Sizes(
         streams=tuple(int(n) for n in args.streams.split(",")),

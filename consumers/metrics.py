@@ -42,7 +42,8 @@ class Metrics:
 
         self.events_inserted = counter("events_inserted", "Events inserted into the raw table.")
         self.batches_inserted = counter(
-            "batches", "Inserts into the raw table (one per flush, holding every partition's range)."
+            "batches",
+            "Inserts into the raw table: one per flush, more when ClickHouse refused rows and it was split.",
         )
         self.dead_letters = counter("dead_letters", "Messages sent to the dead-letter topic.")
         self.duplicates = counter(
