@@ -121,7 +121,9 @@ def test_three_consumers_share_six_partitions_and_a_kill_9_mid_run_loses_and_dou
 
         produce(kafka_bootstrap, topic, event_messages(0, 300), PARTITIONS)
         wait_for(lambda: counts(storage)["raw"] == 300, "the first 300 events")
-        assert all(m.metric(INSERTED) > 0 for m in (a, b, c))  # each wrote its share
+        # Each wrote its share. Its counter moves when the insert's answer reaches it, a little after
+        # the rows are visible to the query above, so this is awaited too.
+        wait_for(lambda: all(m.metric(INSERTED) > 0 for m in (a, b, c)), "each member's insert counted")
 
         traffic = produce_paced(kafka_bootstrap, topic, 300, 1000)
         before = b.metric(INSERTED)
