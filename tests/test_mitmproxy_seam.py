@@ -6,8 +6,12 @@ pages or let `--workers N` fail to share a port."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -275,3 +279,147 @@ def test_the_hook_table_skips_the_rest_of_a_failing_addons_children_as_mitmproxy
 
     with_table, without = asyncio.run(both())
     assert with_table == without == ["parent", "next"]
+
+
+def test_a_moved_connection_handler_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mitmproxy.proxy import server
+
+    async def server_event(self: object, event: object) -> None:
+        pass
+
+    monkeypatch.setattr(server.ConnectionHandler, "server_event", server_event)
+    with pytest.raises(mitmproxy_seam.SeamMoved, match="server_event"):
+        mitmproxy_seam.check()
+
+
+def _tcp(port: int = 1) -> Any:
+    from mitmproxy import connection
+
+    return connection.Server(address=("127.0.0.1", port))
+
+
+def test_consecutive_writes_to_one_connection_are_joined_in_order() -> None:
+    from mitmproxy.proxy import commands
+
+    a, b = _tcp(), _tcp(2)
+    udp = _tcp(3)
+    udp.transport_protocol = "udp"
+    close = commands.CloseConnection(a)
+    sends = [
+        commands.SendData(a, b"head "),
+        commands.SendData(a, b"body"),
+        commands.SendData(b, b"other"),
+        commands.SendData(a, b"again"),
+        close,
+        commands.SendData(udp, b"d1"),
+        commands.SendData(udp, b"d2"),
+    ]
+    out = list(mitmproxy_seam.coalesced(iter(sends), commands.SendData))
+    seen = [(c.connection, c.data) if isinstance(c, commands.SendData) else c for c in out]
+    assert seen == [(a, b"head body"), (b, b"other"), (a, b"again"), close, (udp, b"d1"), (udp, b"d2")]
+
+
+def test_a_joined_write_stays_under_the_limit_and_a_failing_layer_still_sends_what_it_yielded() -> None:
+    from mitmproxy.proxy import commands
+
+    a = _tcp()
+    chunks = [commands.SendData(a, b"x" * 40) for _ in range(5)]
+    out = list(mitmproxy_seam.coalesced(iter(chunks), commands.SendData, limit=100))
+    assert [len(c.data) for c in out] == [80, 80, 40]
+
+    def failing() -> Iterator[Any]:
+        yield commands.SendData(a, b"sent")
+        raise RuntimeError("layer bug")
+
+    got = mitmproxy_seam.coalesced(failing(), commands.SendData)
+    assert next(got).data == b"sent"
+    with pytest.raises(RuntimeError, match="layer bug"):
+        next(got)
+
+
+def test_a_proxied_request_and_its_response_each_reach_their_socket_in_one_write(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """mitmproxy's real reverse proxy (the gateway's lean chain, without the gateway addon) between two
+    sockets of this test. StreamWriter.write is wrapped to count what the proxy writes, and then does
+    what it did."""
+    from mitmproxy.proxy import server
+
+    from cohere_gateway.addons import cli
+
+    monkeypatch.setattr(server.ConnectionHandler, "handle_client", server.ConnectionHandler.handle_client)
+    writes: list[tuple[object, bytes]] = []
+    original_write = asyncio.StreamWriter.write
+
+    def counting(self: asyncio.StreamWriter, data: bytes) -> None:
+        writes.append((self, bytes(data)))
+        original_write(self, data)
+
+    monkeypatch.setattr(asyncio.StreamWriter, "write", counting)
+    body = b'{"message": "hi"}'
+
+    async def through_proxy() -> tuple[int, int]:
+        ours: set[object] = set()
+
+        async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            ours.add(writer)
+            with contextlib.suppress(asyncio.IncompleteReadError):  # the proxy closed it
+                await answer(reader, writer)
+
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while head := await reader.readuntil(b"\r\n\r\n"):  # requests on a kept-alive connection
+                length = int(next(v for k, v in _headers(head) if k == b"content-length"))
+                await reader.readexactly(length)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n" + b"ok")
+                await writer.drain()
+
+        up = await asyncio.start_server(upstream, "127.0.0.1", 0)
+        up_port = up.sockets[0].getsockname()[1]
+        port = _free_port()
+        master = cli.lean_master([f"reverse:http://127.0.0.1:{up_port}@127.0.0.1:{port}"], tmp_path, "error")
+        running = asyncio.create_task(master.run())
+        reader, writer = await _connect(port)
+        ours.add(writer)
+        try:
+            counts = []
+            for _ in range(2):
+                writes.clear()
+                writer.write(
+                    b"POST /v2/chat HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+                )
+                head = await reader.readuntil(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 200")
+                assert await reader.readexactly(2) == b"ok"
+                counts.append(len([data for w, data in writes if w not in ours]))
+            return counts[0], counts[1]
+        finally:
+            writer.close()
+            master.shutdown()
+            await running
+            up.close()
+
+    # mitmproxy alone writes a request's head and body, and a response's, with one write each.
+    assert asyncio.run(through_proxy()) == (4, 4)
+    mitmproxy_seam.install_send_coalescing()
+    assert asyncio.run(through_proxy()) == (2, 2)
+
+
+def _headers(head: bytes) -> list[tuple[bytes, bytes]]:
+    lines = head.split(b"\r\n")[1:]
+    return [(k.strip().lower(), v.strip()) for k, _, v in (line.partition(b":") for line in lines if line)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """The proxy's listener comes up after `run()` starts: retry until it accepts."""
+    for _ in range(500):
+        try:
+            return await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.01)
+    raise RuntimeError(f"nothing listens on {port}")
