@@ -24,12 +24,7 @@ mitmproxy has no public hook for any of them:
   and raises and catches two TypeErrors for each optional field that is None (a response head has three):
   ~6 exceptions a request whose tracebacks form reference cycles, left to the garbage collector.
   `install_fast_typecheck` accepts a value whose exact type is one the annotation names before calling
-  the original, which decides everything else, so what is accepted and refused is unchanged;
-- its connection handler writes each `SendData` command to the socket as it comes
-  (`ConnectionHandler.server_event`), and its HTTP/1 layers send a message's head and body as two: four
-  `send()` calls on loopback a proxied request where two do, each waking the peer.
-  `install_send_coalescing` joins the consecutive `SendData` commands one event yields for the same TCP
-  connection (`ConnectionHandler.handle_client`, the top layer's `handle_event`).
+  the original, which decides everything else, so what is accepted and refused is unchanged.
 
 All are checked against the running mitmproxy before use: a release that moves them makes the gateway
 refuse to start with a message naming the tested version, instead of silently sending HTML errors or
@@ -43,7 +38,7 @@ import inspect
 import math
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 TESTED_MAJOR = 12
@@ -102,17 +97,6 @@ def check() -> None:
     ):
         raise SeamMoved(
             f"mitmproxy {version}: MessageData no longer checks fields with typecheck.check_option_type"
-        )
-    from mitmproxy.proxy import commands, server
-
-    if (
-        "self.layer.handle_event(event)" not in inspect.getsource(server.ConnectionHandler.server_event)
-        or "writer.write(command.data)" not in inspect.getsource(server.ConnectionHandler.server_event)
-        or not inspect.iscoroutinefunction(getattr(server.ConnectionHandler, "handle_client", None))
-        or list(inspect.signature(commands.SendData).parameters) != ["connection", "data"]
-    ):
-        raise SeamMoved(
-            f"mitmproxy {version}: ConnectionHandler.server_event/handle_client or commands.SendData moved"
         )
     if "asyncio.start_server(" not in inspect.getsource(mode_servers):
         raise SeamMoved(f"mitmproxy {version}: mode_servers no longer binds with asyncio.start_server")
@@ -300,83 +284,3 @@ def install_fast_typecheck() -> None:
 
     check_option_type.cohere_gateway_original = original  # type: ignore[attr-defined]
     typecheck.check_option_type = check_option_type
-
-
-# A joined write stays below this, so a body sent in many chunks is not copied into one large buffer.
-COALESCE_LIMIT = 64 * 1024
-
-
-def coalesced(commands: Iterable[Any], send_data: type, limit: int = COALESCE_LIMIT) -> Iterator[Any]:
-    """`commands` with each run of consecutive SendData to the same TCP connection joined into one, up to
-    `limit` bytes. Order is kept: a held write is passed on before any other command. Datagram
-    connections keep one SendData per datagram."""
-    held: Any = None
-    parts: list[bytes] = []
-    size = 0
-
-    def joined() -> Any:
-        if len(parts) > 1:
-            held.data = b"".join(parts)
-        return held
-
-    try:
-        for command in commands:
-            if type(command) is send_data and command.connection.transport_protocol == "tcp":
-                if (
-                    held is not None
-                    and command.connection is held.connection
-                    and size + len(command.data) <= limit
-                ):
-                    parts.append(command.data)
-                    size += len(command.data)
-                    continue
-                if held is not None:
-                    yield joined()
-                held, parts, size = command, [command.data], len(command.data)
-                continue
-            if held is not None:
-                yield joined()
-                held = None
-            yield command
-    except Exception:
-        # What the layer yielded before failing is written, as it would have been without joining.
-        if held is not None:
-            yield joined()
-        raise
-    if held is not None:
-        yield joined()
-
-
-class _CoalescingLayer:
-    """A connection's top layer, its events' commands passed through `coalesced`."""
-
-    __slots__ = ("layer", "send_data")
-
-    def __init__(self, layer: Any, send_data: type) -> None:
-        self.layer = layer
-        self.send_data = send_data
-
-    def handle_event(self, event: Any) -> Iterator[Any]:
-        return coalesced(self.layer.handle_event(event), self.send_data)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.layer, name)
-
-
-def install_send_coalescing() -> None:
-    """Write what one event makes mitmproxy send on a TCP connection with one `send()` where it made
-    several (a head and a body). Installed once per process."""
-    check()
-    from mitmproxy.proxy import commands, server
-
-    original = server.ConnectionHandler.handle_client
-    if getattr(original, "cohere_gateway_original", None) is not None:
-        return
-
-    @functools.wraps(original)
-    async def handle_client(self: Any) -> None:
-        self.layer = _CoalescingLayer(self.layer, commands.SendData)
-        await original(self)
-
-    handle_client.cohere_gateway_original = original  # type: ignore[attr-defined]
-    server.ConnectionHandler.handle_client = handle_client  # type: ignore[method-assign]
