@@ -212,6 +212,7 @@ class Gateway:
         # JSON only through this seam.
         mitmproxy_seam.install_error_pages(json_error_page, json_error_body)
         mitmproxy_seam.install_fast_typecheck()
+        mitmproxy_seam.install_fast_accessors()
         mitmproxy_seam.install_head_limit(
             lambda: self.hot.max_header_bytes, json_error_page, lambda: self.hot.header_timeout_s
         )

@@ -24,7 +24,12 @@ mitmproxy has no public hook for any of them:
   and raises and catches two TypeErrors for each optional field that is None (a response head has three):
   ~6 exceptions a request whose tracebacks form reference cycles, left to the garbage collector.
   `install_fast_typecheck` accepts a value whose exact type is one the annotation names before calling
-  the original, which decides everything else, so what is accepted and refused is unchanged.
+  the original, which decides everything else, so what is accepted and refused is unchanged;
+- three accessors its proxy core calls dozens of times a request do needless work, each outcome the same
+  without it (`install_fast_accessors`): an option read (`_Option.current`, ~20 a request) deep-copies
+  its value twice, a str or bool included; a hook's `args()` (~12) asks `dataclasses.fields` anew; a
+  header lookup (`Headers.get_all`, ~27, 14 of them `expected_http_body_size`) calls `_kconv` in Python
+  for every field of the message.
 
 All are checked against the running mitmproxy before use: a release that moves them makes the gateway
 refuse to start with a message naming the tested version, instead of silently sending HTML errors or
@@ -98,6 +103,23 @@ def check() -> None:
         raise SeamMoved(
             f"mitmproxy {version}: MessageData no longer checks fields with typecheck.check_option_type"
         )
+    from mitmproxy import hooks, optmanager
+    from mitmproxy.coretypes import multidict
+
+    getsource = inspect.getsource
+    current = getattr(optmanager._Option.current, "cohere_gateway_original", optmanager._Option.current)
+    args = getattr(hooks.Hook.args, "cohere_gateway_original", hooks.Hook.args)
+    get_all = getattr(http.Headers.get_all, "cohere_gateway_original", http.Headers.get_all)
+    if not (
+        "return copy.deepcopy(v)" in getsource(current)
+        and {"_default", "value"} <= set(optmanager._Option.__slots__)
+        and "for field in fields(self)" in getsource(args)
+        and "[_native(x) for x in super().get_all(name)]" in getsource(get_all)
+        and "name = _always_bytes(name)" in getsource(get_all)
+        and "if self._kconv(k) == key]" in getsource(multidict.MultiDict.get_all)
+        and "return key.lower()" in getsource(http.Headers._kconv)
+    ):
+        raise SeamMoved(f"mitmproxy {version}: _Option.current, Hook.args or Headers.get_all moved")
     if "asyncio.start_server(" not in inspect.getsource(mode_servers):
         raise SeamMoved(f"mitmproxy {version}: mode_servers no longer binds with asyncio.start_server")
     server = getattr(_http1, "Http1Server", None)
@@ -284,3 +306,53 @@ def install_fast_typecheck() -> None:
 
     check_option_type.cohere_gateway_original = original  # type: ignore[attr-defined]
     typecheck.check_option_type = check_option_type
+
+
+# Values `copy.deepcopy` returns as they are: an option holding one is returned without the call.
+_ATOMIC = frozenset({type(None), bool, int, float, complex, str, bytes})
+
+
+def install_fast_accessors() -> None:
+    """Make mitmproxy's option reads, hook arguments and header lookups skip work whose result they do
+    not change (the module docstring lists each). Installed once per process."""
+    check()
+    import copy
+    import dataclasses
+
+    from mitmproxy import hooks, http, optmanager
+
+    if getattr(optmanager._Option.current, "cohere_gateway_original", None) is not None:
+        return
+    unset = optmanager.unset
+    deepcopy = copy.deepcopy
+
+    def current(self: Any) -> Any:
+        value = self._default if self.value is unset else self.value
+        return value if type(value) in _ATOMIC else deepcopy(value)
+
+    names: dict[type, tuple[str, ...]] = {}
+
+    def args(self: Any) -> list[Any]:
+        try:
+            fields = names[type(self)]
+        except KeyError:
+            fields = names[type(self)] = tuple(field.name for field in dataclasses.fields(self))
+        return [getattr(self, name) for name in fields]
+
+    original_get_all = http.Headers.get_all
+
+    def get_all(self: Any, name: str | bytes) -> list[str]:
+        if type(name) is str:
+            name = name.encode("utf-8", "surrogateescape")
+        elif type(name) is not bytes:
+            return original_get_all(self, name)  # its error, for anything else
+        key = name.lower()
+        return [value.decode("utf-8", "surrogateescape") for k, value in self.fields if k.lower() == key]
+
+    for owner, attr, fast in (
+        (optmanager._Option, "current", current),
+        (hooks.Hook, "args", args),
+        (http.Headers, "get_all", get_all),
+    ):
+        fast.cohere_gateway_original = getattr(owner, attr)  # type: ignore[attr-defined]
+        setattr(owner, attr, fast)

@@ -6,8 +6,12 @@ pages or let `--workers N` fail to share a port."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import re
 import socket
 import subprocess
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -275,3 +279,123 @@ def test_the_hook_table_skips_the_rest_of_a_failing_addons_children_as_mitmproxy
 
     with_table, without = asyncio.run(both())
     assert with_table == without == ["parent", "next"]
+
+
+def test_a_moved_accessor_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mitmproxy import hooks
+
+    def args(self: object) -> list[object]:
+        return []
+
+    monkeypatch.setattr(hooks.Hook, "args", args)
+    with pytest.raises(mitmproxy_seam.SeamMoved, match=r"Hook\.args"):
+        mitmproxy_seam.check()
+
+
+@pytest.fixture
+def fast_accessors(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
+    """The three accessors installed for one test, and mitmproxy's own ones to compare with."""
+    from mitmproxy import hooks, http, optmanager
+
+    owners = {"current": optmanager._Option, "args": hooks.Hook, "get_all": http.Headers}
+    originals = {}
+    for attr, owner in owners.items():
+        original = getattr(owner, attr)
+        originals[attr] = getattr(original, "cohere_gateway_original", original)
+        monkeypatch.setattr(owner, attr, originals[attr])
+    mitmproxy_seam.install_fast_accessors()
+    yield originals
+
+
+def test_option_reads_give_what_mitmproxy_gives_and_copy_only_what_can_change(
+    fast_accessors: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mitmproxy import options, optmanager
+
+    opts = options.Options()
+    opts.update(mode=["reverse:http://127.0.0.1:1"], listen_host="127.0.0.1", key_size=4096)
+    original = fast_accessors["current"]
+    for name, option in opts._options.items():
+        assert option.current() == original(option), name
+    mode = opts.mode
+    mode.append("changed by a caller")
+    assert opts.mode == ["reverse:http://127.0.0.1:1"]  # a list is still a copy
+    copies: list[object] = []
+    monkeypatch.setattr(optmanager.copy, "deepcopy", lambda value, *rest: copies.append(value) or value)
+    assert (opts.listen_host, opts.key_size, opts.http2, opts.cert_passphrase) == (
+        "127.0.0.1",
+        4096,
+        True,
+        None,
+    )
+    assert copies == []
+
+
+def _hook_classes() -> list[type]:
+    from mitmproxy import hooks
+    from mitmproxy.addons import proxyserver  # noqa: F401 (registers its hooks)
+    from mitmproxy.proxy import layers, server_hooks  # noqa: F401
+
+    found, todo = [], [hooks.Hook]
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if cls is not hooks.Hook and dataclasses.is_dataclass(cls):
+            found.append(cls)
+    return found
+
+
+def test_hook_arguments_are_mitmproxys_and_their_fields_are_looked_up_once_a_class(
+    fast_accessors: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    classes = _hook_classes()
+    assert len(classes) > 30
+    for cls in classes:
+        hook = cls(*(object() for _ in dataclasses.fields(cls)))
+        assert hook.args() == fast_accessors["args"](hook), cls
+    from mitmproxy import hooks
+
+    looked_up: list[object] = []
+    real_fields = dataclasses.fields
+    monkeypatch.setattr(dataclasses, "fields", lambda obj: looked_up.append(obj) or real_fields(obj))
+    monkeypatch.setattr(hooks, "fields", dataclasses.fields)
+    some = classes[0](*(object() for _ in real_fields(classes[0])))
+    some.args()
+    some.args()
+    assert looked_up == []
+
+
+def test_header_lookups_give_what_mitmproxy_gives_without_a_call_a_field(
+    fast_accessors: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mitmproxy import http
+
+    headers = http.Headers(
+        [
+            (b"Content-Length", b"3"),
+            (b"X-Twice", b"a"),
+            (b"x-twice", b"b"),
+            (b"X-\xff", b"\xfe raw"),
+            (b"Host", b"example.com"),
+        ]
+    )
+    original = fast_accessors["get_all"]
+    for name in [
+        "content-length",
+        b"CONTENT-LENGTH",
+        "X-Twice",
+        b"x-\xff",
+        "x-\udcff",
+        "missing",
+        b"",
+        "Host",
+    ]:
+        assert headers.get_all(name) == original(headers, name), name
+        assert headers.get(name) == (", ".join(original(headers, name)) or None), name
+    for bad in (3, None, 1.5):  # the same error as mitmproxy's, whichever it is
+        with pytest.raises(Exception) as theirs:
+            original(headers, bad)
+        with pytest.raises(type(theirs.value), match=re.escape(str(theirs.value))):
+            headers.get_all(bad)  # type: ignore[arg-type]
+    monkeypatch.setattr(http.Headers, "_kconv", lambda key: pytest.fail("_kconv called"))
+    assert headers.get_all("X-TWICE") == ["a", "b"]
