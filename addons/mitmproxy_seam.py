@@ -103,19 +103,26 @@ def check() -> None:
         raise SeamMoved(
             f"mitmproxy {version}: MessageData no longer checks fields with typecheck.check_option_type"
         )
+    import dataclasses
+
     from mitmproxy import hooks, optmanager
     from mitmproxy.coretypes import multidict
 
     getsource = inspect.getsource
-    current = getattr(optmanager._Option.current, "cohere_gateway_original", optmanager._Option.current)
-    args = getattr(hooks.Hook.args, "cohere_gateway_original", hooks.Hook.args)
-    get_all = getattr(http.Headers.get_all, "cohere_gateway_original", http.Headers.get_all)
+    current = _original(optmanager._Option, "current")
+    get_all = _original(http.Headers, "get_all")
+    # Every helper whose outcome install_fast_accessors reproduces, not only the accessors.
     if not (
-        "return copy.deepcopy(v)" in getsource(current)
+        "if self.value is unset:" in getsource(current)
+        and "return copy.deepcopy(v)" in getsource(current)
+        and "return copy.deepcopy(self._default)" in getsource(optmanager._Option.default.fget)
         and {"_default", "value"} <= set(optmanager._Option.__slots__)
-        and "for field in fields(self)" in getsource(args)
+        and "for field in fields(self)" in getsource(_original(hooks.Hook, "args"))
+        and hooks.fields is dataclasses.fields
         and "[_native(x) for x in super().get_all(name)]" in getsource(get_all)
         and "name = _always_bytes(name)" in getsource(get_all)
+        and 'x.decode("utf-8", "surrogateescape")' in getsource(http._native)
+        and '"utf-8", "surrogateescape"' in getsource(http._always_bytes)
         and "if self._kconv(k) == key]" in getsource(multidict.MultiDict.get_all)
         and "return key.lower()" in getsource(http.Headers._kconv)
     ):
@@ -310,38 +317,49 @@ def install_fast_typecheck() -> None:
 
 # Values `copy.deepcopy` returns as they are: an option holding one is returned without the call.
 _ATOMIC = frozenset({type(None), bool, int, float, complex, str, bytes})
+# Where a hook class keeps the names of its dataclass fields, with the fields mapping they were read from.
+_ARG_NAMES = "_cohere_gateway_arg_names"
+
+
+def _original(owner: type, attr: str) -> Any:
+    found = getattr(owner, attr)
+    return getattr(found, "cohere_gateway_original", found)
 
 
 def install_fast_accessors() -> None:
     """Make mitmproxy's option reads, hook arguments and header lookups skip work whose result they do
-    not change (the module docstring lists each). Installed once per process."""
+    not change (the module docstring lists each). Each is installed once per process."""
     check()
     import copy
     import dataclasses
 
     from mitmproxy import hooks, http, optmanager
 
-    if getattr(optmanager._Option.current, "cohere_gateway_original", None) is not None:
-        return
     unset = optmanager.unset
-    deepcopy = copy.deepcopy
 
     def current(self: Any) -> Any:
         value = self._default if self.value is unset else self.value
-        return value if type(value) in _ATOMIC else deepcopy(value)
+        return value if type(value) in _ATOMIC else copy.deepcopy(value)
 
-    names: dict[type, tuple[str, ...]] = {}
+    original_args = _original(hooks.Hook, "args")
 
     def args(self: Any) -> list[Any]:
-        try:
-            fields = names[type(self)]
-        except KeyError:
-            fields = names[type(self)] = tuple(field.name for field in dataclasses.fields(self))
-        return [getattr(self, name) for name in fields]
+        cls = type(self)
+        fields = getattr(cls, "__dataclass_fields__", None)
+        if fields is None:
+            return original_args(self)  # its error
+        cached = cls.__dict__.get(_ARG_NAMES)
+        if cached is None or cached[0] is not fields:  # first call, or the class was redefined
+            cached = (fields, tuple(field.name for field in dataclasses.fields(self)))
+            setattr(cls, _ARG_NAMES, cached)
+        return [getattr(self, name) for name in cached[1]]
 
-    original_get_all = http.Headers.get_all
+    original_get_all = _original(http.Headers, "get_all")
+    headers = http.Headers
 
     def get_all(self: Any, name: str | bytes) -> list[str]:
+        if type(self) is not headers:  # a subclass may convert keys its own way
+            return original_get_all(self, name)
         if type(name) is str:
             name = name.encode("utf-8", "surrogateescape")
         elif type(name) is not bytes:
@@ -354,5 +372,9 @@ def install_fast_accessors() -> None:
         (hooks.Hook, "args", args),
         (http.Headers, "get_all", get_all),
     ):
-        fast.cohere_gateway_original = getattr(owner, attr)  # type: ignore[attr-defined]
+        if getattr(getattr(owner, attr), "cohere_gateway_original", None) is not None:
+            continue
+        original = getattr(owner, attr)
+        fast.__doc__ = original.__doc__
+        fast.cohere_gateway_original = original  # type: ignore[attr-defined]
         setattr(owner, attr, fast)

@@ -281,14 +281,22 @@ def test_the_hook_table_skips_the_rest_of_a_failing_addons_children_as_mitmproxy
     assert with_table == without == ["parent", "next"]
 
 
-def test_a_moved_accessor_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    from mitmproxy import hooks
+def test_a_moved_accessor_or_helper_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mitmproxy import hooks, http
 
     def args(self: object) -> list[object]:
         return []
 
-    monkeypatch.setattr(hooks.Hook, "args", args)
-    with pytest.raises(mitmproxy_seam.SeamMoved, match=r"Hook\.args"):
+    with monkeypatch.context() as patch:
+        patch.setattr(hooks.Hook, "args", args)
+        with pytest.raises(mitmproxy_seam.SeamMoved, match=r"Hook\.args"):
+            mitmproxy_seam.check()
+
+    def native(x: bytes) -> str:
+        return x.decode("latin-1")
+
+    monkeypatch.setattr(http, "_native", native)  # what the fast lookup reproduces, changed
+    with pytest.raises(mitmproxy_seam.SeamMoved, match=r"Headers\.get_all"):
         mitmproxy_seam.check()
 
 
@@ -399,3 +407,15 @@ def test_header_lookups_give_what_mitmproxy_gives_without_a_call_a_field(
             headers.get_all(bad)  # type: ignore[arg-type]
     monkeypatch.setattr(http.Headers, "_kconv", lambda key: pytest.fail("_kconv called"))
     assert headers.get_all("X-TWICE") == ["a", "b"]
+
+
+def test_a_headers_subclass_keeps_its_own_key_rule(fast_accessors: dict[str, Any]) -> None:
+    from mitmproxy import http
+
+    class Underscored(http.Headers):
+        @staticmethod
+        def _kconv(key: Any) -> Any:
+            return key.lower().replace(b"_", b"-") if isinstance(key, bytes) else key
+
+    headers = Underscored([(b"X_Api_Key", b"v")])
+    assert headers.get_all("x-api-key") == fast_accessors["get_all"](headers, "x-api-key") == ["v"]
