@@ -8,7 +8,8 @@
 2. Steady rate: events produced at R/s in bursts every 100 ms, open loop; each burst's produce-to-visible
    latency is the time from its send until the consumer's insert of it returned (its events_inserted
    counter, polled every 10 ms: the materialized views are written within the insert, so every query
-   sees the events from then on), p50/p95; at the end the read API must count every event.
+   sees the events from then on), p50/p95; at the end the read API must count every event. With them,
+   the inserts during the phase and their mean time (the consumer's insert-time histogram).
 Without --kafka-bootstrap a local broker is started in a temporary directory (needs Java).
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import tempfile
 import threading
@@ -43,6 +45,18 @@ def _landed(url: str) -> int:
     except OSError:
         return 0
     return int(total["requests"]) if total else 0
+
+
+def _insert_seconds(url: str) -> tuple[float, float]:
+    """(inserts, seconds spent in them) so far: the consumer's insert-time histogram's count and sum."""
+    count = total = 0.0
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith("cohere_gateway_consumer_insert_seconds_count"):
+                count = float(line.split()[-1])
+            elif line.startswith("cohere_gateway_consumer_insert_seconds_sum"):
+                total = float(line.split()[-1])
+    return count, total
 
 
 def _wait(cond: Any, timeout: float, what: str, poll: float = 0.05) -> Any:
@@ -120,10 +134,14 @@ def drain_into_a_server(bootstrap: str, producer: Any, n: int, base: datetime) -
             localclickhouse.stop(Path(tmp))
 
 
-def steady(bootstrap: str, producer: Any, rate: int, seconds: float, base: datetime) -> list[float]:
+def steady(
+    bootstrap: str, producer: Any, rate: int, seconds: float, base: datetime
+) -> tuple[list[float], dict[str, float]]:
     """Produce at `rate` events/s in bursts of rate/10, open loop (a burst goes out on time whether or
     not the ones before it are visible yet); each burst's time from sent to inserted. The probe reads
-    the consumer's counter, not a query: a query every 10 ms would load the engine it measures."""
+    the consumer's counter, not a query: a query every 10 ms would load the engine it measures. Also
+    the inserts meanwhile and their mean time, the part of the latency the batch wait does not set (on
+    this shared host it swings 80-200 ms from run to run, and the p95 with it)."""
     bursts: list[tuple[int, float]] = []  # (events sent up to and including this burst, sent at)
     with temporary_topic(bootstrap, "bench-sink") as topic, _consumer(bootstrap, topic, None) as cons:
         # Not timed: the consumer joins its group and writes a first insert (seconds, once per start).
@@ -132,6 +150,7 @@ def steady(bootstrap: str, producer: Any, rate: int, seconds: float, base: datet
             producer.send(topic, key=key, value=value)
         producer.flush()
         _wait(lambda: cons.inserted() >= len(warmup), 120, "the warm-up burst")
+        inserts0, insert_s0 = _insert_seconds(cons.api)
 
         def send() -> None:
             sent, next_send = len(warmup), time.monotonic()
@@ -158,8 +177,13 @@ def steady(bootstrap: str, producer: Any, rate: int, seconds: float, base: datet
                 raise TimeoutError("a steady burst was not visible within 60 s")
             time.sleep(0.01)
         sender.join()
+        inserts1, insert_s1 = _insert_seconds(cons.api)
         _wait(lambda: _landed(cons.api) >= bursts[-1][0], 10, "the read API to count every event")
-    return latencies
+    inserts = inserts1 - inserts0
+    return latencies, {
+        "inserts": inserts,
+        "insert_mean_ms": 1000 * (insert_s1 - insert_s0) / inserts if inserts else math.nan,
+    }
 
 
 def run_bench(bootstrap: str, quick: bool) -> dict[str, Any]:
@@ -173,7 +197,7 @@ def run_bench(bootstrap: str, quick: bool) -> dict[str, Any]:
         free = drain(bootstrap, producer, n, base, None)
         one_core = drain(bootstrap, producer, n, base, {min(os.sched_getaffinity(0))})
         server = drain_into_a_server(bootstrap, producer, n, base)
-        latencies = steady(bootstrap, producer, rate, seconds, base)
+        latencies, inserts = steady(bootstrap, producer, rate, seconds, base)
     finally:
         producer.close()
     return {
@@ -190,6 +214,8 @@ def run_bench(bootstrap: str, quick: bool) -> dict[str, Any]:
         "probes": len(latencies),
         "visible_p50_ms": round(1000 * percentile(latencies, 50)),
         "visible_p95_ms": round(1000 * percentile(latencies, 95)),
+        "steady_inserts": int(inserts["inserts"]),
+        "steady_insert_mean_ms": round(inserts["insert_mean_ms"], 1),
     }
 
 
