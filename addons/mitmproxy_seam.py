@@ -29,7 +29,7 @@ mitmproxy has no public hook for any of them:
   without it (`install_fast_accessors`): an option read (`_Option.current`, ~20 a request) deep-copies
   its value twice, a str or bool included; a hook's `args()` (~12) asks `dataclasses.fields` anew; a
   header lookup (`Headers.get_all`, ~27, 14 of them `expected_http_body_size`) calls `_kconv` in Python
-  for every field of the message.
+  for every field of the message, and through `get` or `in` raises and catches a KeyError when absent.
 
 All are checked against the running mitmproxy before use: a release that moves them makes the gateway
 refuse to start with a message naming the tested version, instead of silently sending HTML errors or
@@ -103,6 +103,7 @@ def check() -> None:
         raise SeamMoved(
             f"mitmproxy {version}: MessageData no longer checks fields with typecheck.check_option_type"
         )
+    import collections.abc
     import dataclasses
 
     from mitmproxy import hooks, optmanager
@@ -125,6 +126,10 @@ def check() -> None:
         and '"utf-8", "surrogateescape"' in getsource(http._always_bytes)
         and "if self._kconv(k) == key]" in getsource(multidict.MultiDict.get_all)
         and "return key.lower()" in getsource(http.Headers._kconv)
+        and _original(http.Headers, "get") is collections.abc.Mapping.get
+        and _original(http.Headers, "__contains__") is collections.abc.Mapping.__contains__
+        and "values = self.get_all(key)" in getsource(multidict._MultiDict.__getitem__)
+        and 'return ", ".join(values)' in getsource(http.Headers._reduce_values)
     ):
         raise SeamMoved(f"mitmproxy {version}: _Option.current, Hook.args or Headers.get_all moved")
     if "asyncio.start_server(" not in inspect.getsource(mode_servers):
@@ -367,10 +372,28 @@ def install_fast_accessors() -> None:
         key = name.lower()
         return [value.decode("utf-8", "surrogateescape") for k, value in self.fields if k.lower() == key]
 
+    # Mapping's get and `in` go through __getitem__, which raises and catches a KeyError for every header
+    # that is absent (most of `expected_http_body_size`'s lookups).
+    mapping_get = _original(http.Headers, "get")
+    mapping_contains = _original(http.Headers, "__contains__")
+
+    def get(self: Any, key: str | bytes, default: Any = None) -> Any:
+        if type(self) is not headers:
+            return mapping_get(self, key, default)
+        values = get_all(self, key)
+        return ", ".join(values) if values else default
+
+    def contains(self: Any, key: object) -> bool:
+        if type(self) is not headers:
+            return mapping_contains(self, key)
+        return bool(get_all(self, key))  # type: ignore[arg-type]
+
     for owner, attr, fast in (
         (optmanager._Option, "current", current),
         (hooks.Hook, "args", args),
         (http.Headers, "get_all", get_all),
+        (http.Headers, "get", get),
+        (http.Headers, "__contains__", contains),
     ):
         if getattr(getattr(owner, attr), "cohere_gateway_original", None) is not None:
             continue

@@ -107,6 +107,7 @@ def test_event_ids_are_uuid7_and_time_ordered() -> None:
     assert {u.version for u in parsed} == {7}
     assert {u.variant for u in parsed} == {uuid.RFC_4122}
     assert len(set(ids)) == 50
+    assert all(str(u) == i for u, i in zip(parsed, ids, strict=True))  # the canonical text form
 
 
 def test_fingerprint_hides_the_key_and_is_stable() -> None:
