@@ -61,7 +61,7 @@ def _version() -> str:
 
 
 def check() -> None:
-    """Raise SeamMoved unless both internals are where this module expects them."""
+    """Raise SeamMoved unless every internal this module relies on is where it expects it."""
     version = _version()
     if int(version.split(".")[0]) != TESTED_MAJOR:
         raise SeamMoved(f"cohere-gateway is tested with mitmproxy {TESTED_MAJOR}.x, found {version}")
@@ -131,7 +131,9 @@ def check() -> None:
         and "values = self.get_all(key)" in getsource(multidict._MultiDict.__getitem__)
         and 'return ", ".join(values)' in getsource(http.Headers._reduce_values)
     ):
-        raise SeamMoved(f"mitmproxy {version}: _Option.current, Hook.args or Headers.get_all moved")
+        raise SeamMoved(
+            f"mitmproxy {version}: _Option.current, Hook.args or Headers.get_all/get/__contains__ moved"
+        )
     if "asyncio.start_server(" not in inspect.getsource(mode_servers):
         raise SeamMoved(f"mitmproxy {version}: mode_servers no longer binds with asyncio.start_server")
     server = getattr(_http1, "Http1Server", None)
