@@ -302,7 +302,7 @@ def test_a_moved_accessor_or_helper_is_refused(monkeypatch: pytest.MonkeyPatch) 
 
 @pytest.fixture
 def fast_accessors(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
-    """The three accessors installed for one test, and mitmproxy's own ones to compare with."""
+    """The fast accessors installed for one test, and mitmproxy's own ones to compare with."""
     from mitmproxy import hooks, http, optmanager
 
     owners = [
