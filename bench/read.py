@@ -422,7 +422,9 @@ def browser_page(backend: Backend, repeat: int) -> tuple[float, dict[str, float]
     api = ReadApi(backend, Metrics(), "127.0.0.1", 0)
     api.start()
     try:
-        with tempfile.TemporaryDirectory(prefix="bench-read-chromium-") as tmp, chromium(Path(tmp)) as page:
+        # A killed helper's last write may still land as the profile is removed: never fail the run on it.
+        profile = tempfile.TemporaryDirectory(prefix="bench-read-chromium-", ignore_cleanup_errors=True)
+        with profile as tmp, chromium(Path(tmp)) as page:
             # When the page's body[data-loaded] first turns true, in ms since navigation started.
             page.call("Page.addScriptToEvaluateOnNewDocument", source=OPEN_JS)
             opens = []
