@@ -163,15 +163,22 @@ class Consumer:
     pid: int
     api: str  # http://127.0.0.1:PORT of its read API
 
-    def inserted(self) -> int:
-        """Events the consumer has inserted so far (its Prometheus counter)."""
+    def metrics(self, *names: str) -> dict[str, float]:
+        """The consumer's unlabelled Prometheus samples named `names`, 0 for one not exposed yet."""
         import urllib.request
 
+        found = dict.fromkeys(names, 0.0)
         with urllib.request.urlopen(self.api + "/metrics", timeout=5) as resp:
             for line in resp.read().decode().splitlines():
-                if line.startswith("cohere_gateway_consumer_events_inserted_total"):
-                    return int(float(line.split()[-1]))
-        return 0
+                name, _, value = line.partition(" ")
+                if name in found:
+                    found[name] = float(value)
+        return found
+
+    def inserted(self) -> int:
+        """Events the consumer has inserted so far (its Prometheus counter)."""
+        name = "cohere_gateway_consumer_events_inserted_total"
+        return int(self.metrics(name)[name])
 
 
 @contextlib.contextmanager
