@@ -167,22 +167,24 @@ WHERE cityHash64(event_id, 'feedback') % 100 = 0
 
 
 def generate(backend: Backend, events: int, end: datetime) -> float:
-    """Fill `events` (and through its views every aggregate); returns the seconds it took."""
+    """Fill `events` and `rollup_feed` (and through their views every aggregate); returns the seconds
+    it took."""
     # The model table is a literal of this file's constants (a parameter cannot carry tuples in chdb).
     models = "[" + ", ".join(f"('{m}', '{e}')" for m, e in MODELS) + "]"
     sql = GENERATE.replace("h(", "cityHash64(number, ").replace("{models}", models)
     started = time.monotonic()
     for first in range(0, events, BLOCK):
         print(f"generating: {first:,} of {events:,} events", file=sys.stderr)
-        backend.command(
-            sql,
-            {
-                "first": first,
-                "n": min(BLOCK, events - first),
-                "end_ms": int(end.timestamp() * 1000),
-                "span_ms": DAYS * 86400 * 1000,
-            },
-        )
+        params = {
+            "first": first,
+            "n": min(BLOCK, events - first),
+            "end_ms": int(end.timestamp() * 1000),
+            "span_ms": DAYS * 86400 * 1000,
+        }
+        # The same rows (a function of the block's numbers) into the raw table and the rollups' feed,
+        # the two inserts the consumer makes (migration 0016).
+        backend.command(sql, params)
+        backend.command(sql.replace("INSERT INTO events ", "INSERT INTO rollup_feed ", 1), params)
     return time.monotonic() - started
 
 

@@ -36,6 +36,10 @@ from tests.fixtures.kafka import temporary_topic
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 BATCH_SIZE = 10_000
+# Raw rows every 100 ms, the hour/day rollups at most every second (migration 0016: each insert writes a
+# part per view, so the rollups' insert serves ten flushes).
+BATCH_WAIT_MS = 100
+ROLLUP_WAIT_MS = 1000
 
 
 def _landed(url: str) -> int:
@@ -49,6 +53,8 @@ def _landed(url: str) -> int:
 
 INSERT_COUNT = "cohere_gateway_consumer_insert_seconds_count"
 INSERT_SUM = "cohere_gateway_consumer_insert_seconds_sum"
+INSERTED = "cohere_gateway_consumer_events_inserted_total"
+ROLLED_UP = "cohere_gateway_consumer_rollup_events_total"
 
 
 def _wait(cond: Any, timeout: float, what: str, poll: float = 0.05) -> Any:
@@ -69,7 +75,10 @@ def _messages(start: int, count: int, base: datetime) -> list[tuple[bytes, bytes
 
 
 def _consumer(bootstrap: str, topic: str, cpus: set[int] | None, server_url: str = "") -> Any:
-    flags = ("--batch-size", str(BATCH_SIZE), "--batch-wait-ms", "200", "--log-level", "warning")
+    flags = (
+        *("--batch-size", str(BATCH_SIZE), "--batch-wait-ms", str(BATCH_WAIT_MS)),
+        *("--rollup-wait-ms", str(ROLLUP_WAIT_MS), "--log-level", "warning"),
+    )
     if server_url:
         flags += ("--clickhouse", server_url)
     return targets.consumer(bootstrap, topic, *flags, cpus=cpus)
@@ -128,12 +137,13 @@ def drain_into_a_server(bootstrap: str, producer: Any, n: int, base: datetime) -
 
 def steady(
     bootstrap: str, producer: Any, rate: int, seconds: float, base: datetime
-) -> tuple[list[float], dict[str, float]]:
+) -> tuple[list[float], list[float], dict[str, float]]:
     """Produce at `rate` events/s in bursts of rate/10, open loop (a burst goes out on time whether or
-    not the ones before it are visible yet); each burst's time from sent to inserted. The probe reads
-    the consumer's counter, not a query: a query every 10 ms would load the engine it measures. Also
-    the inserts meanwhile and their mean time, the part of the latency the batch wait does not set (on
-    this shared host it swings 80-250 ms from run to run, and the p95 with it)."""
+    not the ones before it are visible yet); each burst's time from sent to inserted in the raw table,
+    and to fed to the hour/day rollups. The probe reads the consumer's counters, not a query: a query
+    every 10 ms would load the engine it measures. Also the raw inserts meanwhile and their mean time,
+    the part of the latency the batch wait does not set (on this shared host it swings from run to run,
+    and the p95 with it)."""
     bursts: list[tuple[int, float]] = []  # (events sent up to and including this burst, sent at)
     with temporary_topic(bootstrap, "bench-sink") as topic, _consumer(bootstrap, topic, None) as cons:
         # Not timed: the consumer joins its group and writes a first insert (seconds, once per start).
@@ -141,7 +151,7 @@ def steady(
         for key, value in warmup:
             producer.send(topic, key=key, value=value)
         producer.flush()
-        _wait(lambda: cons.inserted() >= len(warmup), 120, "the warm-up burst")
+        _wait(lambda: cons.metrics(ROLLED_UP)[ROLLED_UP] >= len(warmup), 120, "the warm-up burst")
         before = cons.metrics(INSERT_COUNT, INSERT_SUM)
 
         def send() -> None:
@@ -160,22 +170,30 @@ def steady(
         sender = threading.Thread(target=send, name="steady-producer")
         sender.start()
         latencies: list[float] = []
-        while sender.is_alive() or len(latencies) < len(bursts):
-            landed = cons.inserted()
+        rolled: list[float] = []
+        while sender.is_alive() or len(rolled) < len(bursts):
+            counts = cons.metrics(INSERTED, ROLLED_UP)
             now = time.monotonic()
-            while len(latencies) < len(bursts) and bursts[len(latencies)][0] <= landed:
-                latencies.append(now - bursts[len(latencies)][1])
-            if len(latencies) < len(bursts) and now - bursts[len(latencies)][1] > 60:
-                raise TimeoutError("a steady burst was not visible within 60 s")
+            for probe, name in ((latencies, INSERTED), (rolled, ROLLED_UP)):
+                while len(probe) < len(bursts) and bursts[len(probe)][0] <= counts[name]:
+                    probe.append(now - bursts[len(probe)][1])
+            if len(rolled) < len(bursts) and now - bursts[len(rolled)][1] > 60:
+                raise TimeoutError("a steady burst was not in the rollups within 60 s")
             time.sleep(0.01)
         sender.join()
         after = cons.metrics(INSERT_COUNT, INSERT_SUM)
         _wait(lambda: _landed(cons.api) >= bursts[-1][0], 10, "the read API to count every event")
     inserts = after[INSERT_COUNT] - before[INSERT_COUNT]
-    return latencies, {
-        "inserts": inserts,
-        "insert_mean_ms": 1000 * (after[INSERT_SUM] - before[INSERT_SUM]) / inserts if inserts else math.nan,
-    }
+    return (
+        latencies,
+        rolled,
+        {
+            "inserts": inserts,
+            "insert_mean_ms": 1000 * (after[INSERT_SUM] - before[INSERT_SUM]) / inserts
+            if inserts
+            else math.nan,
+        },
+    )
 
 
 def run_bench(bootstrap: str, quick: bool) -> dict[str, Any]:
@@ -189,7 +207,7 @@ def run_bench(bootstrap: str, quick: bool) -> dict[str, Any]:
         free = drain(bootstrap, producer, n, base, None)
         one_core = drain(bootstrap, producer, n, base, {min(os.sched_getaffinity(0))})
         server = drain_into_a_server(bootstrap, producer, n, base)
-        latencies, inserts = steady(bootstrap, producer, rate, seconds, base)
+        latencies, rolled, inserts = steady(bootstrap, producer, rate, seconds, base)
     finally:
         producer.close()
     return {
@@ -206,6 +224,8 @@ def run_bench(bootstrap: str, quick: bool) -> dict[str, Any]:
         "probes": len(latencies),
         "visible_p50_ms": round(1000 * percentile(latencies, 50)),
         "visible_p95_ms": round(1000 * percentile(latencies, 95)),
+        "rollups_p50_ms": round(1000 * percentile(rolled, 50)),
+        "rollups_p95_ms": round(1000 * percentile(rolled, 95)),
         "steady_inserts": int(inserts["inserts"]),
         "steady_insert_mean_ms": round(inserts["insert_mean_ms"], 1),
     }
@@ -227,21 +247,29 @@ def main() -> None:
         stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
         section = (
             f"\n### sink — {stamp}\n\n- command: `python -m bench.sink{' --quick' if args.quick else ''}`\n"
-            f"- Kafka (3 partitions) -> consume (batch {BATCH_SIZE} / 200 ms) -> embedded ClickHouse\n\n"
+            f"- Kafka (3 partitions) -> consume (batch {BATCH_SIZE} / {BATCH_WAIT_MS} ms, rollups every "
+            f"{ROLLUP_WAIT_MS} ms) -> embedded ClickHouse\n\n"
             "| events | drain events/s | cores used | CPU µs/event | drain on 1 core events/s | CPU µs/event "
-            "| steady rate/s | produce-to-visible p50 ms | p95 ms |\n"
-            "|---|---|---|---|---|---|---|---|---|\n"
+            "| steady rate/s | produce-to-visible p50 ms | p95 ms | to rollups p50 ms | p95 ms |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|\n"
             f"| {result['events']} | {result['sustained_events_per_s']:,} | {result['sustained_cores']} | "
             f"{result['sustained_cpu_us_per_event']} | {result['one_core_events_per_s']:,} | "
             f"{result['one_core_cpu_us_per_event']} | {result['steady_rate']} | "
-            f"{result['visible_p50_ms']} | {result['visible_p95_ms']} |\n\n"
+            f"{result['visible_p50_ms']} | {result['visible_p95_ms']} | "
+            f"{result['rollups_p50_ms']} | {result['rollups_p95_ms']} |\n\n"
             "- drain: from the consumer's first insert until every event is visible through its read API; "
             "cores = the consumer process's CPU time over that wall time; '1 core' pins it with "
             "sched_setaffinity.\n"
-            "- visible = the consumer's insert of the event returned (its views are written within the "
-            "insert; the read API is checked to count every event at the end); latency is per produced "
-            "burst of rate/10 events sent every 100 ms whether or not earlier ones are visible (open "
-            "loop), so it includes the batch wait (200 ms) and the probe's poll (10 ms).\n"
+            "- visible = the consumer's insert of the event into the raw table returned (its per-minute "
+            "views are written within the insert; the read API is checked to count every event at the "
+            "end); to rollups = its hour/day rollups' insert returned. Latency is per produced burst of "
+            "rate/10 events sent every 100 ms whether or not earlier ones are visible (open loop), so it "
+            f"includes the batch wait ({BATCH_WAIT_MS} ms), the rollup wait ({ROLLUP_WAIT_MS} ms) for "
+            "the second, and the probe's poll (10 ms).\n"
+            f"- steady raw inserts: {result['steady_inserts']}, mean {result['steady_insert_mean_ms']} ms; "
+            f"server drain: {result['server_events_per_s']:,} events/s, consumer "
+            f"{result['server_consumer_cpu_us_per_event']} µs/event, server "
+            f"{result['server_engine_cpu_us_per_event']} µs/event.\n"
         )
         with RESULTS.open("a") as fh:
             fh.write(section)

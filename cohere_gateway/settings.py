@@ -132,6 +132,12 @@ class ConsumerSettings:
     batch_wait_ms: int = setting(
         1000, "Insert buffered events at the latest this long after the first arrived."
     )
+    rollup_wait_ms: int = setting(
+        1000,
+        "Feed the hour and day rollups at the latest this long after the raw rows they lack were written: "
+        "one rollup insert serves several batches, and offsets are committed once it is written. 0: with "
+        "every batch.",
+    )
     retention_days: int = setting(90, "Raw events older than this many days are dropped (TTL).")
     aggregate_retention_days: int = setting(400, "Per-minute aggregates older than this are dropped (TTL).")
     http_host: str = setting("127.0.0.1", "Interface of the read API (/readyz, /metrics, /api/...).")

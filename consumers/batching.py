@@ -5,12 +5,15 @@ a deduplication token derived from those ranges (consumers/dedup.py), so a retry
 no-op. For that the ranges must be cut the same way again: before inserting, the consumer records them
 (the intent log, table `consumer_batches`); whoever consumes a partition next loads its intents and cuts
 exactly the recorded ranges.
+
+The hour and day rollups are fed by a second insert that serves several flushes (migration 0016): the
+Backlog holds what the raw table has and the rollups lack, and the batches whose offsets wait for it.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 
@@ -155,3 +158,57 @@ class Planner:
             self._oldest = None
         elif self._oldest is None:
             self._oldest = now
+
+
+@dataclass
+class Backlog:
+    """Rows written to the raw table and not yet to the rollups, and the batches (written raw) whose
+    offsets may be committed only once they are: a restart then reads them again, and the rollups'
+    own id lookup feeds them what they lack."""
+
+    rows: list[Any] = field(default_factory=list)  # as converted, each with its topic and partition
+    batches: list[Batch] = field(default_factory=list)
+    since: float | None = None  # when the first of `rows` was written raw
+
+    def add(self, batches: list[Batch], rows: list[Any], now: float) -> None:
+        self.batches.extend(batches)
+        self.rows.extend(rows)
+        if rows and self.since is None:
+            self.since = now
+
+    def wait_left(self, now: float, wait_s: float) -> float | None:
+        """Seconds until the rollups are due (0 when they are), None when they lack nothing."""
+        if self.since is None:
+            return None
+        return max(0.0, self.since + wait_s - now)
+
+    def due(self, now: float, wait_s: float, batch_size: int) -> bool:
+        return self.wait_left(now, wait_s) == 0.0 or len(self.rows) >= batch_size
+
+    def rolled_up(self) -> None:
+        """The rollups hold every row: the batches wait only for their commit now."""
+        self.rows = []
+        self.since = None
+
+    def offsets(self) -> dict[TopicPartition, int]:
+        """The offset to commit per partition: the one after its last batch."""
+        out: dict[TopicPartition, int] = {}
+        for batch in self.batches:
+            tp = TopicPartition(batch.range.topic, batch.range.partition)
+            out[tp] = max(out.get(tp, 0), batch.range.last_offset + 1)
+        return out
+
+    def partitions(self) -> set[TopicPartition]:
+        return {TopicPartition(b.range.topic, b.range.partition) for b in self.batches}
+
+    def first_offset(self, tp: TopicPartition) -> int | None:
+        """The first uncommitted offset of `tp` this backlog holds."""
+        firsts = [b.range.first_offset for b in self.batches if (b.range.topic, b.range.partition) == tp]
+        return min(firsts) if firsts else None
+
+    def drop(self, tp: TopicPartition) -> None:
+        """Forget a partition (revoked, or a commit refused): it is read again from its last commit."""
+        self.batches = [b for b in self.batches if (b.range.topic, b.range.partition) != tp]
+        self.rows = [r for r in self.rows if (r.topic, r.partition) != tp]
+        if not self.rows:
+            self.since = None

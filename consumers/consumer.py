@@ -1,13 +1,17 @@
 """The consume loop: Kafka consumer group -> batched, deduplicated inserts -> offset commit.
 
 Delivery is at-least-once with no duplicates visible to queries:
-- offsets are committed only after the batch is in ClickHouse (and its dead letters are acknowledged);
+- offsets are committed only after the batch is in ClickHouse, raw table and rollups (and its dead
+  letters are acknowledged);
 - each batch is one partition's offset range, recorded before the insert (the intent log), so a restart
   re-cuts the same ranges;
 - a flush inserts every partition's batch in one insert whose deduplication token names its ranges, so a
   retry of the same flush is a no-op for the raw table and its materialized views, and the ids already
   stored are left out of every insert (consumers/dedup.py), so a re-cut range inserted in another
-  combination is not counted twice either.
+  combination is not counted twice either;
+- the hour and day rollups are fed by a second insert (table rollup_feed, migration 0016) that serves the
+  flushes of up to --rollup-wait-ms, with its own id lookup (table rollup_ids): a restart between the two
+  inserts reads the batches again, finds their raw rows stored and feeds the rollups what they lack.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import orjson
 from cohere_gateway.consumers import dedup, schema
 from cohere_gateway.consumers.assignment import Watch
 from cohere_gateway.consumers.backends import Backend, BackendRejected, BackendUnavailable
-from cohere_gateway.consumers.batching import Batch, Planner, Range
+from cohere_gateway.consumers.batching import Backlog, Batch, Planner, Range
 from cohere_gateway.consumers.dead_letters import dead_letter
 from cohere_gateway.consumers.metrics import Metrics
 from cohere_gateway.consumers.rows import EVENT_COLUMNS, Rejected, Row, outside_retention, to_row
@@ -76,13 +80,19 @@ class Converted(NamedTuple):
     record: Any  # as polled, for the dead-letter topic
 
 
+class Written(NamedTuple):
+    refused: list[tuple[Any, str]]  # (record, reason): what ClickHouse refused as data, to dead-letter
+    stored: list[Converted]  # the flush's rows the raw table holds now (inserted or stored before)
+
+
 @dataclass
 class Inflight:
     """A flush whose inserts run on the writer thread; committed by the loop once written."""
 
     batches: list[Batch]
     rejected: list[tuple[Any, str]]  # (record, reason): dead letters, sent once the inserts succeeded
-    written: Future[list[tuple[Any, str]]]  # what ClickHouse refused, to dead-letter as well
+    written: Future[Written]
+    rollup: bool  # the write feeds the rollups the backlog's rows and this flush's
 
 
 def dlq_topic(cfg: ConsumerSettings) -> str:
@@ -102,6 +112,7 @@ class Consumer:
         self.metrics = metrics or Metrics()
         self.clock = clock
         self.planner = Planner()
+        self._backlog = Backlog()
         self._kafka: Any = None
         self._watch: Watch | None = None
         self._producer: Any = None
@@ -201,6 +212,7 @@ class Consumer:
         if self._kafka is None:
             return
         wait_s = self.cfg.batch_wait_ms / 1000
+        rollup_wait_s = self.cfg.rollup_wait_ms / 1000
         last_lag = 0.0
         log.info(
             "consuming %s as group %s into %s", self.cfg.topic, self.cfg.group_id, self.backend.description
@@ -209,7 +221,7 @@ class Consumer:
             while not stop.is_set():
                 try:
                     polled = self._kafka.poll(
-                        timeout_ms=self._poll_ms(wait_s), max_records=self.cfg.batch_size
+                        timeout_ms=self._poll_ms(wait_s, rollup_wait_s), max_records=self.cfg.batch_size
                     )
                     self._check_kafka()
                     if self._watch is not None:
@@ -218,6 +230,8 @@ class Consumer:
                         if replace:
                             if self._inflight is not None:  # committed by the consumer that read it
                                 self._guarded(self._finish_flush)
+                            if self._backlog.batches:  # its rollups and commit, by the same
+                                self._guarded(lambda: self.flush(final=True))
                             if not self._replace_member(stop):
                                 return
                 except KafkaError as exc:
@@ -233,6 +247,7 @@ class Consumer:
                 ):
                     self._guarded(self._finish_flush)
                 self.metrics.buffered = self.planner.buffered() + sum(map(len, self._held.values()))
+                self.metrics.rollup_pending = len(self._backlog.rows)
                 if now - last_lag >= 1.0:
                     self._update_lag()
                     last_lag = now
@@ -241,13 +256,15 @@ class Consumer:
                 if self._paused:
                     if now >= self._retry_at:
                         self._guarded(self.flush)
-                elif self.planner.due(now, self.cfg.batch_size, wait_s):
+                elif self.planner.due(now, self.cfg.batch_size, wait_s) or self._backlog.due(
+                    now, rollup_wait_s, self.cfg.batch_size
+                ):
                     self._guarded(self._start_flush)
             # SIGTERM: write and commit what is in hand; if storage is down it stays uncommitted.
             if self._inflight is not None:
                 self._guarded(self._finish_flush)
             if not self._paused or self.clock() >= self._retry_at:
-                self._guarded(self.flush)
+                self._guarded(lambda: self.flush(final=True))
         finally:
             self._close()
 
@@ -262,6 +279,7 @@ class Consumer:
             self._kafka.close(autocommit=False)
         except Exception as exc:  # one stuck outside its group may not close cleanly: replace it anyway
             log.warning("closing the stalled Kafka consumer: %s", exc)
+        self._backlog = Backlog()  # uncommitted: the new member reads it again from the last commit
         self._kafka = self._connect_kafka(stop)
         return self._kafka is not None
 
@@ -292,17 +310,22 @@ class Consumer:
             self.planner.add(tp, records, self._held_since)
         self._held.clear()
 
-    def _poll_ms(self, wait_s: float) -> int:
+    def _poll_ms(self, wait_s: float, rollup_wait_s: float) -> int:
         """Block in poll at most until the next flush is due, or, while one is being written, for
         10 ms at a time (its end is seen only between polls), so a flush is neither late by a poll that
         found nothing nor left waiting behind one that has landed. Before: up to 200 ms late each,
         against a 0.4 s produce-to-visible goal."""
         if self._inflight is not None:
             return 10
-        left = self.planner.wait_left(self.clock(), wait_s)
-        if left is None:
+        now = self.clock()
+        lefts = [
+            left
+            for left in (self.planner.wait_left(now, wait_s), self._backlog.wait_left(now, rollup_wait_s))
+            if left is not None
+        ]
+        if not lefts:
             return max(10, min(200, self.cfg.batch_wait_ms))
-        return max(1, min(200, math.ceil(left * 1000)))
+        return max(1, min(200, math.ceil(min(lefts) * 1000)))
 
     def _guarded(self, step: Callable[[], None]) -> bool:
         """Run one flush step; on failure pause and retry later, having committed nothing unwritten."""
@@ -347,12 +370,23 @@ class Consumer:
         self._retry_at = self.clock() + self._backoff.next()
 
     def _drop_all(self) -> None:
+        from kafka.structs import TopicPartition
+
         now = self.clock()
-        for tp in self.planner.partitions():
-            first = self._first_buffered_offset(tp)
+        for key in set(self.planner.partitions()) | self._backlog.partitions():
+            tp = TopicPartition(key.topic, key.partition)  # seek() takes kafka-python's type alone
+            first = self._first_uncommitted_offset(tp)
             self.planner.drop(tp, now)
+            self._backlog.drop(tp)
             if first is not None and tp in self._kafka.assignment():
                 self._kafka.seek(tp, first)
+
+    def _first_uncommitted_offset(self, tp: Any) -> int | None:
+        """Where reading `tp` again must start to write everything this consumer has not committed."""
+        firsts = [
+            o for o in (self._backlog.first_offset(tp), self._first_buffered_offset(tp)) if o is not None
+        ]
+        return min(firsts) if firsts else None
 
     def _first_buffered_offset(self, tp: Any) -> int | None:
         first = self.planner.first_offset(tp)
@@ -362,16 +396,19 @@ class Consumer:
 
     # -- one flush ------------------------------------------------------------------------------------
 
-    def flush(self) -> None:
-        """Insert every buffered partition's next batch, then commit them. Raises on failure, having
-        committed nothing that was not written."""
-        self._start_flush()
+    def flush(self, final: bool = False) -> None:
+        """Insert every buffered partition's next batch (and, when due or `final`, feed the rollups),
+        then commit what both hold. Raises on failure, having committed nothing that was not written."""
+        self._start_flush(final)
         if self._inflight is not None:
             self._finish_flush()
+        else:
+            self._commit_settled()
 
-    def _start_flush(self) -> None:
+    def _start_flush(self, final: bool = False) -> None:
         """Cut each partition's next batch, record the ranges, and hand the inserts to the writer
-        thread: the engine releases the GIL while it parses and writes, so polling goes on meanwhile."""
+        thread: the engine releases the GIL while it parses and writes, so polling goes on meanwhile.
+        The rollups are fed in the same write when they are due (or `final`)."""
         batches: list[Batch] = []
         for tp in self.planner.partitions():
             if not self.planner.knows_intents(tp):
@@ -381,7 +418,13 @@ class Consumer:
                 batch = self.planner.cut(tp, position=self._kafka.position(tp))
             if batch is not None:
                 batches.append(batch)
-        if not batches:
+        backlog = self._backlog
+        rollup = (
+            final
+            or self.cfg.rollup_wait_ms == 0
+            or backlog.due(self.clock(), self.cfg.rollup_wait_ms / 1000, self.cfg.batch_size)
+        )
+        if not batches and not (rollup and backlog.rows):
             return
 
         unrecorded = [b.range for b in batches if not self.planner.is_recorded(b.range)]
@@ -403,71 +446,108 @@ class Consumer:
                 else:
                     storable.append(polled)
         token = dedup.flush_token([b.range.dedup_token for b in batches])
-        self._inflight = Inflight(batches, rejected, self._writer.submit(self._write, token, storable))
+        if rollup:
+            # Named by every range whose rows it feeds: a retry after a failure feeds the same rows.
+            rollup_token = "rollup:" + dedup.flush_token(
+                [b.range.dedup_token for b in backlog.batches + batches]
+            )
+            written = self._writer.submit(self._write, token, storable, (rollup_token, list(backlog.rows)))
+        else:
+            written = self._writer.submit(self._write, token, storable, None)
+        self._inflight = Inflight(batches, rejected, written, rollup)
 
-    def _write(self, token: str, polled: list[Converted]) -> list[tuple[Any, str]]:
-        """On the writer thread, after the previous flush was written: one lookup for the whole flush
-        tells which events are stored already, and those rows (and repeats within the flush) are left out,
-        so no materialized view counts an event twice (consumers/dedup.py). Every partition's rows go in
-        one insert: each insert writes a part per materialized view whatever its size (about 80 ms on
-        the embedded engine), so one per partition made a flush's cost grow with the partitions it
-        touched. Returns the records ClickHouse refused as data (dead letters, sent before the commit)."""
-        rows: list[Row] = [p.row for p in polled]  # type: ignore[misc]
-        seen = dedup.stored_ids(self.backend, [row.event_id for row in rows])
-        kept, dropped = dedup.keep_first(rows, seen)
-        self.metrics.duplicates.inc(dropped)
-        if not kept:
-            return []
+    def _write(
+        self, token: str, polled: list[Converted], rollup: tuple[str, list[Converted]] | None
+    ) -> Written:
+        """On the writer thread, after the previous flush was written: the raw insert, then, when
+        `rollup` is given (its token and the backlog's rows), the rollups' insert of the backlog's rows
+        and this flush's. Each looks the flush's ids up in its own id table and leaves out those rows it
+        holds (and repeats within the flush), so no materialized view counts an event twice
+        (consumers/dedup.py). Every partition's rows go in one insert: each insert writes a part per
+        materialized view whatever its size, so one per partition made a flush's cost grow with the
+        partitions it touched."""
         records = {p.row.event_id: p.record for p in polled}  # type: ignore[union-attr]
-        return self._insert(token, kept, len(rows), records)
+        refused = self._insert_new("event_ids", "events", token, polled, self.metrics.record_insert)
+        stored = [p for p in polled if p.row.event_id not in refused]  # type: ignore[union-attr]
+        dead = [
+            (records[event_id], f"ClickHouse refused the event: {why}") for event_id, why in refused.items()
+        ]
+        if rollup is not None:
+            rollup_token, backlog = rollup
+            fed = backlog + stored
+            records |= {p.row.event_id: p.record for p in backlog}  # type: ignore[union-attr]
+            refused = self._insert_new(
+                "rollup_ids", "rollup_feed", rollup_token, fed, self.metrics.record_rollup
+            )
+            dead += [
+                (records[event_id], f"ClickHouse refused the event's rollups (its raw row is stored): {why}")
+                for event_id, why in refused.items()
+            ]
+        return Written(dead, stored)
+
+    def _insert_new(
+        self,
+        ids_table: str,
+        table: str,
+        token: str,
+        polled: list[Converted],
+        record: Callable[[int, float], None],
+    ) -> dict[str, str]:
+        """Insert into `table` the rows whose id `ids_table` does not hold yet, each id once. Returns the
+        ids ClickHouse refused as data, with its message."""
+        rows: list[Row] = [p.row for p in polled]  # type: ignore[misc]
+        seen = dedup.stored_ids(self.backend, [row.event_id for row in rows], ids_table)
+        kept, dropped = dedup.keep_first(rows, seen)
+        if table == "events":
+            self.metrics.duplicates.inc(dropped)
+        if not kept:
+            return {}
+        return self._insert(table, token, kept, len(rows), record)
 
     def _insert(
-        self, token: str, rows: list[Row], total: int, records: dict[str, Any]
-    ) -> list[tuple[Any, str]]:
+        self, table: str, token: str, rows: list[Row], total: int, record: Callable[[int, float], None]
+    ) -> dict[str, str]:
         """Insert `rows`; when ClickHouse refuses the data itself, insert each half on its own, down to
-        the single rows it refuses, which become dead letters: a bad row (or a replay spanning more
-        partitions than one insert may touch) never stalls its partition. Outages still raise."""
+        the single rows it refuses, returned with its message (dead letters): a bad row (or a replay
+        spanning more partitions than one insert may touch) never stalls its partition. Outages raise."""
         days = sorted({row.start_time.astimezone(UTC).date() for row in rows})
         if len(days) > MAX_PARTITIONS_PER_INSERT:
             # Split by day before ClickHouse sees it: chdb's streaming insert drops such an insert
             # without an error (chdb 4.4: max_partitions_per_insert_block), so it must never be sent.
             self.metrics.insert_splits.inc()
-            refused = []
+            refused: dict[str, str] = {}
             for first in range(0, len(days), MAX_PARTITIONS_PER_INSERT):
                 chunk_days = set(days[first : first + MAX_PARTITIONS_PER_INSERT])
                 chunk = [row for row in rows if row.start_time.astimezone(UTC).date() in chunk_days]
-                refused += self._insert(token, chunk, total, records)
+                refused |= self._insert(table, token, chunk, total, record)
             return refused
         started = time.perf_counter()
         try:
             self.backend.insert_json_rows(
-                "events",
-                b"".join(row.line for row in rows),
-                dedup.token_for(token, rows, total),
-                EVENT_COLUMNS,
+                table, b"".join(row.line for row in rows), dedup.token_for(token, rows, total), EVENT_COLUMNS
             )
         except BackendRejected as exc:
             if len(rows) == 1:
-                log.warning("ClickHouse refused event %s: %s", rows[0].event_id, exc)
-                return [(records[rows[0].event_id], f"ClickHouse refused the event: {exc}"[:2000])]
+                log.warning("ClickHouse refused event %s (%s): %s", rows[0].event_id, table, exc)
+                return {rows[0].event_id: str(exc)[:1900]}
             self.metrics.insert_splits.inc()
             half = len(rows) // 2
             # Each half is named by its ids (token_for with total > len), so a retry re-inserts the same.
-            return self._insert(token, rows[:half], total, records) + self._insert(
-                token, rows[half:], total, records
+            return self._insert(table, token, rows[:half], total, record) | self._insert(
+                table, token, rows[half:], total, record
             )
-        self.metrics.record_insert(len(rows), time.perf_counter() - started)
-        return []
+        record(len(rows), time.perf_counter() - started)
+        return {}
 
     def _finish_flush(self) -> None:
-        """Wait for the flush in flight, then commit it. Records held meanwhile join the planner either
-        way: after a failure the batches are cut again from the planner, in front of them."""
-        from kafka.structs import OffsetAndMetadata, TopicPartition
-
+        """Wait for the flush in flight, then commit what the raw table and the rollups both hold.
+        Records held meanwhile join the planner either way: after a failure the batches are cut again
+        from the planner, in front of them."""
         inflight = self._inflight
         assert inflight is not None
         try:
-            inflight.rejected += inflight.written.result()
+            written = inflight.written.result()
+            inflight.rejected += written.refused
             # Dead letters go out only after the inserts succeeded: a flush that fails on storage is
             # retried, and sending them before would send them once per attempt.
             if inflight.rejected:
@@ -482,24 +562,41 @@ class Consumer:
                 log.warning("test hook %s: killing myself between insert and commit", CRASH_AFTER_INSERTS_ENV)
                 os.kill(os.getpid(), signal.SIGKILL)
 
-            self._kafka.commit(
-                {
-                    TopicPartition(b.range.topic, b.range.partition): OffsetAndMetadata(
-                        b.range.last_offset + 1, "", -1
-                    )
-                    for b in inflight.batches
-                },
-                # Bounded, so a commit while Kafka is down fails over to pause-and-retry instead of
-                # blocking the loop (and SIGTERM) for kafka-python's default 30 s.
-                timeout_ms=COMMIT_TIMEOUT_MS,
-            )
-            self.metrics.commits.inc()
             now = self.clock()
             for batch in inflight.batches:
                 self.planner.done(batch, now)
+            self._backlog.add(inflight.batches, written.stored, now)
+            if inflight.rollup:
+                self._backlog.rolled_up()
+            if self._kafka is not None:
+                # A partition revoked while this was written is read again by its next owner, from
+                # its last commit: what we hold of it must be neither fed to the rollups nor committed.
+                owned = set(self._kafka.assignment())
+                for tp in self._backlog.partitions() - owned:
+                    self._backlog.drop(tp)
+            self.metrics.rollup_pending = len(self._backlog.rows)
+            self._commit_settled()
         finally:
             self._inflight = None
             self._release_held()
+
+    def _commit_settled(self) -> None:
+        """Commit the batches the rollups hold as well as the raw table (none while any row waits)."""
+        from kafka.structs import OffsetAndMetadata, TopicPartition
+
+        if self._backlog.rows or not self._backlog.batches:
+            return
+        self._kafka.commit(
+            {
+                TopicPartition(tp.topic, tp.partition): OffsetAndMetadata(offset, "", -1)
+                for tp, offset in self._backlog.offsets().items()
+            },
+            # Bounded, so a commit while Kafka is down fails over to pause-and-retry instead of
+            # blocking the loop (and SIGTERM) for kafka-python's default 30 s.
+            timeout_ms=COMMIT_TIMEOUT_MS,
+        )
+        self.metrics.commits.inc()
+        self._backlog.batches = []
 
     def _send_dead_letter(self, record: Any, reason: str) -> Any:
         log.warning("dead letter %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason[:300])
@@ -526,18 +623,20 @@ class Consumer:
     # -- rebalance ------------------------------------------------------------------------------------
 
     def on_revoked(self, revoked: list[Any]) -> None:
-        """Forget what we hold for partitions we are losing: it is uncommitted, so the next owner reads
-        it again. No flush here: kafka-python 3 runs this listener on its IO thread, where a commit
-        (or any blocking consumer call) raises "Cannot block on net.run() from the IO thread", and an
-        insert without its commit would put the batch in this consumer's store and, in embedded mode,
-        the next owner's too."""
+        """Forget what we hold for partitions we are losing, buffered or waiting for the rollups: it is
+        uncommitted, so the next owner reads it again (and its id lookups find what we wrote). No flush
+        here: kafka-python 3 runs this listener on its IO thread, where a commit (or any blocking
+        consumer call) raises "Cannot block on net.run() from the IO thread", and an insert without its
+        commit would put the batch in this consumer's store and, in embedded mode, the next owner's
+        too."""
         self._await_inflight_write(revoked)
         now = self.clock()
         for tp in revoked:
-            first = self._first_buffered_offset(tp)
+            first = self._first_uncommitted_offset(tp)
             if first is not None:
                 self._rewind[tp] = first
             self.planner.drop(tp, now)
+            self._backlog.drop(tp)
             self._held.pop(tp, None)
         self.metrics.partitions = []
 
@@ -548,10 +647,12 @@ class Consumer:
         range carries another). Waiting here delays this member's rejoin, hence the next owner's first
         fetch. Bounded below the session timeout: longer, and the group would evict this member anyway."""
         inflight = self._inflight
-        if inflight is None or not {(b.range.topic, b.range.partition) for b in inflight.batches} & {
-            (tp.topic, tp.partition) for tp in revoked
-        }:
+        writing = {(b.range.topic, b.range.partition) for b in inflight.batches} if inflight else set()
+        if inflight is not None and inflight.rollup:
+            writing |= self._backlog.partitions()
+        if not writing & {(tp.topic, tp.partition) for tp in revoked}:
             return
+        assert inflight is not None
         _, pending = futures_wait([inflight.written], timeout=REVOKE_WAIT_S)
         if pending:
             log.warning(

@@ -44,11 +44,17 @@ def lookup_params(ids: Iterable[str]) -> Iterator[dict[str, str]]:
         yield {"plain": ",".join(plain), "hex": ",".join(hexed)}
 
 
-def stored_ids(backend: Backend, ids: Sequence[str]) -> set[str]:
-    """The ids among `ids` that the raw table already holds (through table `event_ids`)."""
+# The id table of each insert target: what `events` holds (migration 0005), what the rollups hold (0016).
+ID_TABLES = ("event_ids", "rollup_ids")
+
+
+def stored_ids(backend: Backend, ids: Sequence[str], table: str = "event_ids") -> set[str]:
+    """The ids among `ids` that id table `table` (one of ID_TABLES) already holds."""
+    if table not in ID_TABLES:
+        raise ValueError(f"not an id table: {table!r}")
     found: set[str] = set()
     for params in lookup_params(ids):
-        found.update(r["event_id"] for r in backend.query(sql("stored_ids"), params))
+        found.update(r["event_id"] for r in backend.query(sql("stored_ids"), params | {"table": table}))
     return found
 
 

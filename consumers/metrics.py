@@ -30,6 +30,7 @@ class Metrics:
     paused: bool = False  # the consumer stopped consuming to retry a failed write, commit or dead letter
     last_error: str = ""
     buffered: int = 0  # consumed, not yet written
+    rollup_pending: int = 0  # written to the raw table, not yet to the hour/day rollups
     partitions: list[int] = field(default_factory=list)  # assigned to this consumer
     assignment_repairs: int = 0  # stalled assignments repaired (consumers/assignment.py)
     # Messages not yet consumed, by (topic, partition); replaced whole, so a scrape sees one generation.
@@ -62,6 +63,12 @@ class Metrics:
             buckets=INSERT_SECONDS_BUCKETS,
             registry=self.registry,
         )
+        self.rollup_inserts = counter(
+            "rollup_inserts",
+            "Inserts into the hour/day rollups (table rollup_feed): one per --rollup-wait-ms at most.",
+        )
+        self.rollup_events = counter("rollup_events", "Events fed to the hour/day rollups.")
+        self.rollup_seconds = counter("rollup_seconds", "Time spent in inserts into the hour/day rollups.")
         self.batch_sizes = Histogram(
             "cohere_gateway_consumer_batch_size",
             "Events per batch.",
@@ -75,6 +82,11 @@ class Metrics:
         self.batches_inserted.inc()
         self.insert_seconds.observe(seconds)
         self.batch_sizes.observe(rows)
+
+    def record_rollup(self, rows: int, seconds: float) -> None:
+        self.rollup_inserts.inc()
+        self.rollup_events.inc(rows)
+        self.rollup_seconds.inc(seconds)
 
     @property
     def ready(self) -> bool:
@@ -104,6 +116,11 @@ class _State:
         )
         yield GaugeMetricFamily(
             "cohere_gateway_consumer_buffered", "Events consumed and not yet written.", value=metrics.buffered
+        )
+        yield GaugeMetricFamily(
+            "cohere_gateway_consumer_rollup_pending",
+            "Events in the raw table not yet in the hour/day rollups (their offsets are not committed).",
+            value=metrics.rollup_pending,
         )
         lag = GaugeMetricFamily(
             "cohere_gateway_consumer_lag",

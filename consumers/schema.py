@@ -59,12 +59,14 @@ def applied_versions(backend: Backend) -> dict[int, str]:
     return {int(r["version"]): r["checksum"] for r in rows}
 
 
-def migrate(backend: Backend) -> list[int]:
-    """Apply the migrations not yet recorded; return their versions."""
+def migrate(backend: Backend, until: int | None = None) -> list[int]:
+    """Apply the migrations not yet recorded (up to version `until` when given); return their versions."""
     backend.command(sql("migrations_table"))
     done = applied_versions(backend)
     applied = []
     for mig in load_migrations():
+        if until is not None and mig.version > until:
+            break
         if mig.version in done:
             if done[mig.version] != mig.checksum:
                 log.warning(

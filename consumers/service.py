@@ -34,6 +34,8 @@ def serve(cfg: ConsumerSettings, stop: threading.Event | None = None) -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR if cfg.log_level != "debug" else logging.DEBUG)
     if cfg.batch_size < 1 or cfg.batch_wait_ms < 1:
         raise ValueError("--batch-size and --batch-wait-ms must be at least 1")
+    if cfg.rollup_wait_ms < 0:
+        raise ValueError("--rollup-wait-ms must be 0 or more")
     if cfg.partitions < 1:
         raise ValueError(f"--partitions must be at least 1, not {cfg.partitions}")
     if cfg.http_port >= 0:

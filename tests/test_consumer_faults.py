@@ -84,6 +84,9 @@ def test_an_insert_clickhouse_refuses_is_split_until_each_part_inserts(
         "all 330 events: over 144 days, about 110 days in each Kafka partition's batch",
     )
     assert consumer.metric("cohere_gateway_consumer_insert_splits_total") >= 1
+    wait_for(  # the hour/day rollups' insert (migration 0016) is split the same way
+        lambda: consumer.metric("cohere_gateway_consumer_rollup_events_total") == 330, "their rollups"
+    )
     status, ready = consumer.get("/readyz")
     assert status == 200 and ready["ready"]
     assert consumer.get("/api/summary?since=160d&by=none")[1]["total"]["requests"] == 330

@@ -1,6 +1,7 @@
-"""One flush, one insert: the consumer's flush against real storage (both backends), in process. No
-Kafka here: the flush's records are handed to the planner as a poll would, and nothing is committed (the
-commit path is tested end to end in test_consumer.py)."""
+"""One flush, one insert, and the rollups' insert serving several flushes: the consumer's flush against
+real storage (both backends), in process. No Kafka here: the flush's records are handed to the planner as
+a poll would, and the commits go to a stand-in that records them (`Offsets`; the commit path against a
+real broker is tested end to end in test_consumer.py)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,16 @@ import threading
 import time
 from concurrent.futures import Future
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
-from cohere_gateway.consumers.backends import Backend
+import pytest
+
+from cohere_gateway.consumers import schema
+from cohere_gateway.consumers.backends import Backend, BackendUnavailable, FaultInjectingBackend
 from cohere_gateway.consumers.batching import TopicPartition
-from cohere_gateway.consumers.consumer import REVOKE_WAIT_S, Consumer, Converted, Inflight
-from cohere_gateway.consumers.rows import to_row
+from cohere_gateway.consumers.consumer import REVOKE_WAIT_S, Consumer, Converted, Inflight, Written
+from cohere_gateway.consumers.rows import EVENT_COLUMNS, to_row
 from cohere_gateway.events import encode
 from cohere_gateway.settings import ConsumerSettings
 from tests.fixtures.clickhouse import make_event
@@ -29,12 +35,38 @@ def polled(partition: int, offsets: range, first_event: int) -> list[Converted]:
     return out
 
 
+class Offsets:
+    """Stands in for the Kafka consumer's assignment and commit (no broker in these tests): records
+    every commit, so a test can tell what was committed and when."""
+
+    def __init__(self, partitions: range) -> None:
+        self.owned = {TopicPartition(TOPIC, p) for p in partitions}
+        self.commits: list[dict[int, int]] = []
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.owned)
+
+    def commit(self, offsets: dict[Any, Any], timeout_ms: int) -> None:
+        self.commits.append({tp.partition: meta.offset for tp, meta in offsets.items()})
+
+
+def consumer_on(backend: Backend, partitions: range = range(3), **settings: Any) -> tuple[Consumer, Offsets]:
+    consumer = Consumer(ConsumerSettings(topic=TOPIC, **settings), backend)
+    consumer._kafka = offsets = Offsets(partitions)
+    return consumer, offsets
+
+
+def add(consumer: Consumer, records: list[Converted]) -> None:
+    consumer.planner.add(TopicPartition(TOPIC, records[0].partition), records, time.monotonic())
+
+
 def stored(backend: Backend) -> dict[str, int]:
     q = {
         "raw": "SELECT count() AS n FROM events",
         "distinct_ids": "SELECT uniqExact(event_id) AS n FROM events",
         "agg_requests": "SELECT sum(requests) AS n FROM events_by_minute",
         "hour_requests": "SELECT sum(requests) AS n FROM all_by_hour",
+        "day_requests": "SELECT sum(requests) AS n FROM events_by_day",
     }
     return {k: int(backend.query(sql)[0]["n"] or 0) for k, sql in q.items()}
 
@@ -43,35 +75,149 @@ def counted(consumer: Consumer, sample: str) -> float | None:
     return consumer.metrics.registry.get_sample_value(sample)
 
 
-def flush(consumer: Consumer) -> None:
-    consumer._start_flush()
-    assert consumer._inflight is not None
-    assert consumer._inflight.written.result() == []
-    consumer._inflight = None
-
-
 def test_a_flush_across_partitions_is_one_insert_and_a_re_cut_range_counts_nothing_twice(
     clickhouse_backend: Backend,
 ) -> None:
-    consumer = Consumer(ConsumerSettings(topic=TOPIC), clickhouse_backend)
+    consumer, offsets = consumer_on(clickhouse_backend)
     first = {p: polled(p, range(0, 40), 100 * p) for p in range(3)}
-    for p, records in first.items():
-        consumer.planner.add(TopicPartition(TOPIC, p), records, time.monotonic())
+    for records in first.values():
+        add(consumer, records)
 
-    flush(consumer)
+    consumer.flush()
     # Before: one insert per partition, each writing a part per materialized view.
     assert counted(consumer, "cohere_gateway_consumer_batches_total") == 1
+    # The raw rows and the per-minute views at once; the hour and day rollups when they are due (here
+    # the end of the run), and the offsets only then.
+    assert stored(clickhouse_backend) == {**dict.fromkeys(("raw", "distinct_ids", "agg_requests"), 120)} | {
+        "hour_requests": 0,
+        "day_requests": 0,
+    }
+    assert offsets.commits == []
+    consumer.flush(final=True)
     assert stored(clickhouse_backend) == dict.fromkeys(
-        ("raw", "distinct_ids", "agg_requests", "hour_requests"), 120
+        ("raw", "distinct_ids", "agg_requests", "hour_requests", "day_requests"), 120
     )
+    assert offsets.commits == [{0: 40, 1: 40, 2: 40}]
 
     # The next owner of partition 1 after a crash (nothing committed) cuts its range again, alone, in
-    # a flush of its own: another token than the first insert's, so only the id lookup keeps it out.
-    next_owner = Consumer(ConsumerSettings(topic=TOPIC), clickhouse_backend)
-    next_owner.planner.add(TopicPartition(TOPIC, 1), first[1], time.monotonic())
-    flush(next_owner)
+    # a flush of its own: another token than the first insert's, so only the id lookups keep it out.
+    next_owner, _ = consumer_on(clickhouse_backend)
+    add(next_owner, first[1])
+    next_owner.flush(final=True)
     assert counted(next_owner, "cohere_gateway_consumer_duplicates_total") == 40
-    assert stored(clickhouse_backend)["agg_requests"] == 120
+    assert counted(next_owner, "cohere_gateway_consumer_rollup_inserts_total") == 0
+    assert stored(clickhouse_backend) == dict.fromkeys(
+        ("raw", "distinct_ids", "agg_requests", "hour_requests", "day_requests"), 120
+    )
+
+
+def test_one_rollup_insert_serves_the_flushes_of_rollup_wait_and_commits_them(
+    clickhouse_backend: Backend,
+) -> None:
+    """Each insert writes a part per view whatever its size: the 12 hour and day rollups are fed once
+    for several flushes, and nothing is committed before they hold the rows."""
+    consumer, offsets = consumer_on(clickhouse_backend, rollup_wait_ms=60_000)
+    for n in range(3):
+        add(consumer, polled(n % 2, range(20 * (n // 2), 20 * (n // 2) + 20), 1000 * n))
+        consumer.flush()
+    assert counted(consumer, "cohere_gateway_consumer_batches_total") == 3
+    assert counted(consumer, "cohere_gateway_consumer_rollup_inserts_total") == 0
+    assert consumer._backlog.rows and len(consumer._backlog.rows) == 60
+    assert stored(clickhouse_backend)["hour_requests"] == 0
+    assert offsets.commits == []
+
+    consumer.flush(final=True)  # nothing buffered: the rollups alone
+    assert counted(consumer, "cohere_gateway_consumer_rollup_inserts_total") == 1
+    assert counted(consumer, "cohere_gateway_consumer_rollup_events_total") == 60
+    assert stored(clickhouse_backend) == dict.fromkeys(
+        ("raw", "distinct_ids", "agg_requests", "hour_requests", "day_requests"), 60
+    )
+    assert offsets.commits == [{0: 40, 1: 20}]
+
+
+def test_rollup_wait_0_feeds_the_rollups_with_every_flush(clickhouse_backend: Backend) -> None:
+    consumer, offsets = consumer_on(clickhouse_backend, rollup_wait_ms=0)
+    add(consumer, polled(0, range(0, 10), 0))
+    consumer.flush()
+    assert stored(clickhouse_backend)["hour_requests"] == 10
+    assert offsets.commits == [{0: 10}]
+
+
+def test_a_crash_between_the_raw_and_the_rollup_insert_is_mended_by_the_replay(
+    clickhouse_backend: Backend,
+) -> None:
+    """The raw rows of two flushes are stored, the rollups lack them and nothing is committed when the
+    consumer dies. Its successor reads the partition again from its last commit (offset 0) and more
+    after it: the raw table leaves out what it holds, the rollups take exactly what they lack."""
+    crashed, _ = consumer_on(clickhouse_backend, rollup_wait_ms=60_000)
+    records = polled(0, range(0, 30), 0)
+    add(crashed, records[:10])
+    crashed.flush()
+    add(crashed, records[10:20])
+    crashed.flush()
+    assert stored(clickhouse_backend) == dict.fromkeys(("raw", "distinct_ids", "agg_requests"), 20) | {
+        "hour_requests": 0,
+        "day_requests": 0,
+    }
+
+    successor, offsets = consumer_on(clickhouse_backend, rollup_wait_ms=60_000)
+    add(successor, records)
+    while successor.planner.buffered():  # the recorded ranges first, cut as they were (intent log)
+        successor.flush()
+    successor.flush(final=True)
+    assert counted(successor, "cohere_gateway_consumer_duplicates_total") == 20
+    assert stored(clickhouse_backend) == dict.fromkeys(
+        ("raw", "distinct_ids", "agg_requests", "hour_requests", "day_requests"), 30
+    )
+    assert offsets.commits == [{0: 30}]
+
+
+def test_a_failed_rollup_insert_commits_nothing_and_its_retry_counts_each_event_once(
+    clickhouse_backend: Backend, tmp_path: Path
+) -> None:
+    flag = tmp_path / "clickhouse-down"
+    consumer, offsets = consumer_on(FaultInjectingBackend(clickhouse_backend, flag))
+    add(consumer, polled(0, range(0, 10), 0))
+    flag.write_text("rollup_feed")  # ClickHouse fails between the flush's two inserts
+    with pytest.raises(BackendUnavailable):
+        consumer.flush(final=True)
+    assert stored(clickhouse_backend)["raw"] == 10
+    assert stored(clickhouse_backend)["hour_requests"] == 0
+    assert offsets.commits == []
+
+    flag.unlink()
+    consumer.flush(final=True)  # the batch is cut again: the raw insert finds it stored
+    assert stored(clickhouse_backend) == dict.fromkeys(
+        ("raw", "distinct_ids", "agg_requests", "hour_requests", "day_requests"), 10
+    )
+    assert offsets.commits == [{0: 10}]
+
+
+def test_a_rollup_insert_repeated_with_its_token_is_counted_once(clickhouse_backend: Backend) -> None:
+    """The engine behaviour a retry after a partial write relies on: views fed from a Null table
+    deduplicate a block repeated with the same token (each view's table keeps its own window)."""
+    lines = b"".join(p.row.line for p in polled(0, range(0, 5), 0))  # type: ignore[union-attr]
+    for _ in range(2):
+        clickhouse_backend.insert_json_rows("rollup_feed", lines, "rollup:test", EVENT_COLUMNS)
+    assert stored(clickhouse_backend)["hour_requests"] == 5
+    assert stored(clickhouse_backend)["day_requests"] == 5
+    assert stored(clickhouse_backend)["raw"] == 0  # the feed stores nothing itself
+
+
+def test_a_revoked_partition_leaves_the_backlog_and_is_read_again_from_its_last_commit(
+    clickhouse_backend: Backend,
+) -> None:
+    consumer, offsets = consumer_on(clickhouse_backend, rollup_wait_ms=60_000)
+    add(consumer, polled(0, range(0, 10), 0))
+    add(consumer, polled(1, range(0, 10), 100))
+    consumer.flush()
+    consumer.on_revoked([TopicPartition(TOPIC, 1)])
+    offsets.owned.discard(TopicPartition(TOPIC, 1))
+    assert consumer._rewind == {TopicPartition(TOPIC, 1): 0}
+    consumer.flush(final=True)
+    # Partition 1's rows are the next owner's to feed (its lookup finds them missing), not ours.
+    assert stored(clickhouse_backend)["hour_requests"] == 10
+    assert offsets.commits == [{0: 10}]
 
 
 def test_a_revoked_partitions_rebalance_waits_for_its_flush_in_flight(clickhouse_backend: Backend) -> None:
@@ -81,14 +227,14 @@ def test_a_revoked_partitions_rebalance_waits_for_its_flush_in_flight(clickhouse
     consumer.planner.add(TopicPartition(TOPIC, 0), polled(0, range(0, 5), 0), time.monotonic())
     batch = consumer.planner.cut(TopicPartition(TOPIC, 0))
     assert batch is not None
-    written: Future[list[tuple[object, str]]] = Future()
-    consumer._inflight = Inflight([batch], [], written)
+    written: Future[Written] = Future()
+    consumer._inflight = Inflight([batch], [], written, rollup=False)
     landed_at: list[float] = []
 
     def land() -> None:
         time.sleep(0.3)  # stands for an insert still running on the writer thread
         landed_at.append(time.monotonic())
-        written.set_result([])
+        written.set_result(Written([], []))
 
     # Not the flush's partition: no wait (a wait would run out its whole bound, nothing lands here).
     started = time.monotonic()
@@ -100,3 +246,24 @@ def test_a_revoked_partitions_rebalance_waits_for_its_flush_in_flight(clickhouse
     returned_at = time.monotonic()
     writer.join()
     assert landed_at and landed_at[0] <= returned_at
+
+
+def test_the_rollup_feed_migration_counts_what_earlier_inserts_fed_once(storage: Any) -> None:
+    """Before migration 0016 the insert into `events` fed the rollups itself. After it, a replay of those
+    events (read again after a crash before their commit) finds them in `rollup_ids`, which the
+    migration filled from `event_ids`, and new events reach the rollups through the consumer's feed."""
+    backend = storage.open()
+    schema.migrate(backend, until=15)
+    earlier = polled(0, range(0, 30), 0)
+    lines = b"".join(p.row.line for p in earlier)  # type: ignore[union-attr]
+    backend.insert_json_rows("events", lines, "before-0016", EVENT_COLUMNS)
+    assert stored(backend) == dict.fromkeys(stored(backend), 30)
+    assert schema.migrate(backend) == [16]
+
+    consumer, offsets = consumer_on(backend)
+    add(consumer, earlier + polled(0, range(30, 40), 30))
+    consumer.flush(final=True)
+    assert counted(consumer, "cohere_gateway_consumer_duplicates_total") == 30
+    assert counted(consumer, "cohere_gateway_consumer_rollup_events_total") == 10
+    assert stored(backend) == dict.fromkeys(stored(backend), 40)
+    assert offsets.commits == [{0: 40}]

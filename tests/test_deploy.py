@@ -18,9 +18,8 @@ import yaml
 
 from cohere_gateway.cli import main as cli
 from cohere_gateway.consumers.backends import Backend
-from cohere_gateway.consumers.rows import EVENT_COLUMNS
-from cohere_gateway.events import encode
-from tests.fixtures.clickhouse import convert, make_event
+from tests.fixtures.clickhouse import make_event
+from tests.test_storage import insert_events
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -105,9 +104,7 @@ def test_every_grafana_panel_query_runs_against_the_schema(clickhouse_backend: B
     from datetime import UTC, datetime, timedelta
 
     base = datetime.now(UTC) - timedelta(minutes=30)
-    rows = [convert(encode(make_event(i, base)), 0, i) for i in range(40)]
-    assert all(isinstance(r, bytes) for r in rows), rows
-    clickhouse_backend.insert_json_rows("events", b"".join(rows), columns=EVENT_COLUMNS)  # type: ignore[arg-type]
+    insert_events(clickhouse_backend, [make_event(i, base) for i in range(40)], None)
     answered = 0
     for panel in DASHBOARD["panels"]:
         for target in panel["targets"]:

@@ -13,7 +13,7 @@ from cohere_gateway.consumers.backends import Backend
 from tests.fixtures.clickhouse import live_ttl_days, make_event
 from tests.test_storage import insert_events
 
-RAW = {"events", "event_ids", "event_feedback"}
+RAW = {"events", "event_ids", "event_feedback", "rollup_ids"}
 # Tables whose TTL is fixed by their migration, not by a retention setting.
 FIXED_TTL = {"consumer_batches"}
 NEW_INDEXES = {

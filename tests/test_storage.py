@@ -25,7 +25,9 @@ def insert_events(backend: Backend, events: list[Event], token: str | None, part
         row = convert(encode(ev), partition, offset)
         assert isinstance(row, bytes), row
         lines.append(row)
+    # As the consumer writes them: the raw table, then the hour and day rollups' feed (migration 0016).
     backend.insert_json_rows("events", b"".join(lines), token, EVENT_COLUMNS)
+    backend.insert_json_rows("rollup_feed", b"".join(lines), token and f"rollup:{token}", EVENT_COLUMNS)
 
 
 def event_from_row(row: dict[str, Any]) -> Event:
