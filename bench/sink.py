@@ -55,6 +55,9 @@ INSERT_COUNT = "cohere_gateway_consumer_insert_seconds_count"
 INSERT_SUM = "cohere_gateway_consumer_insert_seconds_sum"
 INSERTED = "cohere_gateway_consumer_events_inserted_total"
 ROLLED_UP = "cohere_gateway_consumer_rollup_events_total"
+ROLLUP_COUNT = "cohere_gateway_consumer_rollup_inserts_total"
+ROLLUP_SUM = "cohere_gateway_consumer_rollup_seconds_total"
+STEADY_COUNTERS = (INSERT_COUNT, INSERT_SUM, ROLLUP_COUNT, ROLLUP_SUM)
 
 
 def _wait(cond: Any, timeout: float, what: str, poll: float = 0.05) -> Any:
@@ -152,7 +155,7 @@ def steady(
             producer.send(topic, key=key, value=value)
         producer.flush()
         _wait(lambda: cons.metrics(ROLLED_UP)[ROLLED_UP] >= len(warmup), 120, "the warm-up burst")
-        before = cons.metrics(INSERT_COUNT, INSERT_SUM)
+        before = cons.metrics(*STEADY_COUNTERS)
 
         def send() -> None:
             sent, next_send = len(warmup), time.monotonic()
@@ -181,17 +184,23 @@ def steady(
                 raise TimeoutError("a steady burst was not in the rollups within 60 s")
             time.sleep(0.01)
         sender.join()
-        after = cons.metrics(INSERT_COUNT, INSERT_SUM)
+        after = cons.metrics(*STEADY_COUNTERS)
         _wait(lambda: _landed(cons.api) >= bursts[-1][0], 10, "the read API to count every event")
-    inserts = after[INSERT_COUNT] - before[INSERT_COUNT]
+
+    def mean_ms(count: str, total: str) -> tuple[float, float]:
+        n = after[count] - before[count]
+        return n, 1000 * (after[total] - before[total]) / n if n else math.nan
+
+    inserts, insert_mean = mean_ms(INSERT_COUNT, INSERT_SUM)
+    rollups, rollup_mean = mean_ms(ROLLUP_COUNT, ROLLUP_SUM)
     return (
         latencies,
         rolled,
         {
             "inserts": inserts,
-            "insert_mean_ms": 1000 * (after[INSERT_SUM] - before[INSERT_SUM]) / inserts
-            if inserts
-            else math.nan,
+            "insert_mean_ms": insert_mean,
+            "rollups": rollups,
+            "rollup_mean_ms": rollup_mean,
         },
     )
 
@@ -228,6 +237,8 @@ def run_bench(bootstrap: str, quick: bool) -> dict[str, Any]:
         "rollups_p95_ms": round(1000 * percentile(rolled, 95)),
         "steady_inserts": int(inserts["inserts"]),
         "steady_insert_mean_ms": round(inserts["insert_mean_ms"], 1),
+        "steady_rollup_inserts": int(inserts["rollups"]),
+        "steady_rollup_mean_ms": round(inserts["rollup_mean_ms"], 1),
     }
 
 

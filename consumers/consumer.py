@@ -82,7 +82,7 @@ class Converted(NamedTuple):
 
 class Written(NamedTuple):
     refused: list[tuple[Any, str]]  # (record, reason): what ClickHouse refused as data, to dead-letter
-    stored: list[Converted]  # the flush's rows the raw table holds now (inserted or stored before)
+    pending: list[Converted]  # the flush's rows the raw table holds now and the rollups may lack
 
 
 @dataclass
@@ -446,44 +446,59 @@ class Consumer:
                 else:
                     storable.append(polled)
         token = dedup.flush_token([b.range.dedup_token for b in batches])
+        # A whole batch (a backlog being read, where latency is not the point) or no rollup wait: the
+        # flush's rows go to the raw table and the rollups in one insert, parsed once.
+        together = self.cfg.rollup_wait_ms == 0 or len(storable) >= self.cfg.batch_size
+        feed = None
         if rollup:
             # Named by every range whose rows it feeds: a retry after a failure feeds the same rows.
-            rollup_token = "rollup:" + dedup.flush_token(
+            feed_token = "rollup:" + dedup.flush_token(
                 [b.range.dedup_token for b in backlog.batches + batches]
             )
-            written = self._writer.submit(self._write, token, storable, (rollup_token, list(backlog.rows)))
-        else:
-            written = self._writer.submit(self._write, token, storable, None)
+            feed = (feed_token, list(backlog.rows))
+        written = self._writer.submit(self._write, token, storable, together, feed)
         self._inflight = Inflight(batches, rejected, written, rollup)
 
     def _write(
-        self, token: str, polled: list[Converted], rollup: tuple[str, list[Converted]] | None
+        self,
+        token: str,
+        polled: list[Converted],
+        together: bool,
+        feed: tuple[str, list[Converted]] | None,
     ) -> Written:
-        """On the writer thread, after the previous flush was written: the raw insert, then, when
-        `rollup` is given (its token and the backlog's rows), the rollups' insert of the backlog's rows
-        and this flush's. Each looks the flush's ids up in its own id table and leaves out those rows it
-        holds (and repeats within the flush), so no materialized view counts an event twice
-        (consumers/dedup.py). Every partition's rows go in one insert: each insert writes a part per
-        materialized view whatever its size, so one per partition made a flush's cost grow with the
-        partitions it touched."""
+        """On the writer thread, after the previous flush was written: the raw insert (`together`: raw
+        table and rollups in one), then, when `feed` is given (its token and the backlog's rows), the
+        rollups' insert of the backlog's rows and this flush's the raw insert did not feed. Each looks
+        the ids up in its own id table and leaves out the rows it holds (and repeats within the flush),
+        so no materialized view counts an event twice (consumers/dedup.py). Every partition's rows go in
+        one insert: each insert writes a part per materialized view whatever its size, so one per
+        partition made a flush's cost grow with the partitions it touched."""
         records = {p.row.event_id: p.record for p in polled}  # type: ignore[union-attr]
-        refused = self._insert_new("event_ids", "events", token, polled, self.metrics.record_insert)
-        stored = [p for p in polled if p.row.event_id not in refused]  # type: ignore[union-attr]
-        dead = [
-            (records[event_id], f"ClickHouse refused the event: {why}") for event_id, why in refused.items()
+        table, record = ("events", self.metrics.record_insert)
+        if together:
+            table, record = ("events_with_rollups", self._record_insert_with_rollups)
+        inserted, refused = self._insert_new("event_ids", table, token, polled, record)
+        dead = [(records[i], f"ClickHouse refused the event: {why}") for i, why in refused.items()]
+        # Rows found stored were written by an earlier attempt, maybe without their rollups.
+        pending = [p for p in polled if p.row.event_id not in refused]  # type: ignore[union-attr]
+        if together:
+            pending = [p for p in pending if p.row.event_id not in inserted]  # type: ignore[union-attr]
+        if feed is None:
+            return Written(dead, pending)
+        feed_token, backlog = feed
+        records |= {p.row.event_id: p.record for p in backlog}  # type: ignore[union-attr]
+        _, refused = self._insert_new(
+            "rollup_ids", "rollup_feed", feed_token, backlog + pending, self.metrics.record_rollup
+        )
+        dead += [
+            (records[i], f"ClickHouse refused the event's rollups (its raw row is stored): {why}")
+            for i, why in refused.items()
         ]
-        if rollup is not None:
-            rollup_token, backlog = rollup
-            fed = backlog + stored
-            records |= {p.row.event_id: p.record for p in backlog}  # type: ignore[union-attr]
-            refused = self._insert_new(
-                "rollup_ids", "rollup_feed", rollup_token, fed, self.metrics.record_rollup
-            )
-            dead += [
-                (records[event_id], f"ClickHouse refused the event's rollups (its raw row is stored): {why}")
-                for event_id, why in refused.items()
-            ]
-        return Written(dead, stored)
+        return Written(dead, [])
+
+    def _record_insert_with_rollups(self, rows: int, seconds: float) -> None:
+        self.metrics.record_insert(rows, seconds)
+        self.metrics.record_rollup(rows, seconds)
 
     def _insert_new(
         self,
@@ -492,17 +507,18 @@ class Consumer:
         token: str,
         polled: list[Converted],
         record: Callable[[int, float], None],
-    ) -> dict[str, str]:
+    ) -> tuple[set[str], dict[str, str]]:
         """Insert into `table` the rows whose id `ids_table` does not hold yet, each id once. Returns the
-        ids ClickHouse refused as data, with its message."""
+        ids inserted, and those ClickHouse refused as data with its message."""
         rows: list[Row] = [p.row for p in polled]  # type: ignore[misc]
         seen = dedup.stored_ids(self.backend, [row.event_id for row in rows], ids_table)
         kept, dropped = dedup.keep_first(rows, seen)
-        if table == "events":
+        if ids_table == "event_ids":
             self.metrics.duplicates.inc(dropped)
         if not kept:
-            return {}
-        return self._insert(table, token, kept, len(rows), record)
+            return set(), {}
+        refused = self._insert(table, token, kept, len(rows), record)
+        return {row.event_id for row in kept} - refused.keys(), refused
 
     def _insert(
         self, table: str, token: str, rows: list[Row], total: int, record: Callable[[int, float], None]
@@ -565,7 +581,7 @@ class Consumer:
             now = self.clock()
             for batch in inflight.batches:
                 self.planner.done(batch, now)
-            self._backlog.add(inflight.batches, written.stored, now)
+            self._backlog.add(inflight.batches, written.pending, now)
             if inflight.rollup:
                 self._backlog.rolled_up()
             if self._kafka is not None:

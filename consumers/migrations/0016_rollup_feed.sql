@@ -9,6 +9,15 @@
 -- it. The five rollups chained on these tables (migration 0015) follow them unchanged.
 CREATE TABLE IF NOT EXISTS rollup_feed AS events ENGINE = Null;
 
+-- A flush of a whole --batch-size (a backlog being read) feeds both in one insert, into this table: its
+-- two views pass each block on to `events` (and so to its views) and to `rollup_feed`, and the rows are
+-- parsed once. A later migration adding a column to `events` adds it to both Null tables.
+CREATE TABLE IF NOT EXISTS events_with_rollups AS events ENGINE = Null;
+CREATE MATERIALIZED VIEW IF NOT EXISTS events_with_rollups_raw_mv TO events AS
+SELECT * FROM events_with_rollups;
+CREATE MATERIALIZED VIEW IF NOT EXISTS events_with_rollups_feed_mv TO rollup_feed AS
+SELECT * FROM events_with_rollups;
+
 -- Every event_id the rollups have counted, as `event_ids` is for `events` (migration 0005): a replay
 -- after a crash between the two inserts finds the raw rows stored and these not, and feeds the rollups
 -- only what they lack. Fed by a view, so written in the same insert with the same deduplication token.
