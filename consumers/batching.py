@@ -182,9 +182,6 @@ class Backlog:
             return None
         return max(0.0, self.since + wait_s - now)
 
-    def due(self, now: float, wait_s: float, batch_size: int) -> bool:
-        return self.wait_left(now, wait_s) == 0.0 or len(self.rows) >= batch_size
-
     def rolled_up(self) -> None:
         """The rollups hold every row: the batches wait only for their commit now."""
         self.rows = []

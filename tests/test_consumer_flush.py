@@ -51,7 +51,9 @@ class Offsets:
 
 
 def consumer_on(backend: Backend, partitions: range = range(3), **settings: Any) -> tuple[Consumer, Offsets]:
-    consumer = Consumer(ConsumerSettings(topic=TOPIC, **settings), backend)
+    # No poll loop here: a batch wait of a minute keeps "nothing arrived for twice the batch wait"
+    # (rollups due) from depending on how fast the host runs the test.
+    consumer = Consumer(ConsumerSettings(topic=TOPIC, **{"batch_wait_ms": 60_000} | settings), backend)
     consumer._kafka = offsets = Offsets(partitions)
     return consumer, offsets
 
@@ -172,9 +174,10 @@ def test_a_crash_between_the_raw_and_the_rollup_insert_is_mended_by_the_replay(
     assert offsets.commits == [{0: 30}]
 
 
-def test_a_whole_batch_feeds_the_raw_table_and_the_rollups_in_one_insert(clickhouse_backend: Backend) -> None:
-    """A backlog being read comes in whole batches: parsing each row twice, once per insert, cost a
-    drain about a fifth of its rate. Rows an earlier attempt stored raw still reach the rollups once."""
+def test_a_large_flush_feeds_the_raw_table_and_the_rollups_in_one_insert(clickhouse_backend: Backend) -> None:
+    """A backlog being read comes in large flushes (here: a whole --batch-size, below TOGETHER_ROWS):
+    parsing each row twice, once per insert, cost a drain about a fifth of its rate. Rows an earlier
+    attempt stored raw still reach the rollups once."""
     crashed, _ = consumer_on(clickhouse_backend, batch_size=100, rollup_wait_ms=60_000)
     records = polled(0, range(0, 20), 0)
     add(crashed, records[:10])
@@ -184,7 +187,7 @@ def test_a_whole_batch_feeds_the_raw_table_and_the_rollups_in_one_insert(clickho
     add(successor, records)
     successor.flush()  # the recorded range 0-9: stored raw, so its rows wait for the rollups' insert
     assert stored(clickhouse_backend)["hour_requests"] == 0 and offsets.commits == []
-    # 10-19, a whole batch: one insert feeds both; the waiting rows (a whole batch too) are fed with it.
+    # 10-19, a whole batch: one insert feeds both; the waiting rows (a batch's worth too) are fed with it.
     successor.flush()
     assert counted(successor, "cohere_gateway_consumer_events_inserted_total") == 10
     assert counted(successor, "cohere_gateway_consumer_batches_total") == 1
@@ -291,3 +294,24 @@ def test_the_rollup_feed_migration_counts_what_earlier_inserts_fed_once(storage:
     assert counted(consumer, "cohere_gateway_consumer_rollup_events_total") == 10
     assert stored(backend) == dict.fromkeys(stored(backend), 40)
     assert offsets.commits == [{0: 40}]
+
+
+def test_the_rollups_are_fed_once_nothing_has_arrived_for_twice_the_batch_wait(
+    clickhouse_backend: Backend,
+) -> None:
+    """A drained topic: the last rows' rollups need not wait out --rollup-wait-ms."""
+    now = [0.0]
+    consumer = Consumer(
+        ConsumerSettings(topic=TOPIC, batch_wait_ms=100, rollup_wait_ms=60_000),
+        clickhouse_backend,
+        clock=lambda: now[0],
+    )
+    consumer._kafka = offsets = Offsets(range(1))
+    add(consumer, polled(0, range(0, 10), 0))
+    consumer.flush()
+    assert consumer._rollups_wait_left(now[0]) == 0.2 and not consumer._rollups_due(now[0])
+    now[0] = 0.2
+    assert consumer._rollups_due(now[0])
+    consumer.flush()
+    assert stored(clickhouse_backend)["hour_requests"] == 10
+    assert offsets.commits == [{0: 10}]

@@ -9,9 +9,10 @@
 -- it. The five rollups chained on these tables (migration 0015) follow them unchanged.
 CREATE TABLE IF NOT EXISTS rollup_feed AS events ENGINE = Null;
 
--- A flush of a whole --batch-size (a backlog being read) feeds both in one insert, into this table: its
--- two views pass each block on to `events` (and so to its views) and to `rollup_feed`, and the rows are
--- parsed once. A later migration adding a column to `events` adds it to both Null tables.
+-- A large flush (a backlog being read; consumers/consumer.py, TOGETHER_ROWS) feeds both in one insert,
+-- into this table: its two views pass each block on to `events` (and so to its views) and to
+-- `rollup_feed`, and the rows are parsed once. A later migration adding a column to `events` adds it to
+-- both Null tables.
 CREATE TABLE IF NOT EXISTS events_with_rollups AS events ENGINE = Null;
 CREATE MATERIALIZED VIEW IF NOT EXISTS events_with_rollups_raw_mv TO events AS
 SELECT * FROM events_with_rollups;
