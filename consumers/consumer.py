@@ -119,6 +119,7 @@ class Consumer:
         self.planner = Planner()
         self._backlog = Backlog()
         self._last_arrival = clock()  # when a poll last returned records
+        self._revoked_in_flight: set[tuple[str, int]] = set()  # revoked while a flush was written
         self._kafka: Any = None
         self._watch: Watch | None = None
         self._producer: Any = None
@@ -594,15 +595,17 @@ class Consumer:
             now = self.clock()
             for batch in inflight.batches:
                 self.planner.done(batch, now)
-            self._backlog.add(inflight.batches, written.pending, now)
+            # A partition revoked while this was written is read again from its last commit (by its
+            # next owner, or by this consumer from where on_revoked rewinds it): what this flush holds
+            # of it must be neither fed to the rollups nor committed here.
+            revoked, self._revoked_in_flight = self._revoked_in_flight, set()
+            self._backlog.add(
+                [b for b in inflight.batches if (b.range.topic, b.range.partition) not in revoked],
+                [p for p in written.pending if (p.topic, p.partition) not in revoked],
+                now,
+            )
             if inflight.rollup:
                 self._backlog.rolled_up()
-            if self._kafka is not None:
-                # A partition revoked while this was written is read again by its next owner, from
-                # its last commit: what we hold of it must be neither fed to the rollups nor committed.
-                owned = set(self._kafka.assignment())
-                for tp in self._backlog.partitions() - owned:
-                    self._backlog.drop(tp)
             self.metrics.rollup_pending = len(self._backlog.rows)
             self._commit_settled()
         finally:
@@ -614,6 +617,14 @@ class Consumer:
         from kafka.structs import OffsetAndMetadata, TopicPartition
 
         if self._backlog.rows or not self._backlog.batches:
+            return
+        owned = set(self._kafka.assignment())
+        for tp in self._backlog.partitions() - owned:
+            # Not ours since it was written (a rebalance while a commit was retried): committing its
+            # offset could move its new owner's back or past what that owner has not written.
+            log.info("not committing %s[%d]: no longer assigned to this consumer", tp.topic, tp.partition)
+            self._backlog.drop(tp)
+        if not self._backlog.batches:
             return
         self._kafka.commit(
             {
@@ -659,6 +670,8 @@ class Consumer:
         commit would put the batch in this consumer's store and, in embedded mode, the next owner's
         too."""
         self._await_inflight_write(revoked)
+        if self._inflight is not None:
+            self._revoked_in_flight |= {(tp.topic, tp.partition) for tp in revoked}
         now = self.clock()
         for tp in revoked:
             first = self._first_uncommitted_offset(tp)

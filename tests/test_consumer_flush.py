@@ -315,3 +315,23 @@ def test_the_rollups_are_fed_once_nothing_has_arrived_for_twice_the_batch_wait(
     consumer.flush()
     assert stored(clickhouse_backend)["hour_requests"] == 10
     assert offsets.commits == [{0: 10}]
+
+
+def test_a_flush_written_while_its_partition_was_revoked_is_neither_fed_nor_committed(
+    clickhouse_backend: Backend,
+) -> None:
+    """The rebalance revokes partition 1 while its flush is being written; the flush finishes after.
+    Before: the finished flush put partition 1 back into the backlog, and a commit retried after the
+    rebalance moved its new owner's committed offset (tests/test_scale_out.py caught it)."""
+    consumer, offsets = consumer_on(clickhouse_backend, rollup_wait_ms=60_000)
+    add(consumer, polled(0, range(0, 10), 0))
+    add(consumer, polled(1, range(0, 10), 100))
+    consumer._start_flush()
+    consumer.on_revoked([TopicPartition(TOPIC, 1)])  # waits for the write in flight
+    offsets.owned.discard(TopicPartition(TOPIC, 1))
+    consumer._finish_flush()
+    assert consumer._backlog.partitions() == {TopicPartition(TOPIC, 0)}
+    assert consumer._rewind == {TopicPartition(TOPIC, 1): 0}
+    consumer.flush(final=True)
+    assert stored(clickhouse_backend)["hour_requests"] == 10
+    assert offsets.commits == [{0: 10}]
