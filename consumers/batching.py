@@ -168,6 +168,7 @@ class Backlog:
 
     rows: list[Any] = field(default_factory=list)  # as converted, each with its topic and partition
     batches: list[Batch] = field(default_factory=list)
+    dead: list[tuple[Any, str]] = field(default_factory=list)  # (record, reason): sent with the commit
     since: float | None = None  # when the first of `rows` was written raw
 
     def add(self, batches: list[Batch], rows: list[Any], now: float) -> None:
@@ -207,5 +208,6 @@ class Backlog:
         """Forget a partition (revoked, or a commit refused): it is read again from its last commit."""
         self.batches = [b for b in self.batches if (b.range.topic, b.range.partition) != tp]
         self.rows = [r for r in self.rows if (r.topic, r.partition) != tp]
+        self.dead = [d for d in self.dead if (d[0].topic, d[0].partition) != tp]
         if not self.rows:
             self.since = None

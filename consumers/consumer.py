@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
@@ -55,7 +55,8 @@ SESSION_TIMEOUT_MS = 10_000
 # From this many rows a flush feeds the rollups in its own insert. Measured (embedded engine, 2 cores):
 # the rollups' views add 30-40 ms to an insert whatever its size, and a second insert of the same rows
 # costs about 12 us a row more than one insert feeding both (10k rows: 383 against 262 ms); so from about
-# 3,000 rows one insert is cheaper, and a flush that large is no longer a latency-bound one.
+# 3,000 rows one insert is cheaper, and a flush that large is no longer a latency-bound one. A whole
+# --batch-size below that counts as large too (the consumer is behind).
 TOGETHER_ROWS = 3_000
 REVOKE_WAIT_S = SESSION_TIMEOUT_MS / 2000
 
@@ -98,6 +99,9 @@ class Inflight:
     rejected: list[tuple[Any, str]]  # (record, reason): dead letters, sent once the inserts succeeded
     written: Future[Written]
     rollup: bool  # the write feeds the rollups the backlog's rows and this flush's
+    # Partitions revoked while it was written (on_revoked): read again from their last commit, so what
+    # this flush holds of them is neither fed to the rollups nor committed here.
+    revoked: set[tuple[str, int]] = field(default_factory=set)
 
 
 def dlq_topic(cfg: ConsumerSettings) -> str:
@@ -119,7 +123,7 @@ class Consumer:
         self.planner = Planner()
         self._backlog = Backlog()
         self._last_arrival = clock()  # when a poll last returned records
-        self._revoked_in_flight: set[tuple[str, int]] = set()  # revoked while a flush was written
+        self._revocations = 0  # rebalances that took partitions from this consumer (on_revoked)
         self._kafka: Any = None
         self._watch: Watch | None = None
         self._producer: Any = None
@@ -388,10 +392,18 @@ class Consumer:
                 self._kafka.seek(tp, first)
 
     def _first_uncommitted_offset(self, tp: Any) -> int | None:
-        """Where reading `tp` again must start to write everything this consumer has not committed."""
+        """Where reading `tp` again must start to write everything this consumer has not committed:
+        the backlog, the flush in flight (between its batches leaving the planner and joining the
+        backlog) and what is buffered."""
         firsts = [
             o for o in (self._backlog.first_offset(tp), self._first_buffered_offset(tp)) if o is not None
         ]
+        if (inflight := self._inflight) is not None:
+            firsts += [
+                b.range.first_offset
+                for b in inflight.batches
+                if (b.range.topic, b.range.partition) == tuple(tp)
+            ]
         return min(firsts) if firsts else None
 
     def _first_buffered_offset(self, tp: Any) -> int | None:
@@ -427,6 +439,7 @@ class Consumer:
         """Cut each partition's next batch, record the ranges, and hand the inserts to the writer
         thread: the engine releases the GIL while it parses and writes, so polling goes on meanwhile.
         The rollups are fed in the same write when they are due (or `final`)."""
+        revocations = self._revocations
         batches: list[Batch] = []
         for tp in self.planner.partitions():
             if not self.planner.knows_intents(tp):
@@ -470,6 +483,10 @@ class Consumer:
                 [b.range.dedup_token for b in backlog.batches + batches]
             )
             feed = (feed_token, list(backlog.rows))
+        if self._revocations != revocations:
+            # A rebalance (on kafka-python's IO thread) took partitions while this flush was being cut:
+            # it may hold rows their next owner reads again. Cut again from what is left.
+            return
         written = self._writer.submit(self._write, token, storable, together, feed)
         self._inflight = Inflight(batches, rejected, written, rollup)
 
@@ -577,16 +594,6 @@ class Consumer:
         assert inflight is not None
         try:
             written = inflight.written.result()
-            inflight.rejected += written.refused
-            # Dead letters go out only after the inserts succeeded: a flush that fails on storage is
-            # retried, and sending them before would send them once per attempt.
-            if inflight.rejected:
-                sent = [self._send_dead_letter(record, reason) for record, reason in inflight.rejected]
-                self._dlq_producer().flush(timeout=30)
-                for future in sent:
-                    future.get(timeout=0)  # raises the send's KafkaError: then we must not commit
-                self.metrics.dead_letters.inc(len(sent))
-
             self._inserts += 1
             if self._crash_after is not None and self._inserts >= self._crash_after:
                 log.warning("test hook %s: killing myself between insert and commit", CRASH_AFTER_INSERTS_ENV)
@@ -595,15 +602,19 @@ class Consumer:
             now = self.clock()
             for batch in inflight.batches:
                 self.planner.done(batch, now)
-            # A partition revoked while this was written is read again from its last commit (by its
-            # next owner, or by this consumer from where on_revoked rewinds it): what this flush holds
-            # of it must be neither fed to the rollups nor committed here.
-            revoked, self._revoked_in_flight = self._revoked_in_flight, set()
+            revoked = inflight.revoked
             self._backlog.add(
                 [b for b in inflight.batches if (b.range.topic, b.range.partition) not in revoked],
                 [p for p in written.pending if (p.topic, p.partition) not in revoked],
                 now,
             )
+            # Dead letters go out with the commit of their batch, after every insert succeeded: a flush
+            # that fails on storage is retried, and sending them before would send them once per attempt.
+            self._backlog.dead += [
+                (record, reason)
+                for record, reason in inflight.rejected + written.refused
+                if (record.topic, record.partition) not in revoked
+            ]
             if inflight.rollup:
                 self._backlog.rolled_up()
             self.metrics.rollup_pending = len(self._backlog.rows)
@@ -626,6 +637,13 @@ class Consumer:
             self._backlog.drop(tp)
         if not self._backlog.batches:
             return
+        if self._backlog.dead:
+            sent = [self._send_dead_letter(record, reason) for record, reason in self._backlog.dead]
+            self._dlq_producer().flush(timeout=30)
+            for future in sent:
+                future.get(timeout=0)  # raises the send's KafkaError: then we must not commit
+            self.metrics.dead_letters.inc(len(sent))
+            self._backlog.dead = []
         self._kafka.commit(
             {
                 TopicPartition(tp.topic, tp.partition): OffsetAndMetadata(offset, "", -1)
@@ -669,9 +687,11 @@ class Consumer:
         consumer call) raises "Cannot block on net.run() from the IO thread", and an insert without its
         commit would put the batch in this consumer's store and, in embedded mode, the next owner's
         too."""
+        self._revocations += 1
         self._await_inflight_write(revoked)
-        if self._inflight is not None:
-            self._revoked_in_flight |= {(tp.topic, tp.partition) for tp in revoked}
+        inflight = self._inflight
+        if inflight is not None:
+            inflight.revoked |= {(tp.topic, tp.partition) for tp in revoked}
         now = self.clock()
         for tp in revoked:
             first = self._first_uncommitted_offset(tp)

@@ -65,7 +65,8 @@ class Metrics:
         )
         self.rollup_inserts = counter(
             "rollup_inserts",
-            "Inserts into the hour/day rollups (table rollup_feed): one per --rollup-wait-ms at most.",
+            "Inserts that fed the hour/day rollups: their own (table rollup_feed, one per --rollup-wait-ms "
+            "at most), and large flushes' one insert into both (events_with_rollups).",
         )
         self.rollup_events = counter("rollup_events", "Events fed to the hour/day rollups.")
         self.rollup_seconds = counter("rollup_seconds", "Time spent in inserts into the hour/day rollups.")

@@ -127,3 +127,15 @@ def test_the_index_migration_applies_is_idempotent_and_changes_no_answer(clickho
         for name in names:
             backend.command(f"ALTER TABLE {table} DROP INDEX {name}")
     assert _reads(backend) == with_indexes
+
+
+def test_the_rollup_ids_of_migration_0016_keep_the_raw_retention_in_force(storage: Any) -> None:
+    """An install running --retention-days 200 before 0016: the ids it copies from `event_ids` must live
+    as long as their raw rows, or a replay of an old event would reach the rollups again."""
+    backend = storage.open()
+    schema.migrate(backend, until=15)
+    schema.apply_retention(backend, raw_days=200, aggregate_days=400)
+    assert schema.migrate(backend) == [16]
+    assert live_ttl_days(backend, "rollup_ids") == 200
+    assert recorded(backend)["rollup_ids"][:2] == ("raw", 200)
+    assert schema.apply_retention(backend, raw_days=200, aggregate_days=400) == []

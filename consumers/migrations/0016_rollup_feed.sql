@@ -22,16 +22,9 @@ SELECT * FROM events_with_rollups;
 -- Every event_id the rollups have counted, as `event_ids` is for `events` (migration 0005): a replay
 -- after a crash between the two inserts finds the raw rows stored and these not, and feeds the rollups
 -- only what they lack. Fed by a view, so written in the same insert with the same deduplication token.
--- Same TTL as `events` (schema.apply_retention: table_retention below).
-CREATE TABLE IF NOT EXISTS rollup_ids
-(
-    event_id String,
-    start_time DateTime64(3, 'UTC')
-)
-ENGINE = ReplacingMergeTree
-ORDER BY event_id
-TTL toDateTime(start_time) + toIntervalDay(90)
-SETTINGS non_replicated_deduplication_window = 10000;
+-- Made as `event_ids` is now, its TTL included (which --retention-days may have changed from 90): the
+-- ids copied below must live as long as their raw rows. Its retention row is added at the end.
+CREATE TABLE IF NOT EXISTS rollup_ids AS event_ids;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS rollup_ids_mv TO rollup_ids AS
 SELECT event_id, start_time FROM rollup_feed;
