@@ -324,10 +324,13 @@ class Consumer:
         """Block in poll at most until the next flush is due, or, while one is being written, for
         10 ms at a time (its end is seen only between polls), so a flush is neither late by a poll that
         found nothing nor left waiting behind one that has landed. Before: up to 200 ms late each,
-        against a 0.4 s produce-to-visible goal."""
+        against a 0.4 s produce-to-visible goal. Paused, nothing is due before the retry: polling
+        every millisecond for a due flush it may not start only burned a core through an outage."""
         if self._inflight is not None:
             return 10
         now = self.clock()
+        if self._paused:
+            return max(10, min(200, math.ceil((self._retry_at - now) * 1000)))
         lefts = [
             left
             for left in (self.planner.wait_left(now, wait_s), self._rollups_wait_left(now))

@@ -335,3 +335,18 @@ def test_a_flush_written_while_its_partition_was_revoked_is_neither_fed_nor_comm
     consumer.flush(final=True)
     assert stored(clickhouse_backend)["hour_requests"] == 10
     assert offsets.commits == [{0: 10}]
+
+
+def test_a_paused_consumer_polls_until_its_retry_not_every_millisecond(clickhouse_backend: Backend) -> None:
+    """Through a storage outage the loop polled every millisecond for a flush it could not start."""
+    now = [100.0]
+    consumer = Consumer(
+        ConsumerSettings(topic=TOPIC, batch_wait_ms=100), clickhouse_backend, clock=lambda: now[0]
+    )
+    consumer.planner.add(TopicPartition(TOPIC, 0), polled(0, range(0, 10), 0), now[0])
+    now[0] = 101.0  # the flush is due
+    assert consumer._poll_ms(0.1) == 1
+    consumer._paused, consumer._retry_at = True, 103.0
+    assert consumer._poll_ms(0.1) == 200
+    now[0] = 102.95
+    assert consumer._poll_ms(0.1) == 50
