@@ -620,7 +620,6 @@ class Consumer:
             ]
             if inflight.rollup:
                 self._backlog.rolled_up()
-            self.metrics.rollup_pending = len(self._backlog.rows)
             self._commit_settled()
         finally:
             self._inflight = None
